@@ -1,0 +1,1 @@
+"""The agents: thin NATS I/O around the runtime's pure logic."""

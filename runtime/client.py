@@ -1,0 +1,143 @@
+"""The Python client: ``async with moe2.connect(url) as client: async for chunk in client.ask(...)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from moe2.runtime import wire
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
+
+PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
+
+
+def to_messages(prompt: PromptInput) -> list[wire.ChatMessage]:
+    if isinstance(prompt, str):
+        return [wire.ChatMessage(role="user", content=prompt)]
+    return [m if isinstance(m, wire.ChatMessage) else wire.ChatMessage(**m) for m in prompt]
+
+
+class Answer:
+    """The stream of one answer: iterate for chunks; ``final`` holds the summary afterwards."""
+
+    def __init__(self, client: Client, prompt: wire.Prompt, timeout: float) -> None:
+        self._client = client
+        self._prompt = prompt
+        self._timeout = timeout
+        self.final: wire.Final | None = None
+        self.chunks: list[wire.Chunk] = []
+
+    @property
+    def text(self) -> str:
+        return self.final.text if self.final else "".join(c.text for c in self.chunks)
+
+    def __aiter__(self) -> AsyncIterator[wire.Chunk]:
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[wire.Chunk]:
+        nc = self._client.nc
+        sub = await nc.subscribe(nc.new_inbox())
+        try:
+            await self._client.publish_prompt(self._prompt, reply=sub.subject)
+            while self.final is None:
+                msg = await self._next(sub)
+                item = self._read(msg)
+                if isinstance(item, wire.Chunk):
+                    self.chunks.append(item)
+                    yield item
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def _next(self, sub: Any) -> Msg:
+        try:
+            return await sub.next_msg(timeout=self._timeout)  # type: ignore[no-any-return]
+        except nats.errors.TimeoutError:
+            raise Moe2Error(
+                ErrorCode.TIMEOUT, f"no answer within {self._timeout}s of the last message"
+            ) from None
+
+    def _read(self, msg: Msg) -> wire.Chunk | None:
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise Moe2Error(ErrorCode.NO_FUSION_AGENT, "no fusion agent listens on the bus")
+        item = wire.decode(msg.data)
+        if isinstance(item, wire.Error):
+            raise Moe2Error(_code(item.code), item.message)
+        if isinstance(item, wire.Final):
+            self.final = item
+            return None
+        if isinstance(item, wire.Chunk):
+            return item
+        raise Moe2Error(ErrorCode.UNKNOWN_TYPE, f"unexpected {type(item).__name__} in an answer")
+
+    async def collect(self) -> wire.Final:
+        async for _ in self:
+            pass
+        assert self.final is not None, "the stream ends only with a final message"
+        return self.final
+
+
+def _code(code: str) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+class Client:
+    def __init__(self, nc: NATS, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.nc = nc
+        self.subjects = Subjects(prefix)
+
+    def ask(
+        self,
+        prompt: PromptInput,
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        experts: int | None = None,
+        timeout: float = 60.0,
+    ) -> Answer:
+        """Ask the fusion agents; iterate the result for streamed chunks."""
+        message = wire.Prompt(
+            messages=to_messages(prompt),
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+            experts=experts,
+        )
+        return Answer(self, message, timeout)
+
+    async def publish_prompt(self, prompt: wire.Prompt, *, reply: str) -> None:
+        data = wire.encode(prompt)
+        try:
+            await self.nc.publish(self.subjects.prompt, data, reply=reply)
+        except nats.errors.MaxPayloadError:
+            raise Moe2Error(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"prompt of {len(data)} bytes is over the server's max_payload "
+                f"({self.nc.max_payload} bytes)",
+            ) from None
+
+
+@asynccontextmanager
+async def connect(url: str = "nats://127.0.0.1:4222", *, prefix: str = DEFAULT_PREFIX,
+                  name: str = "moe2-client") -> AsyncIterator[Client]:
+    nc = await connect_nats(url, name=name)
+    try:
+        yield Client(nc, prefix=prefix)
+    finally:
+        await close_nats(nc)

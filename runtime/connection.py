@@ -1,0 +1,72 @@
+"""Connecting to NATS: reconnects while running, drain on shutdown, a clear error when unreachable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
+
+log = structlog.get_logger("moe2.connection")
+
+
+async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> NATS:
+    """Connect, or raise Moe2Error(UNREACHABLE) naming the URL."""
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected", name=name, url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected", name=name, url=url)
+
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        if connected:
+            log.warning("nats_error", name=name, error=str(exc))
+
+    try:
+        nc = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=1,  # fail fast at start; forever once connected (below)
+            reconnect_time_wait=0.5,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+    except Exception as exc:  # nats-py raises several types here; all mean the same to a user
+        raise Moe2Error(
+            ErrorCode.UNREACHABLE, f"no NATS server reachable at {url} ({type(exc).__name__})"
+        ) from None
+    connected = True
+    nc.options["max_reconnect_attempts"] = -1  # nats-py reads this option at each reconnect
+    return nc
+
+
+async def close_nats(nc: NATS, timeout: float = 2.0) -> None:
+    """Drain (deliver what is in flight), bounded and shielded from cancellation."""
+    with anyio.move_on_after(timeout, shield=True):
+        if not nc.is_closed:
+            try:
+                await nc.drain()
+            except Exception:  # already closing or the server is gone: close below
+                log.debug("nats_drain_failed", exc_info=True)
+    if not nc.is_closed:
+        await nc.close()
+
+
+@asynccontextmanager
+async def nats_connection(url: str, *, name: str) -> AsyncIterator[NATS]:
+    nc = await connect_nats(url, name=name)
+    try:
+        yield nc
+    finally:
+        await close_nats(nc)

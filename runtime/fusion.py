@@ -1,0 +1,73 @@
+"""Fusion of top-k slices into one next-token distribution (eq. 29 of the paper).
+
+Each expert n sends its K most likely ids with their probabilities and the mass ``r_n`` outside
+them. A token outside expert n's top-K is valued at ``r_n / (V - K)``: the rest mass spread evenly
+over the tokens the expert did not list. That keeps every expert's distribution proper and never
+ranks an unlisted token above a listed one (a listed token's probability is at least the mean of
+the unlisted ones), so the fused argmax over the union of the slices is the argmax over the whole
+vocabulary of this valuation. With K = V it is the exact full-vocabulary fusion
+``F = sum_n w_n f_n`` (eq. 3 / 29).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertSlice:
+    """One expert's top-k at one step, as arrays."""
+
+    ids: npt.NDArray[np.uint32]
+    logprobs: npt.NDArray[np.float32]
+    rest: float
+
+
+@dataclass(frozen=True, slots=True)
+class FusedDistribution:
+    """The fused probabilities of the union of the slices' ids (sorted ascending)."""
+
+    ids: npt.NDArray[np.uint32]
+    probs: npt.NDArray[np.float64]
+
+    @property
+    def tail(self) -> float:
+        """Fused mass of all tokens outside the union."""
+        return max(0.0, 1.0 - float(self.probs.sum()))
+
+
+def renormalise(weights: Sequence[float]) -> npt.NDArray[np.float64]:
+    """Weights over the experts present, scaled to sum to one (eq. 2 / 28)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = w.sum()
+    if not np.isfinite(total) or total <= 0:
+        return np.full(len(w), 1.0 / max(len(w), 1))
+    return w / total
+
+
+def fuse(
+    slices: Sequence[ExpertSlice], weights: Sequence[float], vocab_size: int
+) -> FusedDistribution:
+    """Weighted mixture of the experts' distributions over the union of their top-k ids."""
+    if not slices:
+        raise ValueError("fuse needs at least one slice")
+    w = renormalise(weights)
+    union = np.unique(np.concatenate([s.ids for s in slices]))
+    fused = np.zeros(len(union), dtype=np.float64)
+    for s, wn in zip(slices, w, strict=True):
+        unlisted = s.rest / max(vocab_size - len(s.ids), 1)
+        p = np.full(len(union), unlisted, dtype=np.float64)
+        p[np.searchsorted(union, s.ids)] = np.exp(s.logprobs.astype(np.float64))
+        fused += wn * p
+    return FusedDistribution(ids=union.astype(np.uint32), probs=fused)
+
+
+def fuse_full(
+    distributions: npt.NDArray[np.float64], weights: Sequence[float]
+) -> npt.NDArray[np.float64]:
+    """Reference fusion over the whole vocabulary: ``distributions`` is (N, V)."""
+    return renormalise(weights) @ distributions

@@ -1,0 +1,43 @@
+"""Choosing the next token from a fused distribution: greedy, temperature, top-p, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moe2.runtime.fusion import FusedDistribution
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError("temperature must be a finite number >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+class TokenSampler:
+    """Samples over the union of the slices (the tail outside it is never sampled)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def choose(self, dist: FusedDistribution) -> int:
+        if self.params.temperature == 0:
+            return int(dist.ids[int(np.argmax(dist.probs))])  # ties go to the lowest id
+        logits = np.log(np.maximum(dist.probs, 1e-300)) / self.params.temperature
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        if self.params.top_p < 1:
+            cutoff = int(np.searchsorted(np.cumsum(p[order]), self.params.top_p)) + 1
+            order = order[:cutoff]
+        kept = p[order] / p[order].sum()
+        return int(dist.ids[order[int(self._rng.choice(len(order), p=kept))]])

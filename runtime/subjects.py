@@ -1,0 +1,76 @@
+"""Every NATS subject moe2 uses, built in one place.
+
+The publisher's identity is part of every subject it publishes on, so that server-side permissions
+can confine an expert to its own subjects and a forged slice is refused by subject alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+VERSION = "v1"
+DEFAULT_PREFIX = "moe2"
+FUSION_QUEUE = "moe2-fusion"
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_token(kind: str, value: str) -> str:
+    """Refuse ids that would break a subject (dots, wildcards, spaces)."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{kind} {value!r} must be 1-64 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Subject builders under one prefix (default ``moe2``)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}.{VERSION}"
+
+    @property
+    def prompt(self) -> str:
+        """Clients publish prompts here, with a reply inbox; fusion agents share it as a queue."""
+        return f"{self.root}.prompt"
+
+    def expert_open(self, expert: str) -> str:
+        return f"{self.root}.expert.{expert}.open"
+
+    def expert_step(self, expert: str) -> str:
+        return f"{self.root}.expert.{expert}.step"
+
+    def expert_close(self, expert: str) -> str:
+        return f"{self.root}.expert.{expert}.close"
+
+    def expert_inbox(self, expert: str) -> str:
+        """What one expert subscribes to: its open, step and close subjects."""
+        return f"{self.root}.expert.{expert}.*"
+
+    def slice(self, session: str, expert: str) -> str:
+        return f"{self.root}.session.{session}.slice.{expert}"
+
+    def session_slices(self, session: str) -> str:
+        return f"{self.root}.session.{session}.slice.*"
+
+    def member(self, expert: str) -> str:
+        return f"{self.root}.members.{expert}"
+
+    @property
+    def members(self) -> str:
+        return f"{self.root}.members.*"
+
+    @property
+    def everything(self) -> str:
+        return f"{self.root}.>"
+
+    def expert_of_slice(self, subject: str) -> str:
+        """The expert id at the end of a slice subject."""
+        return subject.rsplit(".", 1)[-1]
+
+    def verb_of_expert_subject(self, subject: str) -> str:
+        """``open``, ``step`` or ``close`` from an expert subject."""
+        return subject.rsplit(".", 1)[-1]

@@ -1,0 +1,235 @@
+"""Every message on the bus: frozen, strict msgspec structs encoded as msgpack maps.
+
+Each map carries ``type``, a tag with the protocol version in it (``moe2.v1.slice``). Token ids
+and log-probabilities travel as packed little-endian arrays (uint32 / float32). Never pickle.
+docs/protocol.md is the reference for other languages; keep it in step with this module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Final, TypeAlias
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
+
+PROTOCOL_VERSION: Final = 1
+_TAG = re.compile(r"^moe2\.v(\d+)\.[a-z_]+$")
+
+
+class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every wire message; the subclass's tag is its ``type``."""
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class Prompt(_Message, tag="moe2.v1.prompt"):
+    """Client -> fusion agents (queue group), with a reply inbox for the answer stream."""
+
+    messages: list[ChatMessage]
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+    experts: int | None = None  # top-k experts by gating value; None: the agent's default
+
+
+class Open(_Message, tag="moe2.v1.open"):
+    """Fusion -> expert: prefill this prompt and publish the slice for step 0."""
+
+    session: str
+    messages: list[ChatMessage]
+    top_k: int = 32
+    max_tokens: int = 128
+
+
+class Step(_Message, tag="moe2.v1.step"):
+    """Fusion -> expert: ``token`` was chosen at step ``step - 1``; publish the slice for ``step``."""
+
+    session: str
+    step: int
+    token: int
+
+
+class Close(_Message, tag="moe2.v1.close"):
+    session: str
+    reason: str = "done"
+
+
+class Slice(_Message, tag="moe2.v1.slice"):
+    """Expert -> fusion: the top-k of one expert's next-token distribution at one step."""
+
+    session: str
+    expert: str
+    step: int
+    ids: bytes  # uint32 little-endian, K of them
+    logprobs: bytes  # float32 little-endian, K of them, natural log, descending
+    rest: float  # probability mass outside the K ids: 1 - sum(exp(logprobs))
+    pieces: list[bytes]  # the raw bytes each id decodes to ("" for special tokens)
+    compute_s: float = 0.0
+    energy_j: float = 0.0
+    prompt_tokens: int = 0  # set on step 0
+
+    def ids_array(self) -> npt.NDArray[np.uint32]:
+        return np.frombuffer(self.ids, dtype="<u4")
+
+    def logprobs_array(self) -> npt.NDArray[np.float32]:
+        return np.frombuffer(self.logprobs, dtype="<f4")
+
+
+class Heartbeat(_Message, tag="moe2.v1.heartbeat"):
+    """Expert -> everyone, every ``interval_s``: who it is, what it serves, what it costs."""
+
+    expert: str
+    model: str
+    tokenizer: str  # identity: name and a hash of the vocabulary
+    backend: str
+    vocab_size: int
+    eos_ids: list[int]
+    device: dict[str, Any] = {}
+    energy_source: str = "declared"
+    sessions: int = 0
+    interval_s: float = 1.0
+    seq: int = 0
+
+
+class Chunk(_Message, tag="moe2.v1.chunk"):
+    """Fusion -> client: the next piece of the answer."""
+
+    session: str
+    index: int
+    text: str
+    tokens: list[int]
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(msgspec.Struct, frozen=True):
+    ttft_s: float
+    total_s: float
+    tokens_per_s: float
+    step_p50_ms: float
+    step_p99_ms: float
+
+
+class Final(_Message, tag="moe2.v1.final"):
+    """Fusion -> client: the answer is complete."""
+
+    session: str
+    text: str
+    finish_reason: str  # "eos", "stop" or "length"
+    usage: Usage
+    timings: Timings
+    experts: list[str]
+    weights: list[float]
+    late: dict[str, int]  # expert -> slices that missed their step deadline
+    dropped: list[str]  # experts dropped from the session for being late too often
+
+
+class Error(_Message, tag="moe2.v1.error"):
+    code: str
+    message: str
+    session: str = ""
+    expert: str = ""
+    step: int = -1
+
+
+Message: TypeAlias = Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Error
+KNOWN_TYPES: Final = frozenset(
+    t.__struct_config__.tag  # type: ignore[attr-defined]  # msgspec sets it on tagged structs
+    for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Error)
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]  # a union of structs
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    """Decode one message, or raise Moe2Error with the code that says what is wrong."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _classify(data, exc) from None
+    except msgspec.DecodeError as exc:
+        raise Moe2Error(ErrorCode.MALFORMED, f"not a msgpack message: {exc}") from None
+
+
+def _classify(data: bytes, exc: msgspec.ValidationError) -> Moe2Error:
+    raw = msgspec.msgpack.decode(data)
+    if not isinstance(raw, dict):
+        return Moe2Error(ErrorCode.MALFORMED, f"a message must be a map, got {type(raw).__name__}")
+    tag = raw.get("type")
+    if not isinstance(tag, str):
+        return Moe2Error(ErrorCode.INVALID_FIELD, "missing string field 'type'")
+    match = _TAG.match(tag)
+    if match and int(match.group(1)) != PROTOCOL_VERSION:
+        return Moe2Error(
+            ErrorCode.UNSUPPORTED_VERSION,
+            f"{tag!r} is protocol v{match.group(1)}; this agent speaks v{PROTOCOL_VERSION}",
+        )
+    if tag not in KNOWN_TYPES:
+        return Moe2Error(ErrorCode.UNKNOWN_TYPE, f"unknown message type {tag!r}")
+    return Moe2Error(ErrorCode.INVALID_FIELD, f"{tag}: {exc}")
+
+
+def make_slice(
+    *,
+    session: str,
+    expert: str,
+    step: int,
+    ids: npt.NDArray[np.integer[Any]],
+    logprobs: npt.NDArray[np.floating[Any]],
+    pieces: list[bytes],
+    compute_s: float = 0.0,
+    energy_j: float = 0.0,
+    prompt_tokens: int = 0,
+) -> Slice:
+    """Pack a top-k slice; ``rest`` is computed from the log-probabilities."""
+    lp = np.ascontiguousarray(logprobs, dtype="<f4")
+    rest = max(0.0, 1.0 - float(np.exp(lp.astype(np.float64)).sum()))
+    return Slice(
+        session=session,
+        expert=expert,
+        step=step,
+        ids=np.ascontiguousarray(ids, dtype="<u4").tobytes(),
+        logprobs=lp.tobytes(),
+        rest=rest,
+        pieces=pieces,
+        compute_s=compute_s,
+        energy_j=energy_j,
+        prompt_tokens=prompt_tokens,
+    )
+
+
+def check_slice(s: Slice, vocab_size: int | None = None) -> None:
+    """Refuse a slice whose arrays disagree in length or hold NaN, inf or positive logprobs."""
+    if len(s.ids) % 4 or len(s.logprobs) % 4 or len(s.ids) != len(s.logprobs) or not s.ids:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "ids and logprobs must be equal, non-empty arrays")
+    if len(s.pieces) != len(s.ids) // 4:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "pieces must have one entry per id")
+    lp = s.logprobs_array()
+    if not np.all(np.isfinite(lp)) or np.any(lp > 1e-4) or not math.isfinite(s.rest):
+        raise Moe2Error(ErrorCode.BAD_LOGPROBS, "logprobs must be finite and <= 0")
+    if not -1e-4 <= s.rest <= 1.0 + 1e-4:
+        raise Moe2Error(ErrorCode.BAD_LOGPROBS, f"rest mass {s.rest} is outside [0, 1]")
+    if vocab_size is not None and int(s.ids_array().max()) >= vocab_size:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"token id beyond the vocabulary ({vocab_size})")
+
+
+def error_from(exc: Moe2Error, *, session: str = "", expert: str = "", step: int = -1) -> Error:
+    return Error(code=str(exc.code), message=exc.message, session=session, expert=expert, step=step)
