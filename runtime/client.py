@@ -8,13 +8,12 @@ from typing import Any
 
 import anyio
 import nats.errors
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
 
@@ -134,8 +133,9 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(url: str = "nats://127.0.0.1:4222", *, prefix: str = DEFAULT_PREFIX,
-                  name: str = "moe2-client") -> AsyncIterator[Client]:
+async def connect(
+    url: str = "nats://127.0.0.1:4222", *, prefix: str = DEFAULT_PREFIX, name: str = "moe2-client"
+) -> AsyncIterator[Client]:
     nc = await connect_nats(url, name=name)
     try:
         yield Client(nc, prefix=prefix)

@@ -8,9 +8,8 @@ from contextlib import asynccontextmanager
 import anyio
 import nats
 import structlog
-from nats.aio.client import Client as NATS
-
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from nats.aio.client import Client as NATS
 
 log = structlog.get_logger("moe2.connection")
 
@@ -18,8 +17,11 @@ log = structlog.get_logger("moe2.connection")
 async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> NATS:
     """Connect, or raise Moe2Error(UNREACHABLE) naming the URL."""
 
+    holder: list[NATS] = []
+
     async def on_disconnect() -> None:
-        log.warning("nats_disconnected", name=name, url=url)
+        if holder and not (holder[0].is_closed or holder[0].is_draining):
+            log.warning("nats_disconnected", name=name, url=url)
 
     async def on_reconnect() -> None:
         log.info("nats_reconnected", name=name, url=url)
@@ -47,6 +49,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> 
             ErrorCode.UNREACHABLE, f"no NATS server reachable at {url} ({type(exc).__name__})"
         ) from None
     connected = True
+    holder.append(nc)
     nc.options["max_reconnect_attempts"] = -1  # nats-py reads this option at each reconnect
     return nc
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Final, TypeAlias
+from typing import Any, TypeAlias
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
-
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION = 1
 _TAG = re.compile(r"^moe2\.v(\d+)\.[a-z_]+$")
 
 
@@ -52,7 +51,7 @@ class Open(_Message, tag="moe2.v1.open"):
 
 
 class Step(_Message, tag="moe2.v1.step"):
-    """Fusion -> expert: ``token`` was chosen at step ``step - 1``; publish the slice for ``step``."""
+    """Fusion -> expert: ``token`` was chosen at ``step - 1``; publish the slice for ``step``."""
 
     session: str
     step: int
@@ -146,7 +145,7 @@ class Error(_Message, tag="moe2.v1.error"):
 
 
 Message: TypeAlias = Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Error
-KNOWN_TYPES: Final = frozenset(
+KNOWN_TYPES = frozenset(
     t.__struct_config__.tag  # type: ignore[attr-defined]  # msgspec sets it on tagged structs
     for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Error)
 )

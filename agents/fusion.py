@@ -1,0 +1,188 @@
+"""The fusion agent: a queue-group member that turns prompts into fused, streamed answers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.fusion_session import FusionSession, SessionPlan
+from moe2.agents.membership import Membership, same_tokenizer
+from moe2.gating import Gate, UniformGate, top_k_weights
+from moe2.runtime import wire
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import FUSION_QUEUE, Subjects
+from moe2.selection import AllLive, SubsetSelector
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+log = structlog.get_logger("moe2.fusion")
+
+
+class FusionAgent:
+    def __init__(
+        self,
+        nc: NATS,
+        config: FusionConfig | None = None,
+        *,
+        gate: Gate | None = None,
+        selector: SubsetSelector | None = None,
+    ) -> None:
+        self.nc = nc
+        self.config = config or FusionConfig()
+        self.subjects = Subjects(self.config.prefix)
+        self.gate: Gate = gate or UniformGate()
+        self.selector: SubsetSelector = selector or AllLive()
+        self.membership = Membership(self.config.member_timeout_s)
+        self.sessions = 0
+        self.served = 0
+        self._members_changed = anyio.Event()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        prompts = await self.nc.subscribe(self.subjects.prompt, queue=FUSION_QUEUE)
+        members = await self.nc.subscribe(self.subjects.members)
+        await self.nc.flush()
+        log.info("fusion_ready", prompt=self.subjects.prompt)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch_members, members)
+                task_status.started()
+                async for msg in prompts.messages:
+                    self._dispatch(tg, msg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await prompts.unsubscribe()
+                await members.unsubscribe()
+
+    async def _watch_members(self, sub: object) -> None:
+        async for msg in sub.messages:  # type: ignore[attr-defined]  # nats Subscription
+            try:
+                hb = wire.decode(msg.data)
+            except Moe2Error as exc:
+                log.warning("bad_heartbeat", subject=msg.subject, code=str(exc.code))
+                continue
+            if not isinstance(hb, wire.Heartbeat) or msg.subject != self.subjects.member(hb.expert):
+                log.warning("bad_heartbeat", subject=msg.subject, code="subject_mismatch")
+                continue
+            if self.membership.seen(hb, time.monotonic()):
+                log.info("expert_joined", expert=hb.expert, model=hb.model, backend=hb.backend)
+                self._members_changed.set()
+                self._members_changed = anyio.Event()
+
+    async def wait_for_experts(self, n: int, timeout: float) -> list[str]:
+        """Wait until at least ``n`` experts are live (for the demo and tests)."""
+        with anyio.fail_after(timeout):
+            while len(live := self.membership.live(time.monotonic())) < n:
+                await self._members_changed.wait()
+        return sorted(live)
+
+    def _dispatch(self, tg: TaskGroup, msg: Msg) -> None:
+        started = time.monotonic()
+        try:
+            prompt = self._read_prompt(msg)
+            if self.sessions >= self.config.max_sessions:
+                raise Moe2Error(
+                    ErrorCode.BUSY, f"at the limit of {self.config.max_sessions} sessions"
+                )
+        except Moe2Error as exc:
+            log.warning("prompt_refused", code=str(exc.code), error=exc.message)
+            tg.start_soon(self._refuse, msg.reply, exc)
+            return
+        self.sessions += 1
+        tg.start_soon(self._serve, prompt, msg.reply, started)
+
+    def _read_prompt(self, msg: Msg) -> wire.Prompt:
+        prompt = wire.decode(msg.data)
+        if not isinstance(prompt, wire.Prompt):
+            raise Moe2Error(
+                ErrorCode.UNKNOWN_TYPE, f"expected a prompt, got {type(prompt).__name__}"
+            )
+        check_prompt(prompt, self.config)
+        return prompt
+
+    async def _refuse(self, reply: str, exc: Moe2Error) -> None:
+        if reply:
+            await self.nc.publish(reply, wire.encode(wire.error_from(exc)))
+
+    async def _serve(self, prompt: wire.Prompt, reply: str, started: float) -> None:
+        try:
+            plan = await self._plan(prompt, reply)
+            await FusionSession(self.nc, self.subjects, self.config, plan).run(started)
+        except Moe2Error as exc:
+            await self._refuse(reply, exc)
+        except Exception as exc:  # a handler's bug becomes an error reply, never a dead agent
+            log.exception("session_crashed")
+            await self._refuse(reply, Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self.sessions -= 1
+            self.served += 1
+
+    async def _plan(self, prompt: wire.Prompt, reply: str) -> SessionPlan:
+        live = await self._live_experts()
+        allowed = same_tokenizer(live, self.selector.select(sorted(live)))
+        if not allowed:
+            raise Moe2Error(ErrorCode.NO_EXPERTS, "no live expert may serve this prompt")
+        values = self.gate.gate(prompt.messages, allowed)
+        k = prompt.experts or self.config.experts_per_prompt
+        experts, weights = top_k_weights(allowed, values, k)
+        first = live[experts[0]]
+        return SessionPlan(
+            session=uuid.uuid4().hex,
+            prompt=prompt,
+            reply=reply,
+            experts=experts,
+            weights=weights,
+            vocab_size=first.vocab_size,
+            eos_ids=frozenset(first.eos_ids),
+        )
+
+    async def _live_experts(self) -> dict[str, wire.Heartbeat]:
+        live = self.membership.live(time.monotonic())
+        if not live and self.config.wait_for_experts_s > 0:
+            with anyio.move_on_after(self.config.wait_for_experts_s):
+                await self.wait_for_experts(1, self.config.wait_for_experts_s)
+            live = self.membership.live(time.monotonic())
+        return live
+
+
+def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
+    """Refuse prompts no expert should see, with the code that says why."""
+    if not prompt.messages or not any(m.content.strip() for m in prompt.messages):
+        raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
+    chars = sum(len(m.content) for m in prompt.messages)
+    if chars > config.max_prompt_chars:
+        raise Moe2Error(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"the prompt has {chars} characters; this agent takes at most {config.max_prompt_chars}",
+        )
+    if not 1 <= prompt.max_tokens <= config.max_tokens_limit:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD, f"max_tokens must be in 1..{config.max_tokens_limit}"
+        )
+    if not (prompt.temperature >= 0 and prompt.temperature < float("inf")):
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "temperature must be a finite number >= 0")
+    if not 0 < prompt.top_p <= 1:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "top_p must be in (0, 1]")
+    if prompt.experts is not None and prompt.experts < 1:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "experts must be >= 1")
+
+
+async def serve_fusion(
+    url: str,
+    config: FusionConfig,
+    *,
+    task_status: TaskStatus[FusionAgent] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
+    nc = await connect_nats(url, name="moe2-fusion")
+    try:
+        agent = FusionAgent(nc, config)
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent.run)
+            task_status.started(agent)
+    finally:
+        await close_nats(nc)

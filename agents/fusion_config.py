@@ -1,0 +1,41 @@
+"""Fusion agent settings, from defaults, a TOML file, or both."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
+
+
+@dataclass(frozen=True, slots=True)
+class FusionConfig:
+    prefix: str = "moe2"
+    experts_per_prompt: int | None = None  # top-k experts by gating value; None: all of S
+    slice_k: int = 32  # K: ids per expert slice
+    step_deadline_s: float = 2.0  # a decode step's slices must arrive within this
+    prefill_deadline_s: float = 60.0  # the step-0 slices (prefill) within this
+    max_consecutive_late: int = 3  # this many late steps in a row drops an expert
+    max_sessions: int = 64  # concurrent sessions per fusion agent; more get "busy"
+    max_prompt_chars: int = 100_000
+    max_tokens_limit: int = 4096
+    member_timeout_s: float = 3.0  # no heartbeat for this long: the expert is gone
+    wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
+
+    @classmethod
+    def load(cls, path: Path | None, **overrides: Any) -> FusionConfig:
+        """Defaults, then the ``[fusion]`` table of a TOML file, then non-None overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                values.update(tomllib.loads(path.read_text()).get("fusion", {}))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise Moe2Error(ErrorCode.INVALID_FIELD, f"cannot read {path}: {exc}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"unknown fusion settings: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)

@@ -1,0 +1,277 @@
+"""One fused answer: open the experts, gather slices per step, fuse, sample, stream, close."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
+from moe2.agents.fusion_config import FusionConfig
+from moe2.runtime import wire
+from moe2.runtime.deadline import LateTracker
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.fusion import ExpertSlice, fuse
+from moe2.runtime.sampling import SamplingParams, TokenSampler
+from moe2.runtime.subjects import Subjects
+from moe2.runtime.text import TextAssembler
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+log = structlog.get_logger("moe2.fusion")
+SLICE_BUFFER = 1024  # slices queued per session before new ones are dropped (and logged)
+SliceInbox = MemoryObjectReceiveStream[Msg]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPlan:
+    """Who answers this prompt, with which weights, and what their tokenizer knows."""
+
+    session: str
+    prompt: wire.Prompt
+    reply: str
+    experts: list[str]
+    weights: list[float]
+    vocab_size: int
+    eos_ids: frozenset[int]
+
+
+@dataclass(slots=True)
+class StepResult:
+    slices: dict[str, wire.Slice] = field(default_factory=dict)
+    errors: dict[str, wire.Error] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)  # expert -> why its slice was refused
+
+
+class FusionSession:
+    """Runs one session to its end; every outcome reaches the client as Final or Error."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, config: FusionConfig, plan: SessionPlan):
+        self.nc, self.subjects, self.config, self.plan = nc, subjects, config, plan
+        self.weight = dict(zip(plan.experts, plan.weights, strict=True))
+        self.active = list(plan.experts)
+        self.tracker = LateTracker(config.max_consecutive_late)
+        self.dropped: list[str] = []
+        self.sampler = TokenSampler(
+            SamplingParams(plan.prompt.temperature, plan.prompt.top_p, plan.prompt.seed)
+        )
+        self.text = TextAssembler(plan.prompt.stop)
+        self.log = log.bind(session=plan.session)
+        self.step_ms: list[float] = []
+
+    async def run(self, started: float) -> None:
+        send, inbox = anyio.create_memory_object_stream[Msg](SLICE_BUFFER)
+
+        async def deliver(msg: Msg) -> None:
+            try:
+                send.send_nowait(msg)
+            except anyio.WouldBlock:
+                self.log.warning("slice_buffer_full", subject=msg.subject)
+
+        sub = await self.nc.subscribe(self.subjects.session_slices(self.plan.session), cb=deliver)
+        try:
+            await self._answer(inbox, started)
+        except Moe2Error as exc:
+            self.log.info("session_failed", code=str(exc.code), message=exc.message)
+            await self._reply(wire.error_from(exc, session=self.plan.session))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_experts(self.active, "done")
+                await sub.unsubscribe()
+                send.close()
+                inbox.close()
+
+    async def _answer(self, inbox: SliceInbox, started: float) -> None:
+        p = self.plan
+        for expert in self.active:
+            await self.nc.publish(
+                self.subjects.expert_open(expert),
+                wire.encode(
+                    wire.Open(
+                        session=p.session,
+                        messages=p.prompt.messages,
+                        top_k=self.config.slice_k,
+                        max_tokens=p.prompt.max_tokens,
+                    )
+                ),
+            )
+        result = await self._gather(inbox, 0, self.config.prefill_deadline_s)
+        prompt_tokens = max((s.prompt_tokens for s in result.slices.values()), default=0)
+        tokens: list[int] = []
+        pending: list[int] = []
+        ttft = 0.0
+        finish = "length"
+        for step in range(p.prompt.max_tokens):
+            t0 = time.perf_counter()
+            token, piece = self._choose(result, step)
+            tokens.append(token)
+            if token in p.eos_ids:
+                finish = "eos"
+                break
+            pending.append(token)
+            delta = self.text.push(piece)
+            if delta:
+                ttft = ttft or time.monotonic() - started
+                await self._chunk(delta, pending)
+                pending = []
+            if self.text.stopped:
+                finish = "stop"
+                break
+            if step + 1 == p.prompt.max_tokens:
+                break
+            await self._send_step(step + 1, token)
+            result = await self._gather(inbox, step + 1, self.config.step_deadline_s)
+            self.step_ms.append((time.perf_counter() - t0) * 1000)
+        tail = self.text.finish()
+        if tail or pending:
+            ttft = ttft or time.monotonic() - started
+            await self._chunk(tail, pending)
+        await self._final(finish, prompt_tokens, len(tokens), ttft, started)
+
+    def _choose(self, result: StepResult, step: int) -> tuple[int, bytes]:
+        slices = [result.slices[e] for e in self.active if e in result.slices]
+        if not slices:
+            raise Moe2Error(ErrorCode.NO_SLICES, f"no expert answered step {step} in time")
+        dist = fuse(
+            [ExpertSlice(s.ids_array(), s.logprobs_array(), s.rest) for s in slices],
+            [self.weight[s.expert] for s in slices],
+            self.plan.vocab_size,
+        )
+        token = self.sampler.choose(dist)
+        for s in slices:
+            hit = np.flatnonzero(s.ids_array() == token)
+            if hit.size:
+                return token, s.pieces[int(hit[0])]
+        raise AssertionError("a sampled token is always in some slice")
+
+    async def _send_step(self, step: int, token: int) -> None:
+        data = wire.encode(wire.Step(session=self.plan.session, step=step, token=token))
+        for expert in self.active:
+            await self.nc.publish(self.subjects.expert_step(expert), data)
+
+    async def _gather(self, inbox: SliceInbox, step: int, deadline_s: float) -> StepResult:
+        """Collect this step's slices until every active expert answered or the deadline."""
+        result = StepResult()
+        waiting = set(self.active)
+        with anyio.move_on_after(deadline_s):
+            while waiting:
+                msg = await inbox.receive()
+                self._accept(msg, step, result, waiting)
+        await self._account(step, result, deadline_s)
+        return result
+
+    def _accept(self, msg: Msg, step: int, result: StepResult, waiting: set[str]) -> None:
+        sender = self.subjects.expert_of_slice(msg.subject)
+        try:
+            item = wire.decode(msg.data)
+        except Moe2Error as exc:
+            self.log.warning("bad_slice", code=str(exc.code), expert=sender, error=exc.message)
+            return
+        if isinstance(item, wire.Error) and sender in waiting:
+            self.log.warning("expert_error", expert=sender, code=item.code, error=item.message)
+            result.errors[sender] = item
+            waiting.discard(sender)
+            return
+        if not isinstance(item, wire.Slice):
+            self.log.warning("bad_slice", code="unknown_type", expert=sender)
+            return
+        if (problem := self._slice_problem(item, sender, step, waiting)) is not None:
+            self.log.warning("slice_dropped", expert=sender, step=item.step, at=step, why=problem)
+            if problem not in ("late", "subject_mismatch", ErrorCode.NOT_IN_SESSION):
+                result.rejected[sender] = problem
+            return
+        result.slices[sender] = item
+        waiting.discard(sender)
+
+    def _slice_problem(
+        self, s: wire.Slice, sender: str, step: int, waiting: set[str]
+    ) -> str | None:
+        if s.expert != sender:
+            return "subject_mismatch"
+        if sender not in self.weight:
+            return str(ErrorCode.NOT_IN_SESSION)
+        if s.step < step:
+            return "late"
+        if s.step != step or sender not in waiting:
+            return str(ErrorCode.WRONG_STEP)
+        try:
+            wire.check_slice(s, self.plan.vocab_size)
+        except Moe2Error as exc:
+            return str(exc.code)
+        return None
+
+    async def _account(self, step: int, result: StepResult, deadline_s: float) -> None:
+        """Drop failed experts and experts late too often; end the session if none answered."""
+        failed = [e for e in self.active if e in result.errors]
+        late = [e for e in self.active if e not in result.slices and e not in result.errors]
+        for expert in late:
+            self.log.info("slice_late", expert=expert, step=step, deadline_ms=deadline_s * 1000)
+        to_drop = failed + self.tracker.record(
+            [e for e in self.active if e not in failed], result.slices
+        )
+        if to_drop:
+            self.active = [e for e in self.active if e not in to_drop]
+            self.dropped += [e for e in to_drop if e not in failed]
+            await self._close_experts(to_drop, "dropped")
+        if not result.slices:
+            if result.errors and len(result.errors) == len(failed) == len(failed + late):
+                first = next(iter(result.errors.values()))
+                raise Moe2Error(_code(first.code), f"expert {first.expert}: {first.message}")
+            if result.rejected:
+                expert, why = next(iter(result.rejected.items()))
+                raise Moe2Error(_code(why), f"every slice for step {step} was refused ({expert}: {why})")
+            raise Moe2Error(
+                ErrorCode.NO_SLICES,
+                f"no slice arrived for step {step} within {deadline_s:.3g}s "
+                f"(experts: {', '.join(failed + late) or 'none left'})",
+            )
+
+    async def _close_experts(self, experts: list[str], reason: str) -> None:
+        data = wire.encode(wire.Close(session=self.plan.session, reason=reason))
+        for expert in experts:
+            await self.nc.publish(self.subjects.expert_close(expert), data)
+
+    async def _chunk(self, text: str, tokens: list[int]) -> None:
+        self._chunks = getattr(self, "_chunks", 0) + 1
+        await self._reply(
+            wire.Chunk(
+                session=self.plan.session, index=self._chunks - 1, text=text, tokens=list(tokens)
+            )
+        )
+
+    async def _final(self, finish: str, prompt_tokens: int, n: int, ttft: float, started: float):
+        total = time.monotonic() - started
+        steps = np.asarray(self.step_ms or [0.0])
+        await self._reply(
+            wire.Final(
+                session=self.plan.session,
+                text=self.text.text,
+                finish_reason=finish,
+                usage=wire.Usage(prompt_tokens=prompt_tokens, completion_tokens=n),
+                timings=wire.Timings(
+                    ttft_s=ttft,
+                    total_s=total,
+                    tokens_per_s=n / total if total > 0 else 0.0,
+                    step_p50_ms=float(np.percentile(steps, 50)),
+                    step_p99_ms=float(np.percentile(steps, 99)),
+                ),
+                experts=list(self.plan.experts),
+                weights=list(self.plan.weights),
+                late=dict(self.tracker.late),
+                dropped=list(self.dropped),
+            )
+        )
+        self.log.info("session_done", tokens=n, finish=finish, late=self.tracker.late)
+
+    async def _reply(self, message: wire.Message) -> None:
+        if self.plan.reply:
+            await self.nc.publish(self.plan.reply, wire.encode(message))
+
+
+def _code(code: str) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
