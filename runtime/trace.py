@@ -11,14 +11,13 @@ import datetime
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Final
+from typing import IO, Final
 
 import msgspec
 import structlog
-
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 TRACE_TYPE: Final = "moe2.v1.trace"
@@ -60,7 +59,7 @@ def new_header(*, server: str, subjects: Sequence[str]) -> TraceHeader:
 
 
 class TraceWriter:
-    """``with TraceWriter(path, header) as w: w.write(...)``; flushes every ``flush_s`` of writes."""
+    """``with TraceWriter(path, header) as w: w.write(rec)``; flushes every ``flush_s``."""
 
     def __init__(self, path: Path, header: TraceHeader, *, flush_s: float = 0.2) -> None:
         self.path = path
@@ -113,7 +112,7 @@ def read_trace(path: Path) -> tuple[TraceHeader, Iterator[TraceRecord]]:
 
 
 def _header_end(buf: bytes) -> int:
-    if not buf or buf[0] & 0xF0 != 0x80 and buf[0] not in (0xDE, 0xDF):
+    if not buf or (buf[0] & 0xF0 != 0x80 and buf[0] not in (0xDE, 0xDF)):
         raise Moe2Error(ErrorCode.MALFORMED, "not a moe2 trace: the file does not start with a map")
     try:
         return object_end(buf, 0)
@@ -150,7 +149,7 @@ def _records(path: Path, start: int) -> Iterator[TraceRecord]:
 
 def _complete_records(
     buf: bytes, decoder: msgspec.msgpack.Decoder[TraceRecord]
-) -> Iterator[TraceRecord]:
+) -> Generator[TraceRecord, None, int]:
     """Yield every whole record in ``buf``; return the offset where the incomplete rest starts."""
     pos = 0
     while pos < len(buf):
@@ -158,25 +157,35 @@ def _complete_records(
             end = object_end(buf, pos)
         except _Truncated:
             break
-        try:
-            yield decoder.decode(buf[pos:end])
-        except msgspec.ValidationError as exc:
+        except ValueError as exc:
             raise Moe2Error(ErrorCode.MALFORMED, f"bad trace record at +{pos}: {exc}") from None
+        yield _decode_record(decoder, buf[pos:end], pos)
         pos = end
     return pos
 
 
+def _decode_record(
+    decoder: msgspec.msgpack.Decoder[TraceRecord], data: bytes, at: int
+) -> TraceRecord:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise Moe2Error(ErrorCode.MALFORMED, f"bad trace record at +{at}: {exc}") from None
+
+
+# fmt: off
 # msgpack lead byte -> (length-field bytes, fixed payload bytes, child objects per unit of length)
 _SIZED: Final[dict[int, tuple[int, int, int]]] = {
     0xC4: (1, 0, -1), 0xC5: (2, 0, -1), 0xC6: (4, 0, -1),  # bin 8/16/32
     0xD9: (1, 0, -1), 0xDA: (2, 0, -1), 0xDB: (4, 0, -1),  # str 8/16/32
     0xC7: (1, 1, -1), 0xC8: (2, 1, -1), 0xC9: (4, 1, -1),  # ext 8/16/32
     0xDC: (2, 0, 1), 0xDD: (4, 0, 1), 0xDE: (2, 0, 2), 0xDF: (4, 0, 2),  # array, map 16/32
-}  # fmt: skip
+}
 _FIXED: Final[dict[int, int]] = {
     0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2,
     0xD2: 4, 0xD3: 8, 0xCA: 4, 0xCB: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17,
-}  # fmt: skip
+}
+# fmt: on
 
 
 def object_end(buf: bytes, pos: int) -> int:
@@ -213,15 +222,7 @@ def _skip_head(buf: bytes, pos: int) -> tuple[int, int]:
     return (head + extra + n, 0) if per < 0 else (head, n * per)
 
 
-def iter_records(path: Path) -> Iterator[TraceRecord]:
-    """Only the records, for callers that do not need the header."""
-    return read_trace(path)[1]
-
-
 def load_trace(path: Path) -> tuple[TraceHeader, list[TraceRecord]]:
+    """The header and all records, read at once."""
     header, records = read_trace(path)
     return header, list(records)
-
-
-def _any(value: Any) -> Any:  # pragma: no cover - kept for typing symmetry
-    return value

