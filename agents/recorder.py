@@ -9,11 +9,10 @@ from pathlib import Path
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 log = structlog.get_logger("moe2.recorder")
 
@@ -44,20 +43,17 @@ class Recorder:
         """Record until ``stop()``, ``duration`` seconds, or cancellation; return the count."""
         started = time.monotonic()
         try:
-            with TraceWriter(self.out, self._header(), flush_s=self.flush_s) as writer:
+            header = new_header(server=self.url, subjects=self.subjects)
+            with TraceWriter(self.out, header, flush_s=self.flush_s) as writer:
                 async with nats_connection(self.url, name="moe2-recorder") as nc:
                     await self._subscribe(nc, writer, started)
                     log.info("recording", out=str(self.out), subjects=self.subjects)
                     task_status.started(self)
                     await self._until_stopped(writer, duration)
-                self.count = writer.count
         finally:
-            log.info("recorded", out=str(self.out), messages=self.count,
-                     seconds=round(time.monotonic() - started, 3))  # fmt: skip
+            seconds = round(time.monotonic() - started, 3)
+            log.info("recorded", out=str(self.out), messages=self.count, seconds=seconds)
         return self.count
-
-    def _header(self) -> object:
-        return new_header(server=self.url, subjects=self.subjects)
 
     async def _subscribe(self, nc: NATS, writer: TraceWriter, started: float) -> None:
         async def on_message(msg: Msg) -> None:
@@ -73,7 +69,7 @@ class Recorder:
             self.count = writer.count
 
         for subject in self.subjects:
-            await nc.subscribe(subject, cb=on_message, pending_msgs_limit=-1, pending_bytes_limit=-1)
+            await nc.subscribe(subject, cb=on_message)
         await nc.flush()  # the server has the subscriptions: nothing published from now is missed
 
     async def _until_stopped(self, writer: TraceWriter, duration: float | None) -> None:
@@ -100,7 +96,7 @@ async def record(
     stop: anyio.Event | None = None,
     task_status: TaskStatus[Recorder] = anyio.TASK_STATUS_IGNORED,
 ) -> int:
-    """Record ``subjects`` from ``url`` into ``out`` until ``stop`` is set or ``duration`` passes."""
+    """Record ``subjects`` from ``url`` into ``out`` until ``stop`` is set or ``duration`` ends."""
     recorder = Recorder(url, out, subjects=subjects)
     async with anyio.create_task_group() as tg:
         if stop is not None:

@@ -1,0 +1,113 @@
+"""The interface every model backend implements, and the tokenizer helpers they share.
+
+A backend is synchronous and pure of I/O: the expert agent calls it from one worker thread at a
+time. It keeps one KV cache per session, keyed by the session id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Final, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from moe2.runtime.wire import ChatMessage
+
+TokenizerKind = Literal["byte_level", "sentencepiece", "other"]
+_SP_SPACE: Final = "\u2581"  # sentencepiece's "▁"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """What an expert announces about its model in every heartbeat."""
+
+    model: str
+    tokenizer: str  # identity: "<name>:<sha256 of the vocabulary, 16 hex digits>"
+    backend: str
+    vocab_size: int  # the width of the logits, so every id in a slice is below it
+    eos_ids: tuple[int, ...]
+    max_context: int  # the model's own context length
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """The ``k`` most likely next tokens: ids by descending probability, and their log-probabilities.
+
+    ``logprobs`` are natural logs of the full-vocabulary softmax, so ``1 - sum(exp(logprobs))`` is
+    the probability mass outside the ``k`` ids.
+    """
+
+    ids: npt.NDArray[np.uint32]
+    logprobs: npt.NDArray[np.float32]
+
+
+class Backend(Protocol):
+    """One loaded model. Synchronous; never called from two threads at once."""
+
+    @property
+    def info(self) -> BackendInfo: ...
+
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        """id -> the raw bytes the token decodes to (``b""`` for special tokens)."""
+        ...
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt ids: the model's own chat template, with the assistant turn opened."""
+        ...
+
+    def prefill(self, session: str, prompt_ids: Sequence[int], top_k: int) -> TopK:
+        """Start ``session`` (replacing any cache it had) and return the first token's top-k."""
+        ...
+
+    def decode(self, session: str, token: int, top_k: int) -> TopK:
+        """Append ``token`` to ``session`` and return the next token's top-k."""
+        ...
+
+    def release(self, session: str) -> None:
+        """Free the session's KV cache; a no-op for an unknown session."""
+        ...
+
+
+def tokenizer_identity(name: str, vocab: Mapping[str, int]) -> str:
+    """``name:hash``; two tokenizers with equal hashes map every id to the same token."""
+    ordered = sorted(vocab.items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode()).hexdigest()
+    return f"{name}:{digest[:16]}"
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's ``bytes_to_unicode``: printable stand-in character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    chars = list(printable)
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + shifted)
+            shifted += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def byte_level_bytes(token: str) -> bytes | None:
+    """A byte-level BPE token's bytes, or None if it holds a character outside the byte map."""
+    table = _byte_decoder()
+    if not all(ch in table for ch in token):
+        return None
+    return bytes(table[ch] for ch in token)
+
+
+def sentencepiece_bytes(token: str) -> bytes:
+    """A sentencepiece token's bytes: ``<0xNN>`` is one raw byte, ``▁`` is a space."""
+    if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        try:
+            return bytes([int(token[3:5], 16)])
+        except ValueError:
+            pass
+    return token.replace(_SP_SPACE, " ").encode()

@@ -1,0 +1,124 @@
+"""A scripted expert for fusion tests: speaks the wire protocol, misbehaves on request.
+
+Its tokenizer is bytes: token id = byte value, 0 = EOS, so answers are easy to read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+
+from moe2.runtime import wire
+from moe2.runtime.subjects import Subjects
+
+VOCAB = 256
+
+
+@dataclass
+class Script:
+    text: bytes = b"Hello from the bus."
+    confidence: float = 0.6
+    delay_s: float = 0.0  # every step, prefill included
+    vanish_at: int | None = None  # from this step on: no slices, no heartbeats
+    nan_at: int | None = None  # NaN logprobs at this step
+    open_error: str | None = None  # answer the open with this error code
+    forge: bool = False  # also publish forged and wrong-step slices
+    served: list[str] = field(default_factory=list)  # sessions opened here
+
+
+class ScriptedExpert:
+    def __init__(self, nc: NATS, expert: str, script: Script, prefix: str = "moe2") -> None:
+        self.nc, self.expert, self.script, self.s = nc, expert, script, Subjects(prefix)
+        self.gone = False
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        sub = await self.nc.subscribe(self.s.expert_inbox(self.expert))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat)
+            await self.nc.flush()
+            task_status.started()
+            async for msg in sub.messages:
+                tg.start_soon(self._answer, wire.decode(msg.data))
+
+    async def _heartbeat(self) -> None:
+        seq = 0
+        while not self.gone:
+            hb = wire.Heartbeat(
+                expert=self.expert,
+                model="scripted",
+                tokenizer="bytes",
+                backend="script",
+                vocab_size=VOCAB,
+                eos_ids=[0],
+                seq=seq,
+                interval_s=0.2,
+            )
+            await self.nc.publish(self.s.member(self.expert), wire.encode(hb))
+            seq += 1
+            await anyio.sleep(0.2)
+
+    async def _answer(self, msg: wire.Message) -> None:
+        if isinstance(msg, wire.Open):
+            self.script.served.append(msg.session)
+            if self.script.open_error:
+                err = wire.Error(
+                    code=self.script.open_error,
+                    message="scripted refusal",
+                    session=msg.session,
+                    expert=self.expert,
+                    step=0,
+                )
+                await self.nc.publish(self.s.slice(msg.session, self.expert), wire.encode(err))
+                return
+            await self._slice(msg.session, 0)
+        elif isinstance(msg, wire.Step):
+            await self._slice(msg.session, msg.step)
+
+    async def _slice(self, session: str, step: int) -> None:
+        sc = self.script
+        if sc.vanish_at is not None and step >= sc.vanish_at:
+            self.gone = True
+            return
+        await anyio.sleep(sc.delay_s)
+        want = sc.text[step] if step < len(sc.text) else 0
+        others = [t for t in (ord("x"), ord("y"), ord("z")) if t != want]
+        ids = np.array([want, *others])
+        probs = np.array([sc.confidence, *[(1 - sc.confidence) / 4] * 3])
+        lp = np.log(probs)
+        if sc.nan_at == step:
+            lp[1] = np.nan
+        pieces = [bytes([i]) if i else b"" for i in ids]
+        s = wire.make_slice(
+            session=session,
+            expert=self.expert,
+            step=step,
+            ids=ids,
+            logprobs=lp,
+            pieces=pieces,
+            compute_s=0.001,
+        )
+        if sc.forge:
+            forged = wire.make_slice(
+                session=session,
+                expert="intruder",
+                step=step,
+                ids=np.array([ord("!")]),
+                logprobs=np.zeros(1),
+                pieces=[b"!"],
+            )
+            await self.nc.publish(self.s.slice(session, "intruder"), wire.encode(forged))
+            await self.nc.publish(self.s.slice(session, self.expert), wire.encode(forged))
+            ahead = wire.make_slice(
+                session=session,
+                expert=self.expert,
+                step=step + 5,
+                ids=np.array([ord("!")]),
+                logprobs=np.zeros(1),
+                pieces=[b"!"],
+            )
+            await self.nc.publish(self.s.slice(session, self.expert), wire.encode(ahead))
+        await self.nc.publish(self.s.slice(session, self.expert), wire.encode(s))

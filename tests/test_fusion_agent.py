@@ -1,0 +1,226 @@
+"""The fusion agent against a real nats-server, with scripted experts that misbehave on cue."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import msgspec
+import pytest
+
+import moe2
+from moe2.agents.fusion import FusionAgent
+from moe2.agents.fusion_config import FusionConfig
+from moe2.runtime import wire
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from tests.scripted import Script, ScriptedExpert
+
+pytestmark = pytest.mark.anyio
+_prefixes = (f"t{i}" for i in itertools.count())
+
+
+@asynccontextmanager
+async def bus(
+    url: str, scripts: dict[str, Script], n_agents: int = 1, **config: object
+) -> AsyncIterator[tuple[moe2.Client, list[FusionAgent]]]:
+    """Scripted experts and fusion agents under a fresh prefix; yields a client and the agents."""
+    prefix = next(_prefixes)
+    cfg = FusionConfig(prefix=prefix, **{"step_deadline_s": 1.0, **config})  # type: ignore[arg-type]
+    nc = await connect_nats(url, name="test-bus")
+    try:
+        async with anyio.create_task_group() as tg, moe2.connect(url, prefix=prefix) as client:
+            for expert, script in scripts.items():
+                await tg.start(ScriptedExpert(nc, expert, script, prefix).run)
+            agents = [FusionAgent(nc, cfg) for _ in range(n_agents)]
+            for agent in agents:
+                await tg.start(agent.run)
+                if scripts:
+                    await agent.wait_for_experts(len(scripts), timeout=5)
+            yield client, agents
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+
+
+async def test_answer_streams_token_by_token_and_ends_with_a_summary(nats_url: str) -> None:
+    scripts = {"a": Script(), "b": Script(), "c": Script()}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            answer = client.ask("Say hello", max_tokens=64)
+            chunks = [c.text async for c in answer]
+    assert "".join(chunks) == "Hello from the bus."
+    assert len(chunks) > 5  # streamed, not sent in one piece
+    final = answer.final
+    assert final is not None
+    assert final.finish_reason == "eos"
+    assert final.usage.completion_tokens == len("Hello from the bus.") + 1
+    assert final.experts == ["a", "b", "c"]
+    assert final.weights == pytest.approx([1 / 3] * 3)
+    assert final.late == {} and final.dropped == []
+
+
+async def test_the_fused_choice_follows_the_weighted_majority(nats_url: str) -> None:
+    scripts = {"a": Script(text=b"aaaa"), "b": Script(text=b"bbbb"), "c": Script(text=b"bbbb")}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", max_tokens=8).collect()
+    assert final.text == "bbbb"
+
+
+async def test_stop_strings_and_max_tokens_end_the_answer(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(text=b"one. two. three.")}) as (client, _):
+        with anyio.fail_after(10):
+            stopped = await client.ask("x", stop=[" two"]).collect()
+            short = await client.ask("x", max_tokens=3).collect()
+    assert (stopped.text, stopped.finish_reason) == ("one.", "stop")
+    assert (short.text, short.finish_reason) == ("one", "length")
+
+
+async def test_a_slow_expert_is_marked_late_then_dropped(nats_url: str) -> None:
+    scripts = {"fast": Script(), "slow": Script(delay_s=0.5)}
+    async with bus(
+        nats_url, scripts, step_deadline_s=0.15, prefill_deadline_s=0.15, max_consecutive_late=3
+    ) as (client, _):
+        with anyio.fail_after(20):
+            final = await client.ask("x", max_tokens=64).collect()
+    assert final.text == "Hello from the bus."
+    assert final.dropped == ["slow"]
+    assert final.late == {"slow": 3}
+
+
+async def test_an_expert_that_vanishes_mid_answer_is_dropped_and_the_answer_completes(
+    nats_url: str,
+) -> None:
+    scripts = {"a": Script(), "b": Script(vanish_at=4)}
+    async with bus(nats_url, scripts, step_deadline_s=0.2, max_consecutive_late=2) as (client, _):
+        with anyio.fail_after(20):
+            final = await client.ask("x", max_tokens=64).collect()
+    assert final.text == "Hello from the bus."
+    assert final.dropped == ["b"]
+
+
+async def test_when_every_expert_vanishes_the_client_gets_a_clear_error(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(vanish_at=3)}, step_deadline_s=0.2) as (client, agents):
+        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+            await client.ask("x", max_tokens=64).collect()
+        assert caught.value.code == ErrorCode.NO_SLICES
+        assert "step 3" in caught.value.message
+        assert agents[0].sessions == 0
+
+
+async def test_nan_logprobs_are_refused_and_the_step_fuses_the_rest(nats_url: str) -> None:
+    scripts = {"a": Script(), "b": Script(nan_at=2)}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", max_tokens=64).collect()
+    assert final.text == "Hello from the bus."
+    assert final.late == {"b": 1}
+    assert final.dropped == []
+
+
+async def test_nan_from_the_only_expert_is_a_bad_logprobs_error(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(nan_at=1)}) as (client, _):
+        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+            await client.ask("x").collect()
+    assert caught.value.code == ErrorCode.BAD_LOGPROBS
+
+
+async def test_forged_and_wrong_step_slices_are_never_fused(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(forge=True)}) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", max_tokens=64).collect()
+    assert final.text == "Hello from the bus."
+    assert "!" not in final.text
+
+
+async def test_an_expert_error_reaches_the_client_with_its_code(nats_url: str) -> None:
+    scripts = {"a": Script(open_error="prompt_too_long")}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+            await client.ask("x").collect()
+    assert caught.value.code == ErrorCode.PROMPT_TOO_LONG
+    assert "scripted refusal" in caught.value.message
+
+
+async def test_one_failing_expert_leaves_the_others_answering(nats_url: str) -> None:
+    scripts = {"a": Script(), "b": Script(open_error="prompt_too_long")}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x").collect()
+    assert final.text == "Hello from the bus."
+
+
+async def test_top_k_experts_per_prompt(nats_url: str) -> None:
+    scripts = {"a": Script(), "b": Script(), "c": Script()}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", experts=1).collect()
+    assert final.experts == ["a"]
+    assert scripts["b"].served == [] and scripts["c"].served == []
+
+
+async def test_bad_prompts_get_clear_errors_and_the_agent_keeps_serving(
+    nats_url: str, nats_server: object
+) -> None:
+    async with bus(nats_url, {"a": Script()}, max_prompt_chars=1000) as (client, agents):
+        prefix = client.subjects.prefix
+        cases: list[tuple[bytes, ErrorCode]] = [
+            (b"\xc1garbage", ErrorCode.MALFORMED),
+            (msgspec.msgpack.encode({"type": "moe2.v9.prompt"}), ErrorCode.UNSUPPORTED_VERSION),
+            (msgspec.msgpack.encode({"type": "moe2.v1.prompt"}), ErrorCode.INVALID_FIELD),
+            (wire.encode(wire.Step(session="s", step=1, token=1)), ErrorCode.UNKNOWN_TYPE),
+            (wire.encode(wire.Prompt(messages=[])), ErrorCode.EMPTY_PROMPT),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", " ")])),
+                ErrorCode.EMPTY_PROMPT,
+            ),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x" * 2000)])),
+                ErrorCode.PROMPT_TOO_LONG,
+            ),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], max_tokens=0)),
+                ErrorCode.INVALID_FIELD,
+            ),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], top_p=0)),
+                ErrorCode.INVALID_FIELD,
+            ),
+        ]
+        with anyio.fail_after(10):
+            for data, code in cases:
+                reply = await client.nc.request(f"{prefix}.v1.prompt", data, timeout=5)
+                error = wire.decode(reply.data)
+                assert isinstance(error, wire.Error), data
+                assert (error.code, bool(error.message)) == (code, True), data
+            with pytest.raises(Moe2Error) as too_big:
+                await client.ask("y" * 300_000).collect()
+            assert too_big.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+            final = await client.ask("still there?").collect()
+        assert final.text == "Hello from the bus."
+        assert agents[0].sessions == 0
+
+
+async def test_no_experts_and_no_fusion_agent_are_clear_errors(nats_url: str) -> None:
+    async with bus(nats_url, {}) as (client, _):
+        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+            await client.ask("x").collect()
+        assert caught.value.code == ErrorCode.NO_EXPERTS
+    async with moe2.connect(nats_url, prefix="nobody") as client:
+        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+            await client.ask("x").collect()
+        assert caught.value.code == ErrorCode.NO_FUSION_AGENT
+
+
+async def test_two_fusion_agents_share_the_prompts(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(text=b"ok")}, n_agents=2) as (client, agents):
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(client.ask("x").collect)
+    served = [a.served for a in agents]
+    assert sum(served) == 16
+    assert min(served) > 0
