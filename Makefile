@@ -25,7 +25,7 @@ demo: $(VENV)/.models
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	MYPY=$(VENV)/bin/mypy scripts/typecheck
 
 test: lint
 	$(VENV)/bin/pytest

@@ -241,7 +241,9 @@ class FusionSession:
             )
         )
 
-    async def _final(self, finish: str, prompt_tokens: int, n: int, ttft: float, started: float):
+    async def _final(
+        self, finish: str, prompt_tokens: int, n: int, ttft: float, started: float
+    ) -> None:
         total = time.monotonic() - started
         steps = np.asarray(self.step_ms or [0.0])
         await self._reply(

@@ -43,10 +43,11 @@ class FusedDistribution:
 def renormalise(weights: Sequence[float]) -> npt.NDArray[np.float64]:
     """Weights over the experts present, scaled to sum to one (eq. 2 / 28)."""
     w = np.asarray(weights, dtype=np.float64)
-    total = w.sum()
+    total = float(w.sum())
     if not np.isfinite(total) or total <= 0:
-        return np.full(len(w), 1.0 / max(len(w), 1))
-    return w / total
+        return np.full(len(w), 1.0 / max(len(w), 1), dtype=np.float64)
+    scaled: npt.NDArray[np.float64] = w / total
+    return scaled
 
 
 def fuse(
@@ -70,4 +71,5 @@ def fuse_full(
     distributions: npt.NDArray[np.float64], weights: Sequence[float]
 ) -> npt.NDArray[np.float64]:
     """Reference fusion over the whole vocabulary: ``distributions`` is (N, V)."""
-    return renormalise(weights) @ distributions
+    fused: npt.NDArray[np.float64] = renormalise(weights) @ distributions
+    return fused

@@ -29,7 +29,7 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
-class Prompt(_Message, tag="moe2.v1.prompt"):
+class Prompt(_Message, frozen=True, tag="moe2.v1.prompt"):
     """Client -> fusion agents (queue group), with a reply inbox for the answer stream."""
 
     messages: list[ChatMessage]
@@ -41,7 +41,7 @@ class Prompt(_Message, tag="moe2.v1.prompt"):
     experts: int | None = None  # top-k experts by gating value; None: the agent's default
 
 
-class Open(_Message, tag="moe2.v1.open"):
+class Open(_Message, frozen=True, tag="moe2.v1.open"):
     """Fusion -> expert: prefill this prompt and publish the slice for step 0."""
 
     session: str
@@ -50,7 +50,7 @@ class Open(_Message, tag="moe2.v1.open"):
     max_tokens: int = 128
 
 
-class Step(_Message, tag="moe2.v1.step"):
+class Step(_Message, frozen=True, tag="moe2.v1.step"):
     """Fusion -> expert: ``token`` was chosen at ``step - 1``; publish the slice for ``step``."""
 
     session: str
@@ -58,12 +58,12 @@ class Step(_Message, tag="moe2.v1.step"):
     token: int
 
 
-class Close(_Message, tag="moe2.v1.close"):
+class Close(_Message, frozen=True, tag="moe2.v1.close"):
     session: str
     reason: str = "done"
 
 
-class Slice(_Message, tag="moe2.v1.slice"):
+class Slice(_Message, frozen=True, tag="moe2.v1.slice"):
     """Expert -> fusion: the top-k of one expert's next-token distribution at one step."""
 
     session: str
@@ -84,7 +84,7 @@ class Slice(_Message, tag="moe2.v1.slice"):
         return np.frombuffer(self.logprobs, dtype="<f4")
 
 
-class Heartbeat(_Message, tag="moe2.v1.heartbeat"):
+class Heartbeat(_Message, frozen=True, tag="moe2.v1.heartbeat"):
     """Expert -> everyone, every ``interval_s``: who it is, what it serves, what it costs."""
 
     expert: str
@@ -100,7 +100,7 @@ class Heartbeat(_Message, tag="moe2.v1.heartbeat"):
     seq: int = 0
 
 
-class Chunk(_Message, tag="moe2.v1.chunk"):
+class Chunk(_Message, frozen=True, tag="moe2.v1.chunk"):
     """Fusion -> client: the next piece of the answer."""
 
     session: str
@@ -122,7 +122,7 @@ class Timings(msgspec.Struct, frozen=True):
     step_p99_ms: float
 
 
-class Final(_Message, tag="moe2.v1.final"):
+class Final(_Message, frozen=True, tag="moe2.v1.final"):
     """Fusion -> client: the answer is complete."""
 
     session: str
@@ -136,7 +136,7 @@ class Final(_Message, tag="moe2.v1.final"):
     dropped: list[str]  # experts dropped from the session for being late too often
 
 
-class Error(_Message, tag="moe2.v1.error"):
+class Error(_Message, frozen=True, tag="moe2.v1.error"):
     code: str
     message: str
     session: str = ""
@@ -146,12 +146,12 @@ class Error(_Message, tag="moe2.v1.error"):
 
 Message: TypeAlias = Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Error
 KNOWN_TYPES = frozenset(
-    t.__struct_config__.tag  # type: ignore[attr-defined]  # msgspec sets it on tagged structs
+    t.__struct_config__.tag
     for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Error)
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)  # type: ignore[arg-type]  # a union of structs
+_decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
 
 def encode(message: Message) -> bytes:
