@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from moe2.runtime.connection import nats_connection
+from moe2.runtime.connection import close_nats, nats_connection
 from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -21,14 +21,20 @@ class Recorder:
     """Writes every message on ``subjects`` to ``out`` until stopped; ``count`` is what it wrote."""
 
     def __init__(
-        self, url: str, out: Path, *, subjects: Sequence[str] = (">",), flush_s: float = 0.2
+        self,
+        url: str,
+        out: Path,
+        *,
+        subjects: Sequence[str] = (">",),
+        flush_s: float = 0.2,
+        stop: anyio.Event | None = None,
     ) -> None:
         self.url = url
         self.out = Path(out)
         self.subjects = list(subjects)
         self.flush_s = flush_s
         self.count = 0
-        self._stop = anyio.Event()
+        self._stop = stop or anyio.Event()
 
     def stop(self) -> None:
         """Idempotent; ``run`` drains what is in flight, closes the file and returns."""
@@ -43,13 +49,16 @@ class Recorder:
         """Record until ``stop()``, ``duration`` seconds, or cancellation; return the count."""
         started = time.monotonic()
         try:
-            header = new_header(server=self.url, subjects=self.subjects)
-            with TraceWriter(self.out, header, flush_s=self.flush_s) as writer:
-                async with nats_connection(self.url, name="moe2-recorder") as nc:
-                    await self._subscribe(nc, writer, started)
-                    log.info("recording", out=str(self.out), subjects=self.subjects)
-                    task_status.started(self)
-                    await self._until_stopped(writer, duration)
+            async with nats_connection(self.url, name="moe2-recorder") as nc:
+                header = new_header(server=self.url, subjects=self.subjects)
+                with TraceWriter(self.out, header, flush_s=self.flush_s) as writer:
+                    try:
+                        await self._subscribe(nc, writer, started)
+                        log.info("recording", out=str(self.out), subjects=self.subjects)
+                        task_status.started(self)
+                        await self._until_stopped(writer, duration)
+                    finally:
+                        await close_nats(nc)  # deliver what is in flight while the file is open
         finally:
             seconds = round(time.monotonic() - started, 3)
             log.info("recorded", out=str(self.out), messages=self.count, seconds=seconds)
@@ -97,15 +106,5 @@ async def record(
     task_status: TaskStatus[Recorder] = anyio.TASK_STATUS_IGNORED,
 ) -> int:
     """Record ``subjects`` from ``url`` into ``out`` until ``stop`` is set or ``duration`` ends."""
-    recorder = Recorder(url, out, subjects=subjects)
-    async with anyio.create_task_group() as tg:
-        if stop is not None:
-            tg.start_soon(_stop_on, stop, recorder)
-        count = await recorder.run(duration=duration, task_status=task_status)
-        tg.cancel_scope.cancel()
-    return count
-
-
-async def _stop_on(event: anyio.Event, recorder: Recorder) -> None:
-    await event.wait()
-    recorder.stop()
+    recorder = Recorder(url, out, subjects=subjects, stop=stop)
+    return await recorder.run(duration=duration, task_status=task_status)
