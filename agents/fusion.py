@@ -8,6 +8,9 @@ import uuid
 import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from moe2.agents.fusion_config import FusionConfig
 from moe2.agents.fusion_session import FusionSession, SessionPlan
 from moe2.agents.membership import Membership, same_tokenizer
@@ -17,8 +20,6 @@ from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 log = structlog.get_logger("moe2.fusion")
 
@@ -73,9 +74,9 @@ class FusionAgent:
                 self._members_changed.set()
                 self._members_changed = anyio.Event()
 
-    async def wait_for_experts(self, n: int, timeout: float) -> list[str]:
+    async def wait_for_experts(self, n: int, limit_s: float) -> list[str]:
         """Wait until at least ``n`` experts are live (for the demo and tests)."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(limit_s):
             while len(live := self.membership.live(time.monotonic())) < n:
                 await self._members_changed.wait()
         return sorted(live)
@@ -157,7 +158,7 @@ def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
     if chars > config.max_prompt_chars:
         raise Moe2Error(
             ErrorCode.PROMPT_TOO_LONG,
-            f"the prompt has {chars} characters; this agent takes at most {config.max_prompt_chars}",
+            f"the prompt has {chars} characters; the limit is {config.max_prompt_chars}",
         )
     if not 1 <= prompt.max_tokens <= config.max_tokens_limit:
         raise Moe2Error(

@@ -9,6 +9,9 @@ import anyio
 import numpy as np
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from moe2.agents.fusion_config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.deadline import LateTracker
@@ -17,8 +20,6 @@ from moe2.runtime.fusion import ExpertSlice, fuse
 from moe2.runtime.sampling import SamplingParams, TokenSampler
 from moe2.runtime.subjects import Subjects
 from moe2.runtime.text import TextAssembler
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 log = structlog.get_logger("moe2.fusion")
 SLICE_BUFFER = 1024  # slices queued per session before new ones are dropped (and logged)
@@ -221,7 +222,7 @@ class FusionSession:
                 raise Moe2Error(_code(first.code), f"expert {first.expert}: {first.message}")
             if result.rejected:
                 expert, why = next(iter(result.rejected.items()))
-                raise Moe2Error(_code(why), f"every slice for step {step} was refused ({expert}: {why})")
+                raise Moe2Error(_code(why), f"every slice of step {step} refused ({expert}: {why})")
             raise Moe2Error(
                 ErrorCode.NO_SLICES,
                 f"no slice arrived for step {step} within {deadline_s:.3g}s "

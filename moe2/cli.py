@@ -82,8 +82,13 @@ def expert(
 
     try:
         config = ExpertConfig(
-            expert_id=id, model=model, top_k=top_k, threads=threads, max_context=max_context,
-            prefix=prefix, device={"name": "declared", "power_w": power_w},
+            expert_id=id,
+            model=model,
+            top_k=top_k,
+            threads=threads,
+            max_context=max_context,
+            prefix=prefix,
+            device={"name": "declared", "power_w": power_w},
         )
     except ValueError as exc:
         typer.echo(f"error [invalid_field]: {exc}", err=True)
@@ -108,7 +113,9 @@ def fusion(
 
     async def main() -> None:
         cfg = FusionConfig.load(
-            config, step_deadline_s=step_deadline, experts_per_prompt=experts_per_prompt,
+            config,
+            step_deadline_s=step_deadline,
+            experts_per_prompt=experts_per_prompt,
             prefix=prefix,
         )
         await serve_fusion(nats_url, cfg)
@@ -135,8 +142,14 @@ def ask(
     async def main() -> None:
         async with moe2.connect(nats_url, prefix=prefix) as client:
             answer = client.ask(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                seed=seed, stop=stop or (), experts=experts, timeout=timeout,
+                prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                stop=stop or (),
+                experts=experts,
+                timeout=timeout,
             )
             async for chunk in answer:
                 sys.stdout.write(chunk.text)
@@ -171,8 +184,9 @@ def record(
     configure_logging("info")
     from moe2.agents.recorder import record as record_trace
 
-    run_async(lambda: record_trace(nats_url, out, subjects=tuple(subject or [">"]),
-                                   duration=duration))
+    run_async(
+        lambda: record_trace(nats_url, out, subjects=tuple(subject or [">"]), duration=duration)
+    )
 
 
 @app.command()
@@ -208,6 +222,12 @@ def demo(
     configure_logging("warning")
     from moe2.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(prompt=prompt, experts=experts, model=model, max_tokens=max_tokens,
-                            step_deadline_s=step_deadline, start_timeout_s=start_timeout)
+    settings = DemoSettings(
+        prompt=prompt,
+        experts=experts,
+        model=model,
+        max_tokens=max_tokens,
+        step_deadline_s=step_deadline,
+        start_timeout_s=start_timeout,
+    )
     run_async(lambda: run_demo(settings))

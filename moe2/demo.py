@@ -43,8 +43,20 @@ def expert_processes(url: str, settings: DemoSettings, logs: Path) -> Iterator[l
         for i in range(1, settings.experts + 1):
             log_file = logs / f"expert-{i}.log"
             files.append(log_file)
-            cmd = [sys.executable, "-m", "moe2", "expert", "--id", f"expert-{i}",
-                   "--model", settings.model, "--nats", url, "--threads", "1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "moe2",
+                "expert",
+                "--id",
+                f"expert-{i}",
+                "--model",
+                settings.model,
+                "--nats",
+                url,
+                "--threads",
+                "1",
+            ]
             with log_file.open("wb") as out:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
         yield files

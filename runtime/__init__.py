@@ -1,1 +1,1 @@
-"""The moe2 runtime: subjects, wire messages, fusion maths, sampling, traces and the NATS plumbing."""
+"""The moe2 runtime: subjects, wire messages, fusion maths, sampling, traces, NATS plumbing."""

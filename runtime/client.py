@@ -1,4 +1,7 @@
-"""The Python client: ``async with moe2.connect(url) as client: async for chunk in client.ask(...)``."""
+"""The Python client.
+
+``async with moe2.connect(url) as client: async for chunk in client.ask(...)``
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,13 @@ from typing import Any
 
 import anyio
 import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
 

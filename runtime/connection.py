@@ -1,4 +1,4 @@
-"""Connecting to NATS: reconnects while running, drain on shutdown, a clear error when unreachable."""
+"""Connecting to NATS: reconnects while running, drain on shutdown, a clear error if unreachable."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from contextlib import asynccontextmanager
 import anyio
 import nats
 import structlog
-from moe2.runtime.errors import ErrorCode, Moe2Error
 from nats.aio.client import Client as NATS
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
 
 log = structlog.get_logger("moe2.connection")
 
@@ -54,9 +55,9 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> 
     return nc
 
 
-async def close_nats(nc: NATS, timeout: float = 2.0) -> None:
+async def close_nats(nc: NATS, limit_s: float = 2.0) -> None:
     """Drain (deliver what is in flight), bounded and shielded from cancellation."""
-    with anyio.move_on_after(timeout, shield=True):
+    with anyio.move_on_after(limit_s, shield=True):
         if not nc.is_closed:
             try:
                 await nc.drain()

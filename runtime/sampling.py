@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from moe2.runtime.fusion import FusedDistribution
 
 

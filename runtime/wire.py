@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 import msgspec
 import numpy as np
 import numpy.typing as npt
+
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 PROTOCOL_VERSION = 1

@@ -38,7 +38,7 @@ async def bus(
             for agent in agents:
                 await tg.start(agent.run)
                 if scripts:
-                    await agent.wait_for_experts(len(scripts), timeout=5)
+                    await agent.wait_for_experts(len(scripts), limit_s=5)
             yield client, agents
             tg.cancel_scope.cancel()
     finally:

@@ -297,7 +297,7 @@ async def test_a_fusion_agent_answers_from_a_synthetic_trace(nats_url: str, tmp_
             ):
                 agent = FusionAgent(nc, FusionConfig(prefix=prefix))
                 await tg.start(agent.run)
-                await agent.wait_for_experts(3, timeout=5)
+                await agent.wait_for_experts(3, limit_s=5)
                 for _ in range(2):  # one recording serves repeated prompts
                     final = await client.ask(PROMPT, max_tokens=24).collect()
                     assert final.text == "".join(f" t{t}" for t in chosen[:24])
