@@ -83,6 +83,11 @@ class FusionAgent:
 
     def _dispatch(self, tg: TaskGroup, msg: Msg) -> None:
         started = time.monotonic()
+        if not msg.reply:
+            log.warning(
+                "prompt_refused", code=str(ErrorCode.INVALID_FIELD), error="no reply subject"
+            )
+            return
         try:
             prompt = self._read_prompt(msg)
             if self.sessions >= self.config.max_sessions:
@@ -168,6 +173,8 @@ def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "temperature must be a finite number >= 0")
     if not 0 < prompt.top_p <= 1:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "top_p must be in (0, 1]")
+    if prompt.seed is not None and not 0 <= prompt.seed < 2**63:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "seed must be in 0..2**63-1")
     if prompt.experts is not None and prompt.experts < 1:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "experts must be >= 1")
 

@@ -46,6 +46,10 @@ class StepResult:
     rejected: dict[str, str] = field(default_factory=dict)  # expert -> why its slice was refused
 
 
+class ContextFull(Exception):
+    """Every expert left has run out of context: the answer ends with finish "length"."""
+
+
 class FusionSession:
     """Runs one session to its end; every outcome reaches the client as Final or Error."""
 
@@ -123,7 +127,10 @@ class FusionSession:
             if step + 1 == p.prompt.max_tokens:
                 break
             await self._send_step(step + 1, token)
-            result = await self._gather(inbox, step + 1, self.config.step_deadline_s)
+            try:
+                result = await self._gather(inbox, step + 1, self.config.step_deadline_s)
+            except ContextFull:
+                break
             self.step_ms.append((time.perf_counter() - t0) * 1000)
         tail = self.text.finish()
         if tail or pending:
@@ -170,7 +177,7 @@ class FusionSession:
         except Moe2Error as exc:
             self.log.warning("bad_slice", code=str(exc.code), expert=sender, error=exc.message)
             return
-        if isinstance(item, wire.Error) and sender in waiting:
+        if isinstance(item, wire.Error) and sender in waiting and item.step in (step, -1):
             self.log.warning("expert_error", expert=sender, code=item.code, error=item.message)
             result.errors[sender] = item
             waiting.discard(sender)
@@ -180,8 +187,9 @@ class FusionSession:
             return
         if (problem := self._slice_problem(item, sender, step, waiting)) is not None:
             self.log.warning("slice_dropped", expert=sender, step=item.step, at=step, why=problem)
-            if problem not in ("late", "subject_mismatch", ErrorCode.NOT_IN_SESSION):
+            if problem in (ErrorCode.BAD_LOGPROBS, ErrorCode.INVALID_FIELD):
                 result.rejected[sender] = problem
+                waiting.discard(sender)  # a refused slice will not be followed by a good one
             return
         result.slices[sender] = item
         waiting.discard(sender)
@@ -217,6 +225,9 @@ class FusionSession:
             self.dropped += [e for e in to_drop if e not in failed]
             await self._close_experts(to_drop, "dropped")
         if not result.slices:
+            codes = {e.code for e in result.errors.values()}
+            if step > 0 and not late and codes == {ErrorCode.PROMPT_TOO_LONG}:
+                raise ContextFull
             if result.errors and len(result.errors) == len(failed) == len(failed + late):
                 first = next(iter(result.errors.values()))
                 raise Moe2Error(_code(first.code), f"expert {first.expert}: {first.message}")

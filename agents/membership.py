@@ -22,7 +22,9 @@ class Membership:
         return not known
 
     def _fresh(self, expert: str, now: float) -> bool:
-        return now - self._last[expert][0] <= self.timeout_s
+        """Seen within the timeout, or within three of the expert's own heartbeat intervals."""
+        seen, hb = self._last[expert]
+        return now - seen <= max(self.timeout_s, 3 * hb.interval_s)
 
     def live(self, now: float) -> dict[str, Heartbeat]:
         return {e: hb for e, (_, hb) in self._last.items() if self._fresh(e, now)}

@@ -19,6 +19,7 @@ from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 
+NO_RESPONDER_RETRIES = 3
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
 
 
@@ -50,8 +51,16 @@ class Answer:
         sub = await nc.subscribe(nc.new_inbox())
         try:
             await self._client.publish_prompt(self._prompt, reply=sub.subject)
+            retries = 0
             while self.final is None:
                 msg = await self._next(sub)
+                if _no_responders(msg) and retries < NO_RESPONDER_RETRIES:
+                    # nats-server now and then answers 503 just as a subscriber appears, and
+                    # a fusion agent may be restarting: ask again before giving up.
+                    retries += 1
+                    await anyio.sleep(0.05 * 2**retries)
+                    await self._client.publish_prompt(self._prompt, reply=sub.subject)
+                    continue
                 item = self._read(msg)
                 if isinstance(item, wire.Chunk):
                     self.chunks.append(item)
@@ -69,7 +78,7 @@ class Answer:
             ) from None
 
     def _read(self, msg: Msg) -> wire.Chunk | None:
-        if msg.headers and msg.headers.get("Status") == "503":
+        if _no_responders(msg):
             raise Moe2Error(ErrorCode.NO_FUSION_AGENT, "no fusion agent listens on the bus")
         item = wire.decode(msg.data)
         if isinstance(item, wire.Error):
@@ -86,6 +95,10 @@ class Answer:
             pass
         assert self.final is not None, "the stream ends only with a final message"
         return self.final
+
+
+def _no_responders(msg: Msg) -> bool:
+    return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
 
 
 def _code(code: str) -> ErrorCode:

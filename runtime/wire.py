@@ -227,7 +227,10 @@ def check_slice(s: Slice, vocab_size: int | None = None) -> None:
         raise Moe2Error(ErrorCode.BAD_LOGPROBS, "logprobs must be finite and <= 0")
     if not -1e-4 <= s.rest <= 1.0 + 1e-4:
         raise Moe2Error(ErrorCode.BAD_LOGPROBS, f"rest mass {s.rest} is outside [0, 1]")
-    if vocab_size is not None and int(s.ids_array().max()) >= vocab_size:
+    ids = s.ids_array()
+    if np.unique(ids).size != ids.size:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "a slice lists a token id twice")
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"token id beyond the vocabulary ({vocab_size})")
 
 

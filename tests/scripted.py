@@ -26,6 +26,7 @@ class Script:
     vanish_at: int | None = None  # from this step on: no slices, no heartbeats
     nan_at: int | None = None  # NaN logprobs at this step
     open_error: str | None = None  # answer the open with this error code
+    context: int | None = None  # answer steps from here on with prompt_too_long
     forge: bool = False  # also publish forged and wrong-step slices
     served: list[str] = field(default_factory=list)  # sessions opened here
 
@@ -84,6 +85,16 @@ class ScriptedExpert:
             self.gone = True
             return
         await anyio.sleep(sc.delay_s)
+        if sc.context is not None and step >= sc.context:
+            err = wire.Error(
+                code="prompt_too_long",
+                message="context full",
+                session=session,
+                expert=self.expert,
+                step=step,
+            )
+            await self.nc.publish(self.s.slice(session, self.expert), wire.encode(err))
+            return
         want = sc.text[step] if step < len(sc.text) else 0
         others = [t for t in (ord("x"), ord("y"), ord("z")) if t != want]
         ids = np.array([want, *others])

@@ -79,6 +79,14 @@ async def test_stop_strings_and_max_tokens_end_the_answer(nats_url: str) -> None
     assert (short.text, short.finish_reason) == ("one", "length")
 
 
+async def test_experts_out_of_context_end_the_answer_with_length(nats_url: str) -> None:
+    scripts = {"a": Script(context=5), "b": Script(context=5)}
+    async with bus(nats_url, scripts) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", max_tokens=64).collect()
+    assert (final.text, final.finish_reason) == ("Hello", "length")
+
+
 async def test_a_slow_expert_is_marked_late_then_dropped(nats_url: str) -> None:
     scripts = {"fast": Script(), "slow": Script(delay_s=0.5)}
     async with bus(
