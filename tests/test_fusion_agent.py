@@ -197,6 +197,10 @@ async def test_bad_prompts_get_clear_errors_and_the_agent_keeps_serving(
                 wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], top_p=0)),
                 ErrorCode.INVALID_FIELD,
             ),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], seed=-1)),
+                ErrorCode.INVALID_FIELD,
+            ),
         ]
         with anyio.fail_after(10):
             for data, code in cases:

@@ -74,6 +74,8 @@ def test_check_slice_refuses_arrays_that_disagree_and_ids_beyond_the_vocabulary(
         wire.check_slice(a_slice(ids=b"\x00\x00\x00\x00"))
     with pytest.raises(Moe2Error, match="pieces"):
         wire.check_slice(a_slice(pieces=[b"a"]))
+    with pytest.raises(Moe2Error, match="twice"):
+        wire.check_slice(a_slice(ids=np.array([7, 7, 9], dtype="<u4").tobytes()))
     with pytest.raises(Moe2Error, match="vocabulary"):
         wire.check_slice(a_slice(), vocab_size=8)
     wire.check_slice(a_slice(), vocab_size=10)
