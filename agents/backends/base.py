@@ -36,7 +36,7 @@ class BackendInfo:
 
 @dataclass(frozen=True, slots=True)
 class TopK:
-    """The ``k`` most likely next tokens: ids by descending probability, and their log-probabilities.
+    """The ``k`` most likely next tokens: ids by descending probability, with log-probabilities.
 
     ``logprobs`` are natural logs of the full-vocabulary softmax, so ``1 - sum(exp(logprobs))`` is
     the probability mass outside the ``k`` ids.

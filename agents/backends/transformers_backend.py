@@ -1,0 +1,278 @@
+"""The transformers backend: a causal LM on CPU (or wherever torch puts it), a KV cache per session.
+
+A GGUF file is de-quantised to float32 by transformers, which takes a while (about 18 s for
+SmolLM2-135M on 2 cores). The result, model and tokenizer, is kept in a local conversion cache
+(``$MOE2_CACHE``, default ``~/.cache/moe2``) keyed by the GGUF file's name, size and mtime and the
+transformers version, so later starts load plain safetensors in well under a second. The cache is
+written to a temporary directory and renamed into place, so experts starting together never see a
+half-written one. Nothing is ever downloaded: every load is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import structlog
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moe2.agents.backends.base import (
+    BackendInfo,
+    TokenizerKind,
+    TopK,
+    byte_level_bytes,
+    sentencepiece_bytes,
+    tokenizer_identity,
+)
+from moe2.agents.models import ModelSource
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.wire import ChatMessage
+
+log = structlog.get_logger("moe2.backend")
+
+NAME: Final = "transformers"
+CACHE_FORMAT: Final = 1
+_MARKER: Final = "moe2-conversion.json"
+
+
+class TransformersBackend:
+    """A loaded transformers model and tokenizer; implements ``Backend``."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
+        self._model = model.eval()
+        self._tokenizer = tokenizer
+        self._caches: dict[str, Any] = {}
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._token_bytes = build_token_bytes(tokenizer, vocab_size)
+        self._info = BackendInfo(
+            model=name,
+            tokenizer=tokenizer_identity(name, tokenizer.get_vocab()),
+            backend=NAME,
+            vocab_size=vocab_size,
+            eos_ids=eos_ids(model, tokenizer),
+            max_context=int(model.config.max_position_embeddings),
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        return self._token_bytes
+
+    @property
+    def sessions(self) -> int:
+        return len(self._caches)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            ids = self._tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja raises for roles or orders a template refuses
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD, f"the model's chat template refused the messages: {exc}"
+            ) from None
+        return [int(i) for i in ids]
+
+    def prefill(self, session: str, prompt_ids: Sequence[int], top_k: int) -> TopK:
+        self._caches.pop(session, None)
+        logits, self._caches[session] = self._forward(list(prompt_ids), None)
+        return top_k_of(logits, top_k)
+
+    def decode(self, session: str, token: int, top_k: int) -> TopK:
+        if session not in self._caches:
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        logits, self._caches[session] = self._forward([token], self._caches[session])
+        return top_k_of(logits, top_k)
+
+    def release(self, session: str) -> None:
+        self._caches.pop(session, None)
+
+    def _forward(self, ids: list[int], past: Any) -> tuple[torch.Tensor, Any]:
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self._model.device),
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[0, -1], out.past_key_values
+
+
+def top_k_of(logits: torch.Tensor, k: int) -> TopK:
+    """The k best ids with their log-probabilities under the full-vocabulary softmax."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+    return TopK(
+        ids=indices.cpu().numpy().astype(np.uint32),
+        logprobs=values.cpu().numpy().astype(np.float32),
+    )
+
+
+def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The generation config's stop ids and the tokenizer's eos, in that order, once each."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    ids = [*ids, tokenizer.eos_token_id]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+# --- the token-bytes table -------------------------------------------------------------------
+
+
+def tokenizer_kind(tokenizer: Any) -> TokenizerKind:
+    """How the tokenizer's decoder turns token strings into bytes."""
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    types = {part.get("type") for part in parts}
+    if "ByteLevel" in types:
+        return "byte_level"
+    if types & {"ByteFallback", "Metaspace", "Replace"}:
+        return "sentencepiece"
+    return "other"
+
+
+def build_token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
+    """id -> raw bytes; ``b""`` for special tokens and for logit rows with no token."""
+    kind = tokenizer_kind(tokenizer)
+    added = tokenizer.added_tokens_decoder
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
+    table = [_piece(tokenizer, kind, i, token, added.get(i)) for i, token in enumerate(tokens)]
+    return table + [b""] * (vocab_size - len(table))
+
+
+def _piece(tokenizer: Any, kind: TokenizerKind, i: int, token: str | None, added: Any) -> bytes:
+    if added is not None:
+        return b"" if added.special else str(added.content).encode()
+    if token is None:
+        return b""
+    if kind == "byte_level":
+        raw = byte_level_bytes(token)
+        if raw is not None:
+            return raw
+    if kind == "sentencepiece":
+        return sentencepiece_bytes(token)
+    return str(tokenizer.decode([i])).encode()
+
+
+# --- loading, with the conversion cache ------------------------------------------------------
+
+
+def load_transformers(
+    source: ModelSource, *, threads: int | None = None, use_cache: bool = True
+) -> TransformersBackend:
+    """Load ``source``; a GGUF file goes through the conversion cache unless ``use_cache``."""
+    if threads:
+        torch.set_num_threads(threads)
+    if source.format == "hf":
+        model, tokenizer = _load_directory(source.path)
+    elif use_cache:
+        model, tokenizer = _load_gguf_cached(source)
+    else:
+        model, tokenizer = _load_gguf(source)
+    return TransformersBackend(model, tokenizer, name=source.name)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOE2_CACHE") or "~/.cache/moe2").expanduser()
+
+
+def conversion_dir(source: ModelSource) -> Path:
+    """Where the float32 conversion of this exact GGUF file lives."""
+    st = source.path.stat()
+    key = [CACHE_FORMAT, source.path.name, st.st_size, st.st_mtime_ns, transformers.__version__]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    return cache_root() / "transformers" / f"{source.name}-{digest}"
+
+
+def _load_directory(path: Path) -> tuple[Any, Any]:
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    return _realigned(model), tokenizer
+
+
+def _realigned(model: Any) -> Any:
+    """Copy the weights out of the memory-mapped safetensors file into fresh, aligned memory.
+
+    MKL's results depend on the alignment of its operands, and mapped tensors sit at whatever
+    offset the file gives them: without this copy a cached model's logits differ from the GGUF
+    load's in the 6th digit. Tied weights stay tied (they are one Parameter).
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    return model
+
+
+def _load_gguf(source: ModelSource) -> tuple[Any, Any]:
+    kwargs = {"gguf_file": source.path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32, **kwargs)
+    return model, tokenizer
+
+
+def _load_gguf_cached(source: ModelSource) -> tuple[Any, Any]:
+    target = conversion_dir(source)
+    if (target / _MARKER).is_file():
+        try:
+            loaded = _load_directory(target)
+            log.info("model_cache_hit", model=source.name, path=str(target))
+            return loaded
+        except Exception:  # a damaged cache must not stop the expert: convert again
+            log.warning("model_cache_unreadable", path=str(target), exc_info=True)
+    log.info("model_converting", model=source.name, gguf=str(source.path))
+    model, tokenizer = _load_gguf(source)
+    _write_cache(model, tokenizer, source, target)
+    return model, tokenizer
+
+
+def _write_cache(model: Any, tokenizer: Any, source: ModelSource, target: Path) -> None:
+    if not _fully_dequantised(model):
+        log.info("model_cache_skipped", reason="weights still quantised", model=source.name)
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        log.warning("model_cache_unwritable", path=str(target), error=str(exc))
+        return
+    try:
+        _save(model, tokenizer, source, tmp)
+        tmp.rename(target)  # atomic; fails if another process got there first, which is fine
+        log.info("model_cache_written", path=str(target))
+    except OSError as exc:
+        log.info("model_cache_not_written", path=str(target), error=str(exc))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fully_dequantised(model: Any) -> bool:
+    """transformers' GGUF loader may keep packed blocks in future; only plain floats are cached."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer, "packed_modules", None):
+        return False
+    return all(p.dtype.is_floating_point for p in model.parameters())
+
+
+def _save(model: Any, tokenizer: Any, source: ModelSource, directory: Path) -> None:
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # The weights are already float32 tensors; the GGUF quantizer only refuses to save.
+        # This is what transformers itself does after loading with GgufConfig(dequantize=True).
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    marker = {"gguf": str(source.path), "transformers": transformers.__version__}
+    (directory / _MARKER).write_text(json.dumps(marker))

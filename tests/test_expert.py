@@ -1,0 +1,471 @@
+"""The expert agent with the real SmolLM2 model on a real nats-server, as a fusion agent sees it."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+import nats.errors
+import numpy as np
+import pytest
+import structlog
+
+from moe2.agents.backends import load_backend
+from moe2.agents.backends.base import Backend, BackendInfo, TopK
+from moe2.agents.expert import ExpertAgent, ExpertConfig
+from moe2.agents.models import resolve_model
+from moe2.runtime import wire
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.subjects import Subjects
+
+pytestmark = [pytest.mark.anyio, pytest.mark.model]
+_prefixes = (f"x{i}" for i in itertools.count())
+HELLO = [wire.ChatMessage("user", "Say hello in one short sentence.")]
+EXPERT = "e1"
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[Backend]:
+    yield load_backend("transformers", resolve_model())
+
+
+@dataclass
+class Bus:
+    """A fusion agent's view: publish to the expert, read its slices and heartbeats."""
+
+    agent: ExpertAgent
+    nc: Any
+    s: Subjects
+    heartbeats: Any
+
+    async def send(self, verb: str, message: wire.Message) -> None:
+        await self.raw(verb, wire.encode(message))
+
+    async def raw(self, verb: str, data: bytes) -> None:
+        await self.nc.publish(f"{self.s.root}.expert.{EXPERT}.{verb}", data)
+
+    async def listen(self, session: str) -> Any:
+        sub = await self.nc.subscribe(self.s.session_slices(session))
+        await self.nc.flush()
+        return sub
+
+    async def reply(self, sub: Any) -> wire.Message:
+        msg = await sub.next_msg(timeout=20)
+        assert msg.subject == self.s.slice(msg.subject.split(".")[3], EXPERT)
+        return wire.decode(msg.data)
+
+    async def open(
+        self, session: str, messages: list[wire.ChatMessage] = HELLO, top_k: int = 32
+    ) -> Any:
+        sub = await self.listen(session)
+        await self.send("open", wire.Open(session=session, messages=messages, top_k=top_k))
+        return sub
+
+    async def heartbeat(self) -> wire.Heartbeat:
+        message = wire.decode((await self.heartbeats.next_msg(timeout=5)).data)
+        assert isinstance(message, wire.Heartbeat)
+        return message
+
+    async def sessions_drop_to(self, n: int) -> None:
+        """Wait for a heartbeat sent from now on that counts ``n`` sessions."""
+        fresh = await self.nc.subscribe(self.s.member(EXPERT))
+        await self.nc.flush()
+        try:
+            while wire.decode((await fresh.next_msg(timeout=5)).data).sessions != n:  # type: ignore[union-attr]
+                pass
+        finally:
+            await fresh.unsubscribe()
+
+
+@asynccontextmanager
+async def expert_on_bus(backend: Backend, url: str, **config: Any) -> AsyncIterator[Bus]:
+    """One expert agent under a fresh prefix, and a client connection beside it."""
+    cfg = ExpertConfig(expert_id=EXPERT, prefix=next(_prefixes), heartbeat_s=0.05, **config)
+    agent_nc = await connect_nats(url, name="test-expert")
+    nc = await connect_nats(url, name="test-fusion")
+    try:
+        with anyio.fail_after(60):
+            heartbeats = await nc.subscribe(Subjects(cfg.prefix).member(EXPERT))
+            await nc.flush()
+            async with anyio.create_task_group() as tg:
+                agent = ExpertAgent(agent_nc, backend, cfg)
+                await tg.start(agent.run)
+                yield Bus(agent, nc, Subjects(cfg.prefix), heartbeats)
+                tg.cancel_scope.cancel()
+    finally:
+        await nc.close()  # the test's side: nothing to drain
+        await close_nats(agent_nc)
+
+
+def slice_of(message: wire.Message, step: int) -> wire.Slice:
+    assert isinstance(message, wire.Slice), message
+    assert message.step == step
+    wire.check_slice(message, vocab_size=49152)
+    return message
+
+
+def error_of(message: wire.Message, code: str, step: int) -> wire.Error:
+    assert isinstance(message, wire.Error), message
+    assert (message.code, message.expert, message.step) == (code, EXPERT, step)
+    return message
+
+
+async def greedy_over_bus(bus: Bus, session: str, n: int) -> list[int]:
+    sub = await bus.open(session)
+    first = slice_of(await bus.reply(sub), 0)
+    tokens = [int(first.ids_array()[0])]
+    for step in range(1, n):
+        await bus.send("step", wire.Step(session=session, step=step, token=tokens[-1]))
+        tokens.append(int(slice_of(await bus.reply(sub), step).ids_array()[0]))
+    await bus.send("close", wire.Close(session=session))
+    return tokens
+
+
+def greedy_alone(backend: Backend, n: int) -> list[int]:
+    tokens = [int(backend.prefill("ref", backend.encode_chat(HELLO), 1).ids[0])]
+    while len(tokens) < n:
+        tokens.append(int(backend.decode("ref", tokens[-1], 1).ids[0]))
+    backend.release("ref")
+    return tokens
+
+
+# --- the normal path -------------------------------------------------------------------------
+
+
+async def test_open_publishes_slice_zero_with_the_prompt_length(
+    backend: Backend, nats_url: str
+) -> None:
+    prompt_tokens = len(backend.encode_chat(HELLO))
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("s1", top_k=8)
+        first = slice_of(await bus.reply(sub), 0)
+    assert first.session == "s1" and first.expert == EXPERT
+    assert first.prompt_tokens == prompt_tokens
+    ids, logprobs = first.ids_array(), first.logprobs_array()
+    assert len(ids) == 8 and np.all(np.diff(logprobs) <= 0)
+    assert first.pieces == [backend.token_bytes[i] for i in ids]
+    assert first.rest == pytest.approx(1 - np.exp(logprobs.astype(np.float64)).sum(), abs=1e-6)
+    assert first.compute_s > 0
+    assert first.energy_j == pytest.approx(15.0 * first.compute_s)
+
+
+@pytest.mark.parametrize(("asked", "served"), [(0, 5), (3, 3), (100, 10)])
+async def test_top_k_defaults_and_limits_come_from_the_config(
+    backend: Backend, nats_url: str, asked: int, served: int
+) -> None:
+    async with expert_on_bus(backend, nats_url, top_k=5, max_top_k=10) as bus:
+        sub = await bus.open("k", top_k=asked)
+        assert len(slice_of(await bus.reply(sub), 0).ids_array()) == served
+        await bus.send("step", wire.Step(session="k", step=1, token=42))
+        assert len(slice_of(await bus.reply(sub), 1).ids_array()) == served
+
+
+async def test_steps_follow_the_greedy_chain_of_the_model(backend: Backend, nats_url: str) -> None:
+    expected = greedy_alone(backend, 12)
+    async with expert_on_bus(backend, nats_url) as bus:
+        assert await greedy_over_bus(bus, "s1", 12) == expected
+        await bus.sessions_drop_to(0)  # close freed the session
+
+
+async def test_heartbeats_announce_the_model_and_the_declared_device(
+    backend: Backend, nats_url: str
+) -> None:
+    device = {"name": "pi5", "power_w": 7.5}
+    async with expert_on_bus(backend, nats_url, device=device) as bus:
+        first, second = await bus.heartbeat(), await bus.heartbeat()
+    info: BackendInfo = backend.info
+    assert (first.expert, first.model, first.backend) == (EXPERT, info.model, "transformers")
+    assert first.tokenizer == info.tokenizer and first.tokenizer.startswith("SmolLM2")
+    assert (first.vocab_size, first.eos_ids) == (49152, [2])
+    assert first.device["name"] == "pi5" and first.device["power_w"] == 7.5
+    assert first.energy_source == "declared"
+    assert (first.sessions, first.interval_s) == (0, 0.05)
+    assert (first.seq, second.seq) == (1, 2)
+
+
+async def test_heartbeats_continue_while_a_long_prompt_prefills(
+    backend: Backend, nats_url: str
+) -> None:
+    long_prompt = [wire.ChatMessage("user", "the sea and the sky " * 150)]
+    async with expert_on_bus(backend, nats_url) as bus:
+        times = [time.monotonic()]
+        sub = await bus.open("long", long_prompt)
+        async with anyio.create_task_group() as tg:
+
+            async def note_beats() -> None:
+                while True:
+                    await bus.heartbeat()
+                    times.append(time.monotonic())
+
+            tg.start_soon(note_beats)
+            first = slice_of(await bus.reply(sub), 0)
+            times.append(time.monotonic())
+            tg.cancel_scope.cancel()
+    assert first.compute_s > 0.2  # long enough for a blocked event loop to show
+    assert max(np.diff(times)) < first.compute_s / 2
+
+
+async def test_two_sessions_interleaved_match_each_alone(backend: Backend, nats_url: str) -> None:
+    expected = greedy_alone(backend, 6)
+    async with expert_on_bus(backend, nats_url) as bus, anyio.create_task_group() as tg:
+        results: dict[str, list[int]] = {}
+
+        async def run(session: str) -> None:
+            results[session] = await greedy_over_bus(bus, session, 6)
+
+        for session in ("a", "b", "c"):
+            tg.start_soon(run, session)
+    assert results == {"a": expected, "b": expected, "c": expected}
+
+
+async def test_a_step_sent_right_behind_its_open_waits_for_the_prefill(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("eager")
+        await bus.send("step", wire.Step(session="eager", step=1, token=42))
+        slice_of(await bus.reply(sub), 0)
+        slice_of(await bus.reply(sub), 1)
+
+
+# --- refusals that name a session ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [wire.ChatMessage("user", "")],
+        [wire.ChatMessage("system", ""), wire.ChatMessage("user", "")],
+    ],
+)
+async def test_an_empty_prompt_is_refused(
+    backend: Backend, nats_url: str, messages: list[wire.ChatMessage]
+) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("empty", messages)
+        error_of(await bus.reply(sub), "empty_prompt", 0)
+        await greedy_over_bus(bus, "after", 2)
+
+
+async def test_a_prompt_longer_than_the_context_is_refused_with_both_lengths(
+    backend: Backend, nats_url: str
+) -> None:
+    n = len(backend.encode_chat(HELLO))
+    async with expert_on_bus(backend, nats_url, max_context=16) as bus:
+        sub = await bus.open("long")
+        error = error_of(await bus.reply(sub), "prompt_too_long", 0)
+        assert f"{n} tokens" in error.message and "16 tokens" in error.message
+        await bus.sessions_drop_to(0)
+
+
+async def test_a_full_context_refuses_the_next_step(backend: Backend, nats_url: str) -> None:
+    n = len(backend.encode_chat(HELLO))
+    async with expert_on_bus(backend, nats_url, max_context=n + 2) as bus:
+        sub = await bus.open("full")
+        token = int(slice_of(await bus.reply(sub), 0).ids_array()[0])
+        await bus.send("step", wire.Step(session="full", step=1, token=token))
+        slice_of(await bus.reply(sub), 1)
+        await bus.send("step", wire.Step(session="full", step=2, token=token))
+        error = error_of(await bus.reply(sub), "prompt_too_long", 2)
+        assert "context is full" in error.message and f"{n + 2}-token" in error.message
+
+
+async def test_a_step_for_an_unknown_session_is_refused(backend: Backend, nats_url: str) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.listen("ghost")
+        await bus.send("step", wire.Step(session="ghost", step=1, token=5))
+        error_of(await bus.reply(sub), "unknown_session", 1)
+
+
+async def test_a_wrong_step_is_refused_and_nothing_advances(
+    backend: Backend, nats_url: str
+) -> None:
+    expected = greedy_alone(backend, 3)
+
+    async def step(bus: Bus, sub: Any, n: int, token: int) -> wire.Message:
+        await bus.send("step", wire.Step(session="s", step=n, token=token))
+        return await bus.reply(sub)
+
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("s")
+        slice_of(await bus.reply(sub), 0)
+        error = error_of(await step(bus, sub, 2, expected[0]), "wrong_step", 2)  # ahead
+        assert error.message == "expected step 1, got 2"
+        error_of(await step(bus, sub, 0, expected[0]), "wrong_step", 0)  # behind
+        assert int(slice_of(await step(bus, sub, 1, expected[0]), 1).ids_array()[0]) == expected[1]
+        error_of(await step(bus, sub, 1, expected[0]), "wrong_step", 1)  # a duplicate
+        assert int(slice_of(await step(bus, sub, 2, expected[1]), 2).ids_array()[0]) == expected[2]
+
+
+async def test_a_token_outside_the_vocabulary_is_refused(backend: Backend, nats_url: str) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("s")
+        slice_of(await bus.reply(sub), 0)
+        for token in (49152, -1):
+            await bus.send("step", wire.Step(session="s", step=1, token=token))
+            error_of(await bus.reply(sub), "invalid_field", 1)
+        await bus.send("step", wire.Step(session="s", step=1, token=42))
+        slice_of(await bus.reply(sub), 1)
+
+
+async def test_a_second_open_of_a_live_session_is_refused(backend: Backend, nats_url: str) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.open("s")
+        slice_of(await bus.reply(sub), 0)
+        await bus.send("open", wire.Open(session="s", messages=HELLO))
+        assert "already open" in error_of(await bus.reply(sub), "invalid_field", 0).message
+        await bus.send("step", wire.Step(session="s", step=1, token=42))
+        slice_of(await bus.reply(sub), 1)
+
+
+async def test_a_message_on_the_wrong_verb_subject_is_refused(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        sub = await bus.listen("s")
+        await bus.send("step", wire.Open(session="s", messages=HELLO))
+        error_of(await bus.reply(sub), "invalid_field", 0)
+
+
+async def test_the_session_limit_answers_busy(backend: Backend, nats_url: str) -> None:
+    async with expert_on_bus(backend, nats_url, max_sessions=1) as bus:
+        first = await bus.open("one")
+        slice_of(await bus.reply(first), 0)
+        second = await bus.open("two")
+        error_of(await bus.reply(second), "busy", 0)
+
+
+async def test_an_idle_session_is_freed(backend: Backend, nats_url: str) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with expert_on_bus(backend, nats_url, idle_timeout_s=0.3) as bus:
+            sub = await bus.open("idle")
+            slice_of(await bus.reply(sub), 0)
+            await bus.sessions_drop_to(0)
+            await bus.send("step", wire.Step(session="idle", step=1, token=42))
+            error_of(await bus.reply(sub), "unknown_session", 1)
+    assert any(e["event"] == "session_idle_freed" and e["session"] == "idle" for e in logs)
+
+
+# --- messages that name no session: dropped, logged, counted --------------------------------
+
+_open = {"type": "moe2.v1.open", "session": "bad", "messages": [{"role": "user", "content": "x"}]}
+_slice = wire.make_slice(
+    session="bad", expert="z", step=0, ids=np.zeros(1), logprobs=np.zeros(1), pieces=[b""]
+)
+
+
+@pytest.mark.parametrize(
+    ("verb", "data", "code"),
+    [
+        ("open", b"\xc1 not msgpack", "malformed"),
+        ("open", msgspec.msgpack.encode([1, 2, 3]), "malformed"),
+        ("open", msgspec.msgpack.encode({**_open, "type": "moe2.v2.open"}), "unsupported_version"),
+        ("open", msgspec.msgpack.encode({**_open, "type": "moe2.v1.bogus"}), "unknown_type"),
+        (
+            "step",
+            msgspec.msgpack.encode({"type": "moe2.v1.step", "session": "bad"}),
+            "invalid_field",
+        ),
+        ("open", msgspec.msgpack.encode({**_open, "session": "a.b"}), "invalid_field"),
+        ("open", msgspec.msgpack.encode({**_open, "session": 7}), "invalid_field"),
+        ("open", wire.encode(_slice), "unknown_type"),
+    ],
+    ids=["bytes", "list", "v2", "bogus", "missing", "dotted", "typed", "slice"],
+)
+async def test_bad_messages_are_dropped_logged_and_counted(
+    backend: Backend, nats_url: str, verb: str, data: bytes, code: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with expert_on_bus(backend, nats_url) as bus:
+            bad = await bus.listen("bad")
+            await bus.raw(verb, data)
+            await greedy_over_bus(bus, "after", 2)  # handled after the bad one, in order
+            with pytest.raises(nats.errors.TimeoutError):
+                await bad.next_msg(timeout=0.2)
+            assert bus.agent.stats.bad_messages == 1
+    warnings = [e for e in logs if e["event"] == "bad_message"]
+    assert [(e["log_level"], e["code"]) for e in warnings] == [("warning", code)]
+    assert warnings[0]["subject"].endswith(f".expert.{EXPERT}.{verb}")
+
+
+class FailingDecode:
+    """The real backend, except that decode raises."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.token_bytes = inner.token_bytes
+
+    def encode_chat(self, messages: Any) -> list[int]:
+        return self.inner.encode_chat(messages)
+
+    def prefill(self, session: str, prompt_ids: Any, top_k: int) -> TopK:
+        return self.inner.prefill(session, prompt_ids, top_k)
+
+    def decode(self, session: str, token: int, top_k: int) -> TopK:
+        raise RuntimeError("the accelerator caught fire")
+
+    def release(self, session: str) -> None:
+        self.inner.release(session)
+
+
+async def test_a_failing_model_call_answers_internal_and_the_agent_lives_on(
+    backend: Backend, nats_url: str
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with expert_on_bus(FailingDecode(backend), nats_url) as bus:  # type: ignore[arg-type]
+            sub = await bus.open("s")
+            slice_of(await bus.reply(sub), 0)
+            await bus.send("step", wire.Step(session="s", step=1, token=42))
+            error_of(await bus.reply(sub), "internal", 1)
+            await bus.send("step", wire.Step(session="s", step=1, token=42))
+            error_of(await bus.reply(sub), "unknown_session", 1)  # the session was ended
+            again = await bus.open("t")
+            slice_of(await bus.reply(again), 0)
+            assert bus.agent.stats.internal_errors == 1
+    assert any(e["event"] == "handler_failed" and e["exc_info"] for e in logs)
+
+
+# --- the process a user starts ---------------------------------------------------------------
+
+
+async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
+    code = (
+        "import anyio, sys; from moe2.agents.expert import ExpertConfig, serve_expert; "
+        "anyio.run(serve_expert, sys.argv[1], ExpertConfig('proc', prefix='proc'))"
+    )
+    nc = await connect_nats(nats_url, name="test-watch")
+    beats = await nc.subscribe(Subjects("proc").member("proc"))
+    await nc.flush()
+    command = [sys.executable, "-c", code, nats_url]
+    output = bytearray()
+    try:
+        with anyio.fail_after(120):
+            async with (
+                await anyio.open_process(command, stderr=subprocess.STDOUT) as proc,
+                anyio.create_task_group() as tg,
+            ):
+                assert proc.stdout is not None
+                tg.start_soon(collect, proc.stdout, output)
+                heartbeat = wire.decode((await beats.next_msg(timeout=110)).data)
+                assert isinstance(heartbeat, wire.Heartbeat) and heartbeat.expert == "proc"
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
+    finally:
+        await nc.close()
+    assert b"expert_stopped" in output
+
+
+async def collect(stream: Any, into: bytearray) -> None:
+    async for chunk in stream:
+        into.extend(chunk)
