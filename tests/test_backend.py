@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +92,9 @@ def test_an_unknown_backend_is_refused() -> None:
 # --- the real model --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[TransformersBackend]:
-    loaded = load_backend("transformers", resolve_model())
-    assert isinstance(loaded, TransformersBackend)
-    yield loaded
+@pytest.fixture
+def backend(smollm2: TransformersBackend) -> TransformersBackend:
+    return smollm2
 
 
 def greedy(backend: TransformersBackend, session: str, ids: list[int], n: int) -> list[int]:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 import structlog
 
-from moe2.agents.backends import load_backend
 from moe2.agents.backends.base import Backend, BackendInfo, TopK
 from moe2.agents.expert import ExpertAgent, ExpertConfig
-from moe2.agents.models import resolve_model
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.subjects import Subjects
@@ -33,9 +31,9 @@ HELLO = [wire.ChatMessage("user", "Say hello in one short sentence.")]
 EXPERT = "e1"
 
 
-@pytest.fixture(scope="module")
-def backend() -> Iterator[Backend]:
-    yield load_backend("transformers", resolve_model())
+@pytest.fixture
+def backend(smollm2: Backend) -> Backend:
+    return smollm2
 
 
 @dataclass

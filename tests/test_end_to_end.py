@@ -1,0 +1,174 @@
+"""End to end with the real model: expert processes, a fusion agent, a client, a recorded trace."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+
+import moe2
+from moe2.agents.backends.transformers_backend import TransformersBackend
+from moe2.agents.fusion import FusionAgent
+from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.recorder import Recorder
+from moe2.agents.replay import serve_replay_experts
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.server import NatsServer
+from moe2.runtime.wire import ChatMessage
+
+pytestmark = [pytest.mark.anyio, pytest.mark.model]
+QUESTION = "What is the capital of France?"
+EXPERTS = ["e1", "e2", "e3"]
+
+
+@pytest.fixture(scope="module")
+def live_experts(nats_server: NatsServer) -> Iterator[str]:
+    """Three `moe2 expert` processes serving SmolLM2 on the module's nats-server."""
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "moe2",
+                "expert",
+                "--id",
+                e,
+                "--nats",
+                nats_server.url,
+                "--threads",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+        )
+        for e in EXPERTS
+    ]
+    try:
+        yield nats_server.url
+    finally:
+        for p in procs:
+            p.terminate()
+        assert [p.wait(20) for p in procs] == [0, 0, 0]  # a clean, drained exit on SIGTERM
+
+
+@asynccontextmanager
+async def fusion(url: str, n_experts: int) -> AsyncIterator[moe2.Client]:
+    nc = await connect_nats(url, name="e2e-fusion")
+    try:
+        async with anyio.create_task_group() as tg, moe2.connect(url) as client:
+            agent = FusionAgent(nc, FusionConfig(step_deadline_s=30, prefill_deadline_s=60))
+            await tg.start(agent.run)
+            await agent.wait_for_experts(n_experts, limit_s=180)
+            yield client
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+
+
+def reference_greedy(backend: TransformersBackend, n: int) -> str:
+    """The single model's own greedy generation (transformers' generate) of the same prompt."""
+    import torch
+
+    ids = backend.encode_chat([ChatMessage("user", QUESTION)])
+    model, tokenizer = backend._model, backend._tokenizer
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True))
+
+
+async def test_one_expert_through_the_bus_equals_the_models_greedy_generation(
+    live_experts: str, smollm2: TransformersBackend
+) -> None:
+    async with fusion(live_experts, 3) as client:
+        with anyio.fail_after(120):
+            answer = client.ask(QUESTION, max_tokens=40, experts=1)
+            chunks = [c.text async for c in answer]
+    assert answer.final is not None
+    assert answer.final.experts == ["e1"]
+    assert "".join(chunks) == answer.final.text == reference_greedy(smollm2, 40)
+    assert "Paris" in answer.final.text
+
+
+async def test_three_experts_fuse_a_coherent_answer(
+    live_experts: str, smollm2: TransformersBackend
+) -> None:
+    async with fusion(live_experts, 3) as client:
+        with anyio.fail_after(180):
+            final = await client.ask(QUESTION, max_tokens=40).collect()
+    assert final.experts == EXPERTS
+    assert final.usage.prompt_tokens > 10
+    assert final.late == {} and final.dropped == []
+    # Three copies of one model with equal weights fuse to that model's own distribution.
+    assert final.text == reference_greedy(smollm2, 40)
+    assert "Paris" in final.text
+
+
+async def test_a_recorded_live_run_replays_to_the_same_tokens(
+    live_experts: str, tmp_path: Path
+) -> None:
+    trace = tmp_path / "live.moe2"
+    sampling = {"max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 11}
+    recorder = Recorder(live_experts, trace)
+    async with anyio.create_task_group() as tg:
+        await tg.start(recorder.run)
+        async with fusion(live_experts, 3) as client:
+            with anyio.fail_after(180):
+                live = client.ask(QUESTION, **sampling)  # type: ignore[arg-type]
+                live_tokens = [t async for c in live for t in c.tokens]
+        recorder.stop()
+    assert live.final is not None and recorder.count > 50
+
+    with NatsServer() as fresh:  # no model anywhere on this bus: only the trace answers
+        async with anyio.create_task_group() as tg:
+            await tg.start(serve_replay_experts, fresh.url, trace)
+            async with fusion(fresh.url, 3) as client:
+                with anyio.fail_after(60):
+                    again = client.ask(QUESTION, **sampling)  # type: ignore[arg-type]
+                    replayed_tokens = [t async for c in again for t in c.tokens]
+            tg.cancel_scope.cancel()
+    assert again.final is not None
+    assert replayed_tokens == live_tokens
+    assert again.final.text == live.final.text
+
+
+def test_the_demo_streams_an_answer_and_leaves_no_process_behind() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe2",
+            "demo",
+            "Name a primary colour.",
+            "--experts",
+            "2",
+            "--max-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert re.search(r"\d+ tokens in [\d.]+ s \([\d.]+ tokens/s", done.stderr)
+    assert "experts used: expert-1, expert-2" in done.stderr
+    url = re.search(r"nats-server on (nats://\S+)", done.stderr)
+    assert url is not None
+    assert not [pid for pid in _pids() if url.group(1) in _cmdline(pid)]
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
