@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import anyio
 import numpy as np
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -22,8 +21,6 @@ from moe2.runtime.subjects import Subjects
 from moe2.runtime.text import TextAssembler
 
 log = structlog.get_logger("moe2.fusion")
-SLICE_BUFFER = 1024  # slices queued per session before new ones are dropped (and logged)
-SliceInbox = MemoryObjectReceiveStream[Msg]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +50,11 @@ class ContextFull(Exception):
 class FusionSession:
     """Runs one session to its end; every outcome reaches the client as Final or Error."""
 
+    _step: int
+    _result: StepResult
+    _waiting: set[str]
+    _complete: anyio.Event
+
     def __init__(self, nc: NATS, subjects: Subjects, config: FusionConfig, plan: SessionPlan):
         self.nc, self.subjects, self.config, self.plan = nc, subjects, config, plan
         self.weight = dict(zip(plan.experts, plan.weights, strict=True))
@@ -65,19 +67,15 @@ class FusionSession:
         self.text = TextAssembler(plan.prompt.stop)
         self.log = log.bind(session=plan.session)
         self.step_ms: list[float] = []
+        self._chunks = 0
 
     async def run(self, started: float) -> None:
-        send, inbox = anyio.create_memory_object_stream[Msg](SLICE_BUFFER)
-
-        async def deliver(msg: Msg) -> None:
-            try:
-                send.send_nowait(msg)
-            except anyio.WouldBlock:
-                self.log.warning("slice_buffer_full", subject=msg.subject)
-
-        sub = await self.nc.subscribe(self.subjects.session_slices(self.plan.session), cb=deliver)
+        self._begin_step(0)
+        sub = await self.nc.subscribe(
+            self.subjects.session_slices(self.plan.session), cb=self._deliver
+        )
         try:
-            await self._answer(inbox, started)
+            await self._answer(started)
         except Moe2Error as exc:
             self.log.info("session_failed", code=str(exc.code), message=exc.message)
             await self._reply(wire.error_from(exc, session=self.plan.session))
@@ -85,10 +83,8 @@ class FusionSession:
             with anyio.CancelScope(shield=True):
                 await self._close_experts(self.active, "done")
                 await sub.unsubscribe()
-                send.close()
-                inbox.close()
 
-    async def _answer(self, inbox: SliceInbox, started: float) -> None:
+    async def _answer(self, started: float) -> None:
         p = self.plan
         for expert in self.active:
             await self.nc.publish(
@@ -102,7 +98,7 @@ class FusionSession:
                     )
                 ),
             )
-        result = await self._gather(inbox, 0, self.config.prefill_deadline_s)
+        result = await self._gather(0, self.config.prefill_deadline_s)
         prompt_tokens = max((s.prompt_tokens for s in result.slices.values()), default=0)
         tokens: list[int] = []
         pending: list[int] = []
@@ -126,9 +122,10 @@ class FusionSession:
                 break
             if step + 1 == p.prompt.max_tokens:
                 break
+            self._begin_step(step + 1)
             await self._send_step(step + 1, token)
             try:
-                result = await self._gather(inbox, step + 1, self.config.step_deadline_s)
+                result = await self._gather(step + 1, self.config.step_deadline_s)
             except ContextFull:
                 break
             self.step_ms.append((time.perf_counter() - t0) * 1000)
@@ -147,26 +144,36 @@ class FusionSession:
             [self.weight[s.expert] for s in slices],
             self.plan.vocab_size,
         )
-        token = self.sampler.choose(dist)
+        at = self.sampler.choose_index(dist)
+        first = int(dist.source[at])
         for s in slices:
-            hit = np.flatnonzero(s.ids_array() == token)
-            if hit.size:
-                return token, s.pieces[int(hit[0])]
-        raise AssertionError("a sampled token is always in some slice")
+            if first < len(s.pieces):
+                return int(dist.ids[at]), s.pieces[first]
+            first -= len(s.pieces)
+        raise AssertionError("a fused id always comes from some slice")
 
     async def _send_step(self, step: int, token: int) -> None:
         data = wire.encode(wire.Step(session=self.plan.session, step=step, token=token))
         for expert in self.active:
             await self.nc.publish(self.subjects.expert_step(expert), data)
 
-    async def _gather(self, inbox: SliceInbox, step: int, deadline_s: float) -> StepResult:
-        """Collect this step's slices until every active expert answered or the deadline."""
-        result = StepResult()
-        waiting = set(self.active)
+    def _begin_step(self, step: int) -> None:
+        """Expect this step's slices; call before publishing what asks for them."""
+        self._step, self._result, self._waiting = step, StepResult(), set(self.active)
+        self._complete = anyio.Event()
+
+    async def _deliver(self, msg: Msg) -> None:
+        """Subscription callback: take the slice straight into the current step."""
+        self._accept(msg, self._step, self._result, self._waiting)
+        if not self._waiting:
+            self._complete.set()
+
+    async def _gather(self, step: int, deadline_s: float) -> StepResult:
+        """Wait for this step's slices until every active expert answered or the deadline."""
         with anyio.move_on_after(deadline_s):
-            while waiting:
-                msg = await inbox.receive()
-                self._accept(msg, step, result, waiting)
+            await self._complete.wait()
+        self._waiting = set()  # what arrives from now on is late
+        result = self._result
         await self._account(step, result, deadline_s)
         return result
 
@@ -246,7 +253,7 @@ class FusionSession:
             await self.nc.publish(self.subjects.expert_close(expert), data)
 
     async def _chunk(self, text: str, tokens: list[int]) -> None:
-        self._chunks = getattr(self, "_chunks", 0) + 1
+        self._chunks += 1
         await self._reply(
             wire.Chunk(
                 session=self.plan.session, index=self._chunks - 1, text=text, tokens=list(tokens)

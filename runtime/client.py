@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import nats.errors
+from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -20,6 +20,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 
 NO_RESPONDER_RETRIES = 3
+ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
 
 
@@ -48,12 +49,17 @@ class Answer:
 
     async def _stream(self) -> AsyncIterator[wire.Chunk]:
         nc = self._client.nc
-        sub = await nc.subscribe(nc.new_inbox())
+        send, inbox = anyio.create_memory_object_stream[Msg](ANSWER_BUFFER)
+
+        async def deliver(msg: Msg) -> None:
+            await send.send(msg)  # a slow reader slows the subscription, never loses text
+
+        sub = await nc.subscribe(nc.new_inbox(), cb=deliver)
         try:
             await self._client.publish_prompt(self._prompt, reply=sub.subject)
             retries = 0
             while self.final is None:
-                msg = await self._next(sub)
+                msg = await self._next(inbox)
                 if _no_responders(msg) and retries < NO_RESPONDER_RETRIES:
                     # nats-server now and then answers 503 just as a subscriber appears, and
                     # a fusion agent may be restarting: ask again before giving up.
@@ -68,14 +74,13 @@ class Answer:
         finally:
             with anyio.CancelScope(shield=True):
                 await sub.unsubscribe()
+                send.close()
+                inbox.close()
 
-    async def _next(self, sub: Any) -> Msg:
-        try:
-            return await sub.next_msg(timeout=self._timeout)  # type: ignore[no-any-return]
-        except nats.errors.TimeoutError:
-            raise Moe2Error(
-                ErrorCode.TIMEOUT, f"no answer within {self._timeout}s of the last message"
-            ) from None
+    async def _next(self, inbox: MemoryObjectReceiveStream[Msg]) -> Msg:
+        with anyio.move_on_after(self._timeout):
+            return await inbox.receive()
+        raise Moe2Error(ErrorCode.TIMEOUT, f"no answer within {self._timeout}s of the last message")
 
     def _read(self, msg: Msg) -> wire.Chunk | None:
         if _no_responders(msg):

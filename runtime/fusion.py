@@ -33,6 +33,7 @@ class FusedDistribution:
 
     ids: npt.NDArray[np.uint32]
     probs: npt.NDArray[np.float64]
+    source: npt.NDArray[np.intp]  # per id: its first position in the slices' ids, concatenated
 
     @property
     def tail(self) -> float:
@@ -53,18 +54,25 @@ def renormalise(weights: Sequence[float]) -> npt.NDArray[np.float64]:
 def fuse(
     slices: Sequence[ExpertSlice], weights: Sequence[float], vocab_size: int
 ) -> FusedDistribution:
-    """Weighted mixture of the experts' distributions over the union of their top-k ids."""
+    """Weighted mixture of the experts' distributions over the union of their top-k ids.
+
+    One pass: every union id starts at the weighted unlisted values ``sum_n w_n r_n / (V - K_n)``;
+    each listed (expert, id) pair then adds ``w_n (p_n(id) - unlisted_n)``. An expert lists an id
+    at most once (``wire.check_slice`` refuses duplicates), so this equals the mixture.
+    """
     if not slices:
         raise ValueError("fuse needs at least one slice")
     w = renormalise(weights)
-    union = np.unique(np.concatenate([s.ids for s in slices]))
-    fused = np.zeros(len(union), dtype=np.float64)
-    for s, wn in zip(slices, w, strict=True):
-        unlisted = s.rest / max(vocab_size - len(s.ids), 1)
-        p = np.full(len(union), unlisted, dtype=np.float64)
-        p[np.searchsorted(union, s.ids)] = np.exp(s.logprobs.astype(np.float64))
-        fused += wn * p
-    return FusedDistribution(ids=union.astype(np.uint32), probs=fused)
+    all_ids = np.concatenate([s.ids for s in slices])
+    union, source, inverse = np.unique(all_ids, return_index=True, return_inverse=True)
+    unlisted = np.array([s.rest / max(vocab_size - len(s.ids), 1) for s in slices])
+    sizes = [len(s.ids) for s in slices]
+    listed = np.exp(np.concatenate([s.logprobs for s in slices]).astype(np.float64))
+    gain = np.repeat(w, sizes) * (listed - np.repeat(unlisted, sizes))
+    fused: npt.NDArray[np.float64] = float(w @ unlisted) + np.bincount(
+        inverse, weights=gain, minlength=len(union)
+    ).astype(np.float64)
+    return FusedDistribution(ids=union.astype(np.uint32), probs=fused, source=source)
 
 
 def fuse_full(

@@ -30,8 +30,12 @@ class TokenSampler:
         self._rng = np.random.default_rng(params.seed)
 
     def choose(self, dist: FusedDistribution) -> int:
+        return int(dist.ids[self.choose_index(dist)])
+
+    def choose_index(self, dist: FusedDistribution) -> int:
+        """The position in ``dist`` of the chosen token."""
         if self.params.temperature == 0:
-            return int(dist.ids[int(np.argmax(dist.probs))])  # ties go to the lowest id
+            return int(np.argmax(dist.probs))  # ties go to the lowest id
         logits = np.log(np.maximum(dist.probs, 1e-300)) / self.params.temperature
         p = np.exp(logits - logits.max())
         p /= p.sum()
@@ -40,4 +44,4 @@ class TokenSampler:
             cutoff = int(np.searchsorted(np.cumsum(p[order]), self.params.top_p)) + 1
             order = order[:cutoff]
         kept = p[order] / p[order].sum()
-        return int(dist.ids[order[int(self._rng.choice(len(order), p=kept))]])
+        return int(order[int(self._rng.choice(len(order), p=kept))])

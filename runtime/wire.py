@@ -223,12 +223,12 @@ def check_slice(s: Slice, vocab_size: int | None = None) -> None:
     if len(s.pieces) != len(s.ids) // 4:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "pieces must have one entry per id")
     lp = s.logprobs_array()
-    if not np.all(np.isfinite(lp)) or np.any(lp > 1e-4) or not math.isfinite(s.rest):
+    if not math.isfinite(float(lp.sum())) or float(lp.max()) > 1e-4 or not math.isfinite(s.rest):
         raise Moe2Error(ErrorCode.BAD_LOGPROBS, "logprobs must be finite and <= 0")
     if not -1e-4 <= s.rest <= 1.0 + 1e-4:
         raise Moe2Error(ErrorCode.BAD_LOGPROBS, f"rest mass {s.rest} is outside [0, 1]")
     ids = s.ids_array()
-    if np.unique(ids).size != ids.size:
+    if len(set(ids.tolist())) != ids.size:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "a slice lists a token id twice")
     if vocab_size is not None and int(ids.max()) >= vocab_size:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"token id beyond the vocabulary ({vocab_size})")
