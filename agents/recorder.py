@@ -9,10 +9,11 @@ from pathlib import Path
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from moe2.runtime.connection import close_nats, nats_connection
-from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+from moe2.runtime.connection import close_nats, nats_connection
+from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
 
 log = structlog.get_logger("moe2.recorder")
 

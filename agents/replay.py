@@ -20,13 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 from moe2.runtime.trace import TraceRecord, TraceWriter, new_header, read_trace
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 log = structlog.get_logger("moe2.replay")
 

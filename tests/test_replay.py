@@ -14,6 +14,9 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
+
+import moe2
 from moe2.agents.fusion import FusionAgent
 from moe2.agents.fusion_config import FusionConfig
 from moe2.agents.recorder import Recorder
@@ -30,9 +33,6 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.fusion import ExpertSlice, fuse
 from moe2.runtime.subjects import Subjects
 from moe2.runtime.trace import TraceRecord, TraceWriter, load_trace, new_header
-from nats.aio.client import Client as NATS
-
-import moe2
 
 SUB = Subjects()
 PROMPT = [wire.ChatMessage(role="user", content="Why is the sky blue?")]

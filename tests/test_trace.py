@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe2.agents.recorder import Recorder, record
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
