@@ -27,7 +27,6 @@ messages of one session are handled in arrival order by that session's own task.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from moe2.agents.models import DEFAULT_MODEL, resolve_model
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.lifecycle import cancel_on_signals
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects, check_token
 
 log = structlog.get_logger("moe2.expert")
@@ -437,16 +437,8 @@ async def serve_expert(url: str, config: ExpertConfig) -> None:
     nc = await connect_nats(url, name=f"moe2-expert-{config.expert_id}")
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_signal, tg.cancel_scope)
+            tg.start_soon(cancel_on_signals, tg.cancel_scope)
             await tg.start(ExpertAgent(nc, backend, config).run)
     finally:
         await close_nats(nc)
         log.info("expert_stopped", expert=config.expert_id)
-
-
-async def _cancel_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("expert_stopping", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return

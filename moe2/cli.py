@@ -11,6 +11,7 @@ import anyio
 import typer
 
 from moe2.runtime.errors import Moe2Error
+from moe2.runtime.lifecycle import until_signalled
 from moe2.runtime.logs import configure_logging
 
 app = typer.Typer(
@@ -26,15 +27,30 @@ LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
 JsonLogs = Annotated[bool, typer.Option("--json-logs", help="Log JSON lines to stderr.")]
 
 
-def run_async(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine; a Moe2Error becomes a one-line message and exit status 1."""
+def run_async(main: Callable[[], Awaitable[T]]) -> T | None:
+    """Run a coroutine until done or SIGTERM/SIGINT; a Moe2Error is a message and exit 1."""
     try:
-        return anyio.run(main)
+        return anyio.run(until_signalled, main)
     except Moe2Error as exc:
         typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
         raise typer.Exit(1) from None
+    except BaseExceptionGroup as group:  # from a nested task group
+        first = _first_moe2_error(group)
+        if first is None:
+            raise
+        typer.echo(f"error [{first.code}]: {first.message}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def _first_moe2_error(group: BaseExceptionGroup[BaseException]) -> Moe2Error | None:
+    for exc in group.exceptions:
+        if isinstance(exc, Moe2Error):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_moe2_error(exc)):
+            return found
+    return None
 
 
 @app.command()

@@ -1,0 +1,129 @@
+"""The `moe2` command as a user runs it: real processes, a real server, exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+import moe2
+from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.replay import synthetic_trace
+from moe2.runtime.errors import Moe2Error
+from moe2.runtime.server import NatsServer, free_port
+from moe2.runtime.trace import load_trace
+from moe2.runtime.wire import ChatMessage
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["server", "expert", "fusion", "ask", "record", "replay", "demo"]
+
+
+def moe2_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "moe2", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moe2", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        p.terminate()
+    for p in started:
+        p.wait(10)
+
+
+def test_every_command_has_help() -> None:
+    top = moe2_cli("--help")
+    assert top.returncode == 0
+    for command in COMMANDS:
+        assert command in top.stdout
+        sub = moe2_cli(command, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "Usage" in sub.stdout
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["fusion"], ["record", "--out", "x.moe2"]])
+def test_no_server_is_a_clear_error_and_a_non_zero_exit(command: list[str]) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    done = moe2_cli(*command, "--nats", url)
+    assert done.returncode == 1
+    assert f"error [unreachable]: no NATS server reachable at {url}" in done.stderr
+
+
+def test_bad_arguments_are_refused_clearly(tmp_path: Path) -> None:
+    bad_id = moe2_cli("expert", "--id", "a.b", "--nats", "nats://127.0.0.1:1")
+    assert bad_id.returncode == 2
+    assert "expert id 'a.b'" in bad_id.stderr
+    conf = tmp_path / "fusion.toml"
+    conf.write_text("[fusion]\nstep_deadline = 1\n")
+    with NatsServer() as server:
+        bad_conf = moe2_cli("fusion", "--nats", server.url, "--config", str(conf))
+    assert bad_conf.returncode == 1
+    assert "unknown fusion settings: ['step_deadline']" in bad_conf.stderr
+
+
+def test_the_shipped_fusion_config_is_the_default() -> None:
+    assert FusionConfig.load(ROOT / "deploy" / "fusion.toml") == FusionConfig()
+
+
+def test_server_command_serves_until_terminated(processes: list[subprocess.Popen[bytes]]) -> None:
+    port = free_port()
+    processes.append(spawn("server", "--port", str(port)))
+
+    async def ping() -> None:
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    async with moe2.connect(f"nats://127.0.0.1:{port}"):
+                        return
+                except Moe2Error:
+                    await anyio.sleep(0.1)
+
+    anyio.run(ping)
+
+
+def test_roles_as_processes_answer_through_ask_record_and_replay(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """`moe2 replay --experts`, `moe2 fusion`, `moe2 record` and `moe2 ask`, each a process."""
+    question = [ChatMessage("user", "What does the trace say?")]
+    trace = tmp_path / "synthetic.moe2"
+    synthetic_trace(trace, experts=["e1", "e2"], prompt_messages=question, steps=12)
+    recorded = tmp_path / "recorded.moe2"
+    with NatsServer() as server:
+        processes.append(spawn("replay", str(trace), "--experts", "--nats", server.url))
+        processes.append(spawn("fusion", "--nats", server.url))
+        processes.append(spawn("record", "--out", str(recorded), "--nats", server.url))
+        answer = _ask_until_served(server.url)
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip()
+        assert "12 tokens in" in answer.stderr
+        assert "experts used: e1, e2 · late slices: 0 · finish: length" in answer.stderr
+        processes[-1].terminate()
+        assert processes[-1].wait(10) == 0
+    _, records = load_trace(recorded)
+    subjects = {r.subject for r in records}
+    assert {"moe2.v1.prompt", "moe2.v1.expert.e1.open", "moe2.v1.members.e2"} <= subjects
+
+
+def _ask_until_served(url: str) -> subprocess.CompletedProcess[str]:
+    """Ask; while the agents are still starting the answer is no_experts or no_fusion_agent."""
+    for _ in range(100):
+        done = moe2_cli("ask", "What does the trace say?", "--nats", url, "--max-tokens", "12")
+        if "no_experts" not in done.stderr and "no_fusion_agent" not in done.stderr:
+            return done
+    raise AssertionError(f"never served: {done.stderr}")
