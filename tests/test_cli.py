@@ -117,7 +117,7 @@ def test_roles_as_processes_answer_through_ask_record_and_replay(
         assert processes[-1].wait(10) == 0
     _, records = load_trace(recorded)
     subjects = {r.subject for r in records}
-    assert {"moe2.v1.prompt", "moe2.v1.expert.e1.open", "moe2.v1.members.e2"} <= subjects
+    assert {"moe2.v1.prompt", "moe2.v1.expert.e1.open", "moe2.v1.expert.e2.open"} <= subjects
 
 
 def _ask_until_served(url: str) -> subprocess.CompletedProcess[str]:
