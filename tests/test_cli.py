@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +29,9 @@ def moe2_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
     )
 
 
-def spawn(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "moe2", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def spawn(*args: str, log: Path | None = None) -> subprocess.Popen[bytes]:
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "moe2", *args], stdout=out, stderr=out)
 
 
 @pytest.fixture
@@ -105,9 +103,15 @@ def test_roles_as_processes_answer_through_ask_record_and_replay(
     synthetic_trace(trace, experts=["e1", "e2"], prompt_messages=question, steps=12)
     recorded = tmp_path / "recorded.moe2"
     with NatsServer() as server:
-        processes.append(spawn("replay", str(trace), "--experts", "--nats", server.url))
-        processes.append(spawn("fusion", "--nats", server.url))
-        processes.append(spawn("record", "--out", str(recorded), "--nats", server.url))
+        processes.append(
+            spawn("replay", str(trace), "--experts", "--nats", server.url, log=tmp_path / "r.log")
+        )
+        processes.append(spawn("fusion", "--nats", server.url, log=tmp_path / "fusion.log"))
+        record_log = tmp_path / "record.log"
+        processes.append(
+            spawn("record", "--out", str(recorded), "--nats", server.url, log=record_log)
+        )
+        _wait_for_line(record_log, "recording")
         answer = _ask_until_served(server.url)
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip()
@@ -120,10 +124,28 @@ def test_roles_as_processes_answer_through_ask_record_and_replay(
     assert {"moe2.v1.prompt", "moe2.v1.expert.e1.open", "moe2.v1.expert.e2.open"} <= subjects
 
 
+def _wait_for_line(log: Path, event: str) -> None:
+    """Wait (bounded) until a process has logged ``event``."""
+    for _ in range(300):
+        if log.exists() and f"] {event} " in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log.name} never logged {event!r}: {log.read_text()}")
+
+
 def _ask_until_served(url: str) -> subprocess.CompletedProcess[str]:
     """Ask; while the agents are still starting the answer is no_experts or no_fusion_agent."""
     for _ in range(100):
-        done = moe2_cli("ask", "What does the trace say?", "--nats", url, "--max-tokens", "12")
+        done = moe2_cli(
+            "ask",
+            "What does the trace say?",
+            "--nats",
+            url,
+            "--max-tokens",
+            "12",
+            "--timeout",
+            "10",
+        )
         if "no_experts" not in done.stderr and "no_fusion_agent" not in done.stderr:
             return done
     raise AssertionError(f"never served: {done.stderr}")
