@@ -58,6 +58,8 @@ class Recorder:
                         log.info("recording", out=str(self.out), subjects=self.subjects)
                         task_status.started(self)
                         await self._until_stopped(writer, duration)
+                        with anyio.move_on_after(1):
+                            await nc.flush()  # what the server sent before the stop is in hand
                     finally:
                         await close_nats(nc)  # deliver what is in flight while the file is open
         finally:
