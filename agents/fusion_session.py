@@ -86,6 +86,7 @@ class FusionSession:
 
     async def _answer(self, started: float) -> None:
         p = self.plan
+        self.log.info("session_started", experts=p.experts, weights=p.weights)
         for expert in self.active:
             await self.nc.publish(
                 self.subjects.expert_open(expert),

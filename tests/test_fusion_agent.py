@@ -16,6 +16,7 @@ from moe2.agents.fusion_config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.server import NatsServer
 from tests.scripted import Script, ScriptedExpert
 
 pytestmark = pytest.mark.anyio
@@ -236,3 +237,64 @@ async def test_two_fusion_agents_share_the_prompts(nats_url: str) -> None:
     served = [a.served for a in agents]
     assert sum(served) == 16
     assert min(served) > 0
+
+
+class PreferB:
+    """A gate that likes expert b best, then c."""
+
+    def gate(self, messages: object, experts: list[str]) -> list[float]:
+        return [{"a": 0.1, "b": 0.6, "c": 0.3}[e] for e in experts]
+
+
+class WithoutC:
+    def select(self, live: list[str]) -> list[str]:
+        return sorted(e for e in live if e != "c")
+
+
+async def test_the_fusion_agent_uses_its_gate_and_selector_hooks(nats_url: str) -> None:
+    scripts = {"a": Script(text=b"aaaa"), "b": Script(text=b"bbbb"), "c": Script(text=b"cccc")}
+    prefix = next(_prefixes)
+    cfg = FusionConfig(prefix=prefix, experts_per_prompt=2)
+    nc = await connect_nats(nats_url, name="test-hooks")
+    try:
+        async with anyio.create_task_group() as tg, moe2.connect(nats_url, prefix=prefix) as client:
+            for expert, script in scripts.items():
+                await tg.start(ScriptedExpert(nc, expert, script, prefix).run)
+            agent = FusionAgent(nc, cfg, gate=PreferB(), selector=WithoutC())
+            await tg.start(agent.run)
+            await agent.wait_for_experts(3, limit_s=5)
+            with anyio.fail_after(10):
+                final = await client.ask("x", max_tokens=4).collect()
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+    assert final.experts == ["b", "a"]  # c is outside S; b has the larger gating value
+    assert final.weights == pytest.approx([6 / 7, 1 / 7])
+    assert final.text == "bbbb"
+    assert scripts["c"].served == []
+
+
+async def test_agents_reconnect_when_the_server_comes_back() -> None:
+    server = NatsServer().start()
+    scripts = {"a": Script(text=b"again")}
+    try:
+        async with bus(server.url, scripts) as (client, _):
+            with anyio.fail_after(10):
+                assert (await client.ask("x").collect()).text == "again"
+            server.stop()
+            server.start()  # the same port: every connection reconnects on its own
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        final = await client.ask("x", timeout=3).collect()
+                        break
+                    except Moe2Error as exc:  # while the connections come back
+                        assert exc.code in (
+                            ErrorCode.NO_EXPERTS,
+                            ErrorCode.NO_FUSION_AGENT,
+                            ErrorCode.TIMEOUT,
+                        )
+                        await anyio.sleep(0.2)
+            assert final.text == "again"
+    finally:
+        server.stop()
