@@ -46,8 +46,12 @@ class Subjects:
     def expert_close(self, expert: str) -> str:
         return f"{self.root}.expert.{expert}.close"
 
+    def expert_score(self, expert: str) -> str:
+        """Request/reply: teacher-forced scoring of targets (gating data collection)."""
+        return f"{self.root}.expert.{expert}.score"
+
     def expert_inbox(self, expert: str) -> str:
-        """What one expert subscribes to: its open, step and close subjects."""
+        """What one expert subscribes to: its open, step, close and score subjects."""
         return f"{self.root}.expert.{expert}.*"
 
     def slice(self, session: str, expert: str) -> str:

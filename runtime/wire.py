@@ -137,6 +137,51 @@ class Final(_Message, frozen=True, tag="moe2.v1.final"):
     dropped: list[str]  # experts dropped from the session for being late too often
 
 
+class Score(_Message, frozen=True, tag="moe2.v1.score"):
+    """Collector -> expert, request/reply: teacher-forced log-probabilities of each target.
+
+    The expert builds the prompt exactly as for ``Open`` (its own chat template and context),
+    appends each target's tokens as the assistant's answer and scores them in one forward pass.
+    """
+
+    messages: list[ChatMessage]
+    targets: list[str]
+    top_k: int = 0  # also return the top-k at every target position (0: none)
+
+
+class TargetScore(msgspec.Struct, frozen=True):
+    """One target's T tokens: ``log f_n(y_t | x, y_<t)`` and, if asked, the top-k per position."""
+
+    ids: bytes  # uint32 little-endian, T
+    logprobs: bytes  # float32 little-endian, T
+    top_ids: bytes = b""  # uint32 little-endian, T x top_k, row-major
+    top_logprobs: bytes = b""  # float32 little-endian, T x top_k
+
+    def ids_array(self) -> npt.NDArray[np.uint32]:
+        return np.frombuffer(self.ids, dtype="<u4")
+
+    def logprobs_array(self) -> npt.NDArray[np.float32]:
+        return np.frombuffer(self.logprobs, dtype="<f4")
+
+    def top_arrays(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.float32]]:
+        """(T, top_k) ids and log-probabilities; (T, 0) when none were asked for."""
+        t = len(self.ids) // 4
+        ids = np.frombuffer(self.top_ids, dtype="<u4")
+        lps = np.frombuffer(self.top_logprobs, dtype="<f4")
+        k = ids.size // t if t else 0
+        return ids.reshape(t, k), lps.reshape(t, k)
+
+
+class Scored(_Message, frozen=True, tag="moe2.v1.scored"):
+    """Expert -> collector: the answer to a ``Score``, one entry per target in order."""
+
+    expert: str
+    prompt_tokens: int
+    targets: list[TargetScore]
+    compute_s: float = 0.0
+    energy_j: float = 0.0
+
+
 class Error(_Message, frozen=True, tag="moe2.v1.error"):
     code: str
     message: str
@@ -145,10 +190,12 @@ class Error(_Message, frozen=True, tag="moe2.v1.error"):
     step: int = -1
 
 
-Message: TypeAlias = Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Error
+Message: TypeAlias = (
+    Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Score | Scored | Error
+)
 KNOWN_TYPES = frozenset(
     t.__struct_config__.tag
-    for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Error)
+    for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Score, Scored, Error)
 )
 
 _encoder = msgspec.msgpack.Encoder()
