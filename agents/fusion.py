@@ -132,9 +132,12 @@ class FusionAgent:
         allowed = same_tokenizer(live, self.selector.select(sorted(live)))
         if not allowed:
             raise Moe2Error(ErrorCode.NO_EXPERTS, "no live expert may serve this prompt")
-        values = self.gate.gate(prompt.messages, allowed)
+        values = await anyio.to_thread.run_sync(self.gate.gate, prompt.messages, allowed)
+        gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
+        if not gated:
+            raise Moe2Error(ErrorCode.NO_EXPERTS, "the gating gives no live expert any weight")
         k = prompt.experts or self.config.experts_per_prompt
-        experts, weights = top_k_weights(allowed, values, k)
+        experts, weights = top_k_weights([e for e, _ in gated], [v for _, v in gated], k)
         first = live[experts[0]]
         return SessionPlan(
             session=uuid.uuid4().hex,
@@ -179,6 +182,20 @@ def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "experts must be >= 1")
 
 
+def load_gate(path: str | None) -> Gate:
+    """The learned gating of a trained artifact, or equal weights when none is configured."""
+    if path is None:
+        return UniformGate()
+    from pathlib import Path
+
+    from moe2.gating.artifact import GatingArtifact, LearnedGate
+    from moe2.gating.embed import load_embedder
+
+    artifact = GatingArtifact.load(Path(path))
+    log.info("gating_loaded", path=path, experts=artifact.expert_ids, embedder=artifact.embedder)
+    return LearnedGate(artifact, load_embedder(artifact.embedder))
+
+
 async def serve_fusion(
     url: str,
     config: FusionConfig,
@@ -186,9 +203,10 @@ async def serve_fusion(
     task_status: TaskStatus[FusionAgent] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
+    gate = await anyio.to_thread.run_sync(load_gate, config.gate)
     nc = await connect_nats(url, name="moe2-fusion")
     try:
-        agent = FusionAgent(nc, config)
+        agent = FusionAgent(nc, config, gate=gate)
         async with anyio.create_task_group() as tg:
             await tg.start(agent.run)
             task_status.started(agent)

@@ -23,6 +23,7 @@ class FusionConfig:
     max_tokens_limit: int = 4096
     member_timeout_s: float = 3.0  # no heartbeat for this long: the expert is gone
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
+    gate: str | None = None  # a trained gating artifact (directory); None: equal weights
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> FusionConfig:

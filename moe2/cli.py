@@ -132,6 +132,7 @@ def fusion(
     config: Annotated[Path | None, typer.Option(help="TOML file with a [fusion] table.")] = None,
     step_deadline: Annotated[float | None, typer.Option(help="Seconds per decode step.")] = None,
     experts_per_prompt: Annotated[int | None, typer.Option(help="Top-k experts.")] = None,
+    gate: Annotated[str | None, typer.Option(help="A trained gating artifact directory.")] = None,
     prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
@@ -147,6 +148,7 @@ def fusion(
             step_deadline_s=step_deadline,
             experts_per_prompt=experts_per_prompt,
             prefix=prefix,
+            gate=gate,
         )
         await serve_fusion(nats_url, cfg)
 
