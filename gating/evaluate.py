@@ -1,0 +1,380 @@
+"""Offline evaluation of expert weightings on collected outputs: pure functions of arrays.
+
+For E examples and N experts, a weighting is an (E, N) array of non-negative weights, each row
+summing to one. Every metric fuses the experts per token as ``log sum_n w_n f_n(y_t)`` (eq. 3):
+
+- NLL per token of the gold answer text under the cloze prompt (the training loss, eq. 13);
+- letter accuracy: argmax over options of ``sum_n w_n P_n(letter)``;
+- cloze accuracy: argmax over options of the mean, over the option's tokens, of the fused
+  log-probability (length-normalised log-likelihood of the option's text);
+- fused top-1 token accuracy: how often the gold token is the argmax of the fused top-k
+  distribution (``moe2.runtime.fusion.fuse``, what the fusion agent would pick greedily),
+  teacher-forced on the gold answer; only when the collection kept top-k.
+
+The per-example oracle takes, for each example and each metric, the best single expert on
+that example: the lowest NLL, correct if any expert is correct, the most token hits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from moe2.gating.base import top_k_weights
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.fusion import ExpertSlice, fuse
+
+F64 = npt.NDArray[np.float64]
+Bools = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class ExampleScores:
+    """One example's collected log-probabilities, the expert axis first (N experts)."""
+
+    answer: int
+    letter: npt.NDArray[np.floating]  # (N, O): log P_n(letter of option o), summed over its tokens
+    cloze: Sequence[npt.NDArray[np.floating]]  # per option o: (N, T_o) per-token log-probs
+    cloze_ids: Sequence[npt.NDArray[np.integer]]  # per option o: (T_o,) token ids
+    top_ids: npt.NDArray[np.integer] | None = None  # (N, T_gold, k) top-k at each gold position
+    top_logprobs: npt.NDArray[np.floating] | None = None  # (N, T_gold, k)
+
+    @property
+    def gold(self) -> npt.NDArray[np.floating]:
+        """(N, T): the gold option's per-token log-probabilities (the gating target)."""
+        return self.cloze[self.answer]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreArrays:
+    """What evaluation reads: per example the scores of every expert, in ``expert_ids`` order."""
+
+    expert_ids: list[str]
+    example_ids: list[str]
+    examples: list[ExampleScores]
+    vocab_size: int = 0  # for top-k fusion; 0 when unknown (no token accuracy then)
+
+    def __post_init__(self) -> None:
+        if len(self.example_ids) != len(self.examples):
+            raise ValueError("one id per example")
+
+    @property
+    def has_top_k(self) -> bool:
+        return self.vocab_size > 0 and all(
+            e.top_ids is not None and e.top_ids.shape[-1] > 0 for e in self.examples
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PerExample:
+    """Per-example outcomes of one weighting (length E each)."""
+
+    nll: F64  # summed NLL of the gold tokens
+    tokens: npt.NDArray[np.int64]  # gold tokens
+    letter_ok: Bools
+    cloze_ok: Bools
+    token_hits: npt.NDArray[np.int64]  # gold tokens that are the fused top-1 (0 without top-k)
+
+
+@dataclass(frozen=True, slots=True)
+class MethodResult:
+    """Aggregates of one weighting over the evaluated examples."""
+
+    method: str
+    nll_per_token: float
+    letter_accuracy: float
+    cloze_accuracy: float
+    token_accuracy: float | None  # None when the collection kept no top-k
+    detail: dict[str, str]  # e.g. which expert is the best single one for each metric
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "nll_per_token": self.nll_per_token,
+            "letter_accuracy": self.letter_accuracy,
+            "cloze_accuracy": self.cloze_accuracy,
+            "token_accuracy": self.token_accuracy,
+            "detail": self.detail,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fusion per token.
+
+
+def mixture_logprobs(logprobs: npt.ArrayLike, weights: npt.ArrayLike) -> F64:
+    """``log sum_n w_n exp(logprobs[n, t])`` for (N, T) log-probs and (N,) weights: (T,)."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        terms = lp + np.log(w)[:, None]
+    top = terms.max(axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    out: F64 = safe + np.log(np.exp(terms - safe).sum(axis=0))
+    return out
+
+
+def letter_choice(letter: npt.ArrayLike, weights: npt.ArrayLike) -> int:
+    """The option with the largest fused probability of its letter."""
+    p = np.exp(np.asarray(letter, dtype=np.float64))
+    return int(np.argmax(np.asarray(weights, dtype=np.float64) @ p))
+
+
+def cloze_choice(cloze: Sequence[npt.ArrayLike], weights: npt.ArrayLike) -> int:
+    """The option with the largest length-normalised fused log-likelihood of its text."""
+    scores = [float(mixture_logprobs(lp, weights).mean()) for lp in cloze]
+    return int(np.argmax(scores))
+
+
+def fused_top1(
+    top_ids: npt.NDArray[np.integer],
+    top_logprobs: npt.NDArray[np.floating],
+    weights: npt.ArrayLike,
+    vocab_size: int,
+) -> npt.NDArray[np.int64]:
+    """The fused argmax token at each position from (N, T, k) top-k slices: (T,)."""
+    w = np.asarray(weights, dtype=np.float64)
+    used = np.flatnonzero(w > 0)
+    out = np.empty(top_ids.shape[1], dtype=np.int64)
+    for t in range(top_ids.shape[1]):
+        slices = [_slice(top_ids[n, t], top_logprobs[n, t]) for n in used]
+        fused = fuse(slices, w[used].tolist(), vocab_size)
+        out[t] = int(fused.ids[int(np.argmax(fused.probs))])
+    return out
+
+
+def _slice(ids: npt.NDArray[np.integer], logprobs: npt.NDArray[np.floating]) -> ExpertSlice:
+    lp = np.asarray(logprobs, dtype=np.float32)
+    rest = max(0.0, 1.0 - float(np.exp(lp.astype(np.float64)).sum()))
+    return ExpertSlice(ids=np.asarray(ids, dtype=np.uint32), logprobs=lp, rest=rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weightings.
+
+
+def one_hot(n_examples: int, n_experts: int, expert: int) -> F64:
+    w = np.zeros((n_examples, n_experts), dtype=np.float64)
+    w[:, expert] = 1.0
+    return w
+
+
+def equal_weights(n_examples: int, n_experts: int) -> F64:
+    return np.full((n_examples, n_experts), 1.0 / n_experts, dtype=np.float64)
+
+
+def top_k_rows(values: npt.ArrayLike, k: int) -> F64:
+    """Algorithm 3 / eq. 28 per row: keep the k largest gating values, renormalised.
+
+    The same rule as the fusion agent (``moe2.gating.top_k_weights``; ties keep expert order).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    out = np.zeros_like(v)
+    names = [str(i) for i in range(v.shape[1])]
+    for row in range(v.shape[0]):
+        chosen, weights = top_k_weights(names, v[row].tolist(), k)
+        out[row, [int(c) for c in chosen]] = weights
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def per_example(arrays: ScoreArrays, weights: npt.ArrayLike) -> PerExample:
+    """The outcomes of one (E, N) weighting on every example."""
+    w = np.asarray(weights, dtype=np.float64)
+    e = len(arrays.examples)
+    nll, tokens = np.zeros(e), np.zeros(e, dtype=np.int64)
+    letter_ok, cloze_ok = np.zeros(e, dtype=bool), np.zeros(e, dtype=bool)
+    hits = np.zeros(e, dtype=np.int64)
+    top_k = arrays.has_top_k
+    for i, ex in enumerate(arrays.examples):
+        nll[i] = -float(mixture_logprobs(ex.gold, w[i]).sum())
+        tokens[i] = ex.gold.shape[1]
+        letter_ok[i] = letter_choice(ex.letter, w[i]) == ex.answer
+        cloze_ok[i] = cloze_choice(ex.cloze, w[i]) == ex.answer
+        if top_k and ex.top_ids is not None and ex.top_logprobs is not None:
+            top1 = fused_top1(ex.top_ids, ex.top_logprobs, w[i], arrays.vocab_size)
+            hits[i] = int((top1 == ex.cloze_ids[ex.answer]).sum())
+    return PerExample(nll, tokens, letter_ok, cloze_ok, hits)
+
+
+def aggregate(
+    method: str, outcome: PerExample, *, top_k: bool, detail: dict[str, str] | None = None
+) -> MethodResult:
+    total = max(int(outcome.tokens.sum()), 1)
+    return MethodResult(
+        method=method,
+        nll_per_token=float(outcome.nll.sum()) / total,
+        letter_accuracy=float(outcome.letter_ok.mean()) if outcome.letter_ok.size else 0.0,
+        cloze_accuracy=float(outcome.cloze_ok.mean()) if outcome.cloze_ok.size else 0.0,
+        token_accuracy=float(outcome.token_hits.sum()) / total if top_k else None,
+        detail=detail or {},
+    )
+
+
+def oracle(singles: Sequence[PerExample]) -> PerExample:
+    """Per example and per metric, the best single expert on that example."""
+    return PerExample(
+        nll=np.min([s.nll for s in singles], axis=0),
+        tokens=singles[0].tokens,
+        letter_ok=np.any([s.letter_ok for s in singles], axis=0),
+        cloze_ok=np.any([s.cloze_ok for s in singles], axis=0),
+        token_hits=np.max([s.token_hits for s in singles], axis=0),
+    )
+
+
+def best_single(results: Sequence[MethodResult], expert_ids: Sequence[str]) -> MethodResult:
+    """Per metric, the best single expert's figure (the expert may differ between metrics)."""
+    nll = int(np.argmin([r.nll_per_token for r in results]))
+    letter = int(np.argmax([r.letter_accuracy for r in results]))
+    cloze = int(np.argmax([r.cloze_accuracy for r in results]))
+    tokens = int(np.argmax([r.token_accuracy or 0.0 for r in results]))
+    return MethodResult(
+        method="best single",
+        nll_per_token=results[nll].nll_per_token,
+        letter_accuracy=results[letter].letter_accuracy,
+        cloze_accuracy=results[cloze].cloze_accuracy,
+        token_accuracy=results[tokens].token_accuracy,
+        detail={
+            "nll_per_token": expert_ids[nll],
+            "letter_accuracy": expert_ids[letter],
+            "cloze_accuracy": expert_ids[cloze],
+            **({"token_accuracy": expert_ids[tokens]} if results[tokens].token_accuracy else {}),
+        },
+    )
+
+
+def evaluate_all(arrays: ScoreArrays, gate_values: npt.ArrayLike | None) -> list[MethodResult]:
+    """Every method of the report, in table order. ``gate_values``: (E, N) gating values
+    ``g(x)`` (softmax over all N experts), or None to leave out the gated rows."""
+    e, n = len(arrays.examples), len(arrays.expert_ids)
+    top_k = arrays.has_top_k
+    singles = [per_example(arrays, one_hot(e, n, j)) for j in range(n)]
+    single_results = [
+        aggregate(f"single: {eid}", s, top_k=top_k)
+        for eid, s in zip(arrays.expert_ids, singles, strict=True)
+    ]
+    rows = [*single_results, best_single(single_results, arrays.expert_ids)]
+    rows.append(aggregate("equal weights", per_example(arrays, equal_weights(e, n)), top_k=top_k))
+    if gate_values is not None:
+        g = np.asarray(gate_values, dtype=np.float64)
+        full = g / g.sum(axis=1, keepdims=True)  # eq. 2 with S = every expert
+        rows.append(aggregate("MoE² gating (all)", per_example(arrays, full), top_k=top_k))
+        for k in range(1, n + 1):
+            rows.append(
+                aggregate(f"MoE² top-{k}", per_example(arrays, top_k_rows(g, k)), top_k=top_k)
+            )
+    rows.append(aggregate("oracle (per example)", oracle(singles), top_k=top_k))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The report (pure: strings and dicts).
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(row: MethodResult, key: str, text: str) -> str:
+    who = row.detail.get(key)
+    return f"{text} ({who})" if who else text
+
+
+def markdown_table(rows: Sequence[MethodResult]) -> str:
+    """One line per method: NLL per gold token, letter / cloze accuracy, fused top-1 tokens."""
+    lines = [
+        "| method | NLL / token | letter acc % | cloze acc % | top-1 token acc % |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [
+            _cell(r, "nll_per_token", f"{r.nll_per_token:.4f}"),
+            _cell(r, "letter_accuracy", _pct(r.letter_accuracy)),
+            _cell(r, "cloze_accuracy", _pct(r.cloze_accuracy)),
+            _cell(r, "token_accuracy", _pct(r.token_accuracy)),
+        ]
+        lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: Sequence[MethodResult], context: dict[str, object]) -> str:
+    """The table with what it was measured on (pool, data, split, gate) above it."""
+    head = ["# Gating evaluation", ""]
+    head += [f"- {key}: {value}" for key, value in context.items()]
+    return "\n".join([*head, "", markdown_table(rows), ""])
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: a store and a gating artifact in, the report out.
+
+
+def run_evaluation(outputs: Path, gate: Path, split: str, stem: Path) -> str:
+    """Evaluate the artifact at ``gate`` on the store at ``outputs`` (``split``: "heldout",
+    the artifact's held-out example ids, or "all"); write ``stem``.md and .json; return the
+    markdown."""
+    from moe2.gating.artifact import GatingArtifact
+    from moe2.gating.data import embed_text
+    from moe2.gating.embed import load_embedder
+    from moe2.gating.store import OutputStore
+
+    store = OutputStore(outputs)
+    artifact = GatingArtifact.load(gate, expert_ids=store.expert_ids)
+    ids = heldout_ids(store, artifact.heldout_ids, gate) if split == "heldout" else None
+    arrays = store.score_arrays(ids)
+    if not arrays.examples:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"{outputs} holds no complete example")
+    texts = [embed_text(store.example(i)) for i in arrays.example_ids]
+    values = artifact.values(load_embedder(artifact.embedder).embed(texts))
+    rows = evaluate_all(arrays, values)
+    context = report_context(store, gate, split, arrays)
+    text = markdown_report(rows, context)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    body = {**context, "rows": [r.as_dict() for r in rows]}
+    stem.with_suffix(".json").write_bytes(msgspec.json.format(msgspec.json.encode(body), indent=2))
+    return text
+
+
+def heldout_ids(store: Any, ids: Sequence[str], gate: Path) -> list[str]:
+    """The artifact's held-out example ids, every one complete in the store."""
+    if not ids:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{gate} records no held-out example ids; use --split all on a separate test set",
+        )
+    complete = {ex.id for ex in store.complete_examples()}
+    missing = [i for i in ids if i not in complete]
+    if missing:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{len(missing)} of the {len(ids)} examples {gate} held out are not answered in "
+            f"{store.directory} (e.g. {missing[:2]}): the gate was trained on another "
+            "collection; evaluate a separate test set with --split all",
+        )
+    return list(ids)
+
+
+def report_context(store: Any, gate: Path, split: str, arrays: ScoreArrays) -> dict[str, object]:
+    """What a figure was measured on: the pool (experts and models), data, split and gate."""
+    meta = store.meta
+    models = {e.id: e.model for e in meta.experts}
+    return {
+        "outputs": str(store.directory),
+        "pool": ", ".join(f"{e} ({m})" for e, m in models.items()),
+        "data": f"{meta.dataset.path} (limit {meta.dataset.limit}, seed {meta.dataset.seed})",
+        "collected from": meta.source,
+        "gate": str(gate),
+        "split": split,
+        "examples": len(arrays.examples),
+        "gold tokens": int(sum(e.gold.shape[1] for e in arrays.examples)),
+        "top_k kept": meta.top_k,
+    }
