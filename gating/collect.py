@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,34 +150,58 @@ def record_of(
 # Who is live.
 
 
-async def discover_experts(
-    nc: NATS, subjects: Subjects, wanted: Sequence[str] | None, wait_s: float, settle_s: float
-) -> dict[str, wire.Heartbeat]:
-    """The experts heard by heartbeat: all of ``wanted`` (within ``wait_s``), or, without it,
-    everyone heard within ``settle_s`` of the first heartbeat."""
-    seen: dict[str, wire.Heartbeat] = {}
-    heard = anyio.Event()
+class _Heard:
+    """Heartbeats heard so far; ``changed`` fires on any, ``joined`` on a new expert."""
 
-    async def on_beat(msg: Msg) -> None:
+    def __init__(self, subjects: Subjects) -> None:
+        self.subjects = subjects
+        self.seen: dict[str, wire.Heartbeat] = {}
+        self.changed, self.joined = anyio.Event(), anyio.Event()
+
+    async def on_beat(self, msg: Msg) -> None:
         try:
             hb = wire.decode(msg.data)
         except Moe2Error:
             return
-        if isinstance(hb, wire.Heartbeat) and msg.subject == subjects.member(hb.expert):
-            seen[hb.expert] = hb
-            heard.set()
+        if isinstance(hb, wire.Heartbeat) and msg.subject == self.subjects.member(hb.expert):
+            if hb.expert not in self.seen:
+                self.joined.set()
+            self.seen[hb.expert] = hb
+            self.changed.set()
 
-    sub = await nc.subscribe(subjects.members, cb=on_beat)
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            await self.changed.wait()
+            self.changed = anyio.Event()
+
+    async def until_quiet(self, settle_s: float) -> None:
+        """Until no new expert has appeared for ``settle_s`` (or two heartbeat intervals)."""
+        while True:
+            self.joined = anyio.Event()
+            quiet = max(settle_s, *(2 * hb.interval_s for hb in self.seen.values()))
+            with anyio.move_on_after(quiet):
+                await self.joined.wait()
+                continue
+            return
+
+
+async def discover_experts(
+    nc: NATS, subjects: Subjects, wanted: Sequence[str] | None, wait_s: float, settle_s: float
+) -> dict[str, wire.Heartbeat]:
+    """The experts heard by heartbeat: all of ``wanted`` (within ``wait_s``), or, without it,
+    everyone heard until no new expert has appeared for ``settle_s``."""
+    heard = _Heard(subjects)
+    sub = await nc.subscribe(subjects.members, cb=heard.on_beat)
     try:
         with anyio.move_on_after(wait_s):
-            while not (set(wanted) <= seen.keys() if wanted else seen):
-                await heard.wait()
-                heard = anyio.Event()
-        if not wanted and seen:
-            await anyio.sleep(max(settle_s, *(2 * hb.interval_s for hb in seen.values())))
+            await heard.until(
+                lambda: set(wanted) <= heard.seen.keys() if wanted else bool(heard.seen)
+            )
+        if not wanted and heard.seen:
+            await heard.until_quiet(settle_s)
     finally:
         await sub.unsubscribe()
-    return _chosen(seen, wanted, subjects, wait_s)
+    return _chosen(heard.seen, wanted, subjects, wait_s)
 
 
 def _chosen(

@@ -29,6 +29,7 @@ from moe2.gating.collect import (
     CollectConfig,
     choose_examples,
     collect_live,
+    discover_experts,
     requests_for,
     store_from_trace,
 )
@@ -424,6 +425,29 @@ async def test_no_live_expert_and_missing_experts_are_clear_errors(
             await collect_live(nats_url, examples, tmp_path / "y", dataset, cfg)
     assert "experts ['z'] sent no heartbeat" in missing.value.message
     assert "live: ['a']" in missing.value.message
+
+
+@pytest.mark.anyio
+async def test_without_experts_named_the_collector_waits_for_latecomers(nats_url: str) -> None:
+    """Experts still loading join one by one: each new one restarts the quiet period."""
+    prefix = next(_prefixes)
+    nc = await connect_nats(nats_url, name="test-latecomers")
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(ScoringExpert(nc, "a", ScoringScript(), prefix).run)
+
+            async def late() -> None:
+                for expert in ("b", "c"):
+                    await anyio.sleep(0.6)  # each within the 1 s quiet period of the last
+                    await tg.start(ScoringExpert(nc, expert, ScoringScript(), prefix).run)
+
+            tg.start_soon(late)
+            with anyio.fail_after(10):
+                found = await discover_experts(nc, Subjects(prefix), None, 5.0, 1.0)
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+    assert sorted(found) == ["a", "b", "c"]
 
 
 @pytest.mark.anyio
