@@ -34,7 +34,7 @@ from moe2.gating.data import McExample, cloze_targets, embed_text
 from moe2.gating.evaluate import ExampleScores, ScoreArrays
 from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
-from moe2.runtime.trace import _Truncated, object_end
+from moe2.runtime.trace import TruncatedObject, object_end
 
 if TYPE_CHECKING:
     from moe2.gating.dataset import GatingData
@@ -428,7 +428,7 @@ def _read_records(path: Path) -> tuple[dict[tuple[str, str], ScoreRecord], int]:
     while pos < len(buf):
         try:
             end = object_end(buf, pos)
-        except _Truncated:
+        except TruncatedObject:
             log.warning("store_truncated_record", path=str(path), lost_bytes=len(buf) - pos)
             break
         except ValueError as exc:

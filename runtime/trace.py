@@ -99,7 +99,7 @@ class TraceWriter:
         self.close()
 
 
-class _Truncated(Exception):
+class TruncatedObject(Exception):
     """The buffer ends inside a msgpack object."""
 
 
@@ -117,7 +117,7 @@ def _header_end(buf: bytes) -> int:
         raise Moe2Error(ErrorCode.MALFORMED, "not a moe2 trace: the file does not start with a map")
     try:
         return object_end(buf, 0)
-    except (_Truncated, ValueError):
+    except (TruncatedObject, ValueError):
         raise Moe2Error(ErrorCode.MALFORMED, "not a moe2 trace: unreadable header") from None
 
 
@@ -156,7 +156,7 @@ def _complete_records(
     while pos < len(buf):
         try:
             end = object_end(buf, pos)
-        except _Truncated:
+        except TruncatedObject:
             break
         except ValueError as exc:
             raise Moe2Error(ErrorCode.MALFORMED, f"bad trace record at +{pos}: {exc}") from None
@@ -190,15 +190,15 @@ _FIXED: Final[dict[int, int]] = {
 
 
 def object_end(buf: bytes, pos: int) -> int:
-    """The offset just past the msgpack object at ``pos`` (raises _Truncated if it runs off)."""
+    """The offset just past the msgpack object at ``pos``; TruncatedObject if it runs off."""
     pending = 1
     while pending:
         if pos >= len(buf):
-            raise _Truncated
+            raise TruncatedObject
         pos, children = _skip_head(buf, pos)
         pending += children - 1
     if pos > len(buf):
-        raise _Truncated
+        raise TruncatedObject
     return pos
 
 
@@ -217,7 +217,7 @@ def _skip_head(buf: bytes, pos: int) -> tuple[int, int]:
         raise ValueError(f"invalid msgpack byte 0x{lead:02x}")
     width, extra, per = _SIZED[lead]
     if pos + 1 + width > len(buf):
-        raise _Truncated
+        raise TruncatedObject
     n = int.from_bytes(buf[pos + 1 : pos + 1 + width], "big")
     head = pos + 1 + width
     return (head + extra + n, 0) if per < 0 else (head, n * per)
