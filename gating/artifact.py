@@ -1,0 +1,211 @@
+"""A trained gating network on disk (safetensors + JSON), top-k renormalisation (eq. 2, eq. 28,
+Algorithm 3), and ``LearnedGate``: the ``Gate`` that the fusion agent calls once per prompt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from moe2.gating.embed import Embedder
+from moe2.gating.model import GatingMLP, gating_values
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.wire import ChatMessage
+
+log = structlog.get_logger("moe2.gating")
+
+FORMAT = "moe2.gating.v1"
+WEIGHTS = "model.safetensors"
+METADATA = "gating.json"
+
+
+class GatingArtifact:
+    """A gating network over ``expert_ids`` (in that order) for ``embedder``'s ``dim``-d vectors.
+
+    ``metadata`` is the whole ``gating.json``: besides the identity it holds ``architecture``,
+    ``data_hash``, ``config``, ``metrics``, ``split`` (``heldout``: example ids) and ``history``.
+    """
+
+    def __init__(
+        self,
+        model: GatingMLP,
+        expert_ids: Sequence[str],
+        embedder: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if model.n_experts != len(expert_ids):
+            raise _invalid(f"{model.n_experts} gating outputs for {len(expert_ids)} experts")
+        self.model = model.eval()
+        self.expert_ids = list(expert_ids)
+        self.embedder = embedder
+        self.dim = model.dim
+        self.metadata = {**(metadata or {}), **self._identity()}
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "expert_ids": self.expert_ids,
+            "embedder": {"name": self.embedder, "dim": self.dim},
+            "architecture": self.model.architecture(),
+        }
+
+    @property
+    def heldout_ids(self) -> list[str]:
+        """The examples held out of training (evaluate on these), empty if not recorded."""
+        return list(self.metadata.get("split", {}).get("heldout", []))
+
+    def values(self, embeddings: np.ndarray) -> np.ndarray:
+        """Gating values ``g(x)`` (E, N) float32, each row a softmax, for embeddings (E, dim)."""
+        x = np.asarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise _invalid(f"embeddings of shape {x.shape}, want (E, {self.dim})")
+        return gating_values(self.model, x)
+
+    def save(self, out: Path) -> None:
+        """Write ``out/model.safetensors`` and ``out/gating.json``."""
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
+        (out / METADATA).write_text(json.dumps(self.metadata, indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        expert_ids: Sequence[str] | None = None,
+        embedder: str | None = None,
+    ) -> GatingArtifact:
+        """Load from a directory (or a file in it). With ``expert_ids`` / ``embedder`` given, a
+        different expert set, expert order or embedder is refused with a clear error."""
+        folder = path.parent if path.is_file() else path
+        meta = _read_metadata(folder)
+        try:
+            _check_identity(folder, meta, expert_ids, embedder)
+            model = _read_model(folder, meta)
+            return cls(model, meta["expert_ids"], meta["embedder"]["name"], meta)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _invalid(f"{folder / METADATA} is incomplete or malformed ({e!r})") from e
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / METADATA).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _invalid(f"cannot read {folder / METADATA}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _invalid(f"{folder / METADATA} is not a {FORMAT} gating artifact")
+    return meta
+
+
+def _read_model(folder: Path, meta: dict[str, Any]) -> GatingMLP:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    arch = meta["architecture"]
+    model = GatingMLP(
+        int(meta["embedder"]["dim"]),
+        len(meta["expert_ids"]),
+        hidden=int(arch["hidden"]),
+        layers=int(arch["layers"]),
+        dropout=float(arch["dropout"]),
+    )
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise _invalid(f"cannot load the weights in {folder / WEIGHTS}: {e}") from e
+    return model
+
+
+def _check_identity(
+    folder: Path, meta: dict[str, Any], expert_ids: Sequence[str] | None, embedder: str | None
+) -> None:
+    theirs, name = list(meta["expert_ids"]), meta["embedder"]["name"]
+    if expert_ids is not None and set(expert_ids) != set(theirs):
+        raise _invalid(
+            f"gating artifact {folder} was trained for experts {theirs}, not {list(expert_ids)} "
+            f"(missing from it: {sorted(set(expert_ids) - set(theirs))}, "
+            f"not asked for: {sorted(set(theirs) - set(expert_ids))}); train one for this set"
+        )
+    if expert_ids is not None and list(expert_ids) != theirs:
+        raise _invalid(
+            f"gating artifact {folder} orders its experts {theirs}, not {list(expert_ids)}: "
+            "the gating values would go to the wrong experts"
+        )
+    if embedder is not None and embedder != name:
+        raise _invalid(
+            f"gating artifact {folder} was trained on {name!r} embeddings, not {embedder!r}"
+        )
+
+
+def renormalised(values: np.ndarray, allowed: Sequence[int], k: int | None) -> np.ndarray:
+    """Eq. 2 / eq. 28 with Algorithm 3: keep, per row, the ``k`` largest gating values among the
+    expert indices ``allowed`` (all of them when ``k`` is None, 0 or >= ``len(allowed)``), zero the
+    rest, and divide by the sum kept. Ties keep the order of ``allowed``. Rows (E, N) or one (N,);
+    a row whose kept values sum to zero gets equal weights over the kept experts. float64 out."""
+    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    idx = _allowed_indices(allowed, v.shape[1])
+    if k is not None and k < 0:
+        raise _invalid(f"k must be >= 0 or None, got {k}")
+    keep = idx.size if not k or k >= idx.size else k
+    order = np.argsort(-v[:, idx], axis=1, kind="stable")[:, :keep]
+    chosen = idx[order]
+    kept = np.take_along_axis(v, chosen, axis=1)
+    total = kept.sum(axis=1, keepdims=True)
+    kept = np.where(total > 0, kept / np.where(total > 0, total, 1.0), 1.0 / keep)
+    out = np.zeros_like(v)
+    np.put_along_axis(out, chosen, kept, axis=1)
+    return out[0] if np.ndim(values) == 1 else out
+
+
+def _allowed_indices(allowed: Sequence[int], n: int) -> np.ndarray:
+    idx = np.asarray(allowed, dtype=np.int64).reshape(-1)
+    if idx.size == 0 or len(set(idx.tolist())) != idx.size or idx.min() < 0 or idx.max() >= n:
+        raise _invalid(f"allowed experts {list(allowed)} must be distinct indices in 0..{n - 1}")
+    return idx
+
+
+def prompt_text(messages: Sequence[ChatMessage]) -> str:
+    """What the gating embeds of a conversation: the last user message (else the last message)."""
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.content
+    return messages[-1].content if messages else ""
+
+
+class LearnedGate:
+    """``moe2.gating.base.Gate`` over a trained artifact: embed the prompt, gate, pick the values of
+    the requested experts. Experts the artifact does not know get 0.0 (logged once each)."""
+
+    def __init__(self, artifact: GatingArtifact, embedder: Embedder) -> None:
+        if embedder.name != artifact.embedder or embedder.dim != artifact.dim:
+            raise _invalid(
+                f"the gating artifact wants {artifact.embedder!r} ({artifact.dim}-d) embeddings, "
+                f"not {embedder.name!r} ({embedder.dim}-d)"
+            )
+        self.artifact, self.embedder = artifact, embedder
+        self._index = {e: i for i, e in enumerate(artifact.expert_ids)}
+        self._unknown: set[str] = set()
+
+    def gate(self, messages: Sequence[ChatMessage], experts: Sequence[str]) -> list[float]:
+        values = self.artifact.values(self.embedder.embed([prompt_text(messages)]))[0]
+        return [self._value(values, expert) for expert in experts]
+
+    def _value(self, values: np.ndarray, expert: str) -> float:
+        i = self._index.get(expert)
+        if i is not None:
+            return float(values[i])
+        if expert not in self._unknown:
+            self._unknown.add(expert)
+            log.warning("gating_unknown_expert", expert=expert, known=self.artifact.expert_ids)
+        return 0.0
+
+
+def _invalid(message: str) -> Moe2Error:
+    return Moe2Error(ErrorCode.INVALID_FIELD, message)
