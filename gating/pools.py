@@ -1,7 +1,8 @@
 """Expert pools for gating before domain experts exist: one few-shot context per MMLU group.
 
 Each expert is the same small model holding a different context: a system prompt naming its
-domain and five worked examples (question with lettered options -> "The answer is (B) <text>.")
+domain and five worked examples (question with lettered options -> the answer's letter alone,
+"B", which is exactly the letter-format target the collection scores first)
 drawn from the MMLU dev subjects of one group of the standard MMLU categories (STEM,
 humanities, social sciences, other; Hendrycks et al., ``categories.py``). The choice of the five
 examples is seeded: five different subjects of the group, one dev question from each.
@@ -90,9 +91,12 @@ def mmlu_group(subject: str) -> str:
 
 
 def worked_example(ex: McExample) -> list[ChatMessage]:
-    """A user turn as the letter format asks it, and the answer with its letter and text."""
-    answer = f"The answer is ({LETTERS[ex.answer]}) {ex.options[ex.answer]}."
-    return [*letter_messages(ex), ChatMessage("assistant", answer)]
+    """A user turn as the letter format asks it, and the answer's letter alone.
+
+    The letter format scores the letter as the assistant's first token; a worked answer that
+    began "The answer is" would teach the model a format that scoring never asks for.
+    """
+    return [*letter_messages(ex), ChatMessage("assistant", LETTERS[ex.answer])]
 
 
 def system_prompt(domain: str) -> str:
