@@ -1,13 +1,23 @@
 """The expert agent: one model on the bus, a KV cache per session, a top-k slice per step.
 
 Protocol (docs/protocol.md): an expert subscribes to ``<prefix>.v1.expert.<id>.*``; the last
-subject token is the verb (``open``, ``step`` or ``close``) and must match the message's type.
+subject token is the verb (``open``, ``step``, ``close`` or ``score``) and must match the
+message's type.
 
-- ``Open`` prefills the prompt (the model's own chat template) and publishes slice 0 on
-  ``<prefix>.v1.session.<sid>.slice.<id>``, with ``prompt_tokens`` set.
+- ``Open`` prefills the prompt (the expert's context, then the messages, in the model's own chat
+  template) and publishes slice 0 on ``<prefix>.v1.session.<sid>.slice.<id>``, with
+  ``prompt_tokens`` set.
 - ``Step(step=s, token=t)`` appends ``t`` and publishes slice ``s``; ``s`` must be one more than
   the last slice published, or the reply is ``wrong_step`` and nothing advances.
 - ``Close`` frees the KV cache; so does ``idle_timeout_s`` without a message for the session.
+- ``Score`` (request/reply, no session) builds the prompt as ``Open`` does, scores each target by
+  teacher forcing and replies ``Scored``, or ``Error``, to the request's reply subject. A Score
+  without a reply subject is dropped (``bad_message``).
+
+The context (``ExpertConfig.context``, e.g. a system prompt and worked examples) comes before
+every conversation and counts toward ``max_context``; its KV cache is computed once at start and
+every prompt starts from a copy of it (``context_cache``). Heartbeats announce it as
+``<model>+ctx:<name>@<hash>``.
 
 The context holds at most ``max_context - 1`` tokens: a prompt of ``max_context`` tokens or more
 is refused at open, and a step that would feed the ``max_context``-th token is refused with
@@ -21,16 +31,16 @@ Messages that name no usable session (not msgpack, unknown type, another protoco
 missing fields) are dropped with a ``bad_message`` warning and counted. A handler that raises
 replies ``internal`` and ends that session (its KV cache may be half-written); the agent lives on.
 
-Model calls run one at a time in a worker thread, so the event loop keeps heartbeating; the
-messages of one session are handled in arrival order by that session's own task.
+Model calls (sessions and scores alike) run one at a time in a worker thread, so the event loop
+keeps heartbeating; the messages of one session are handled in arrival order by that session's
+own task, and scores wait their turn for the model with them.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
 
@@ -41,72 +51,28 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from moe2.agents.backends import Backend, TopK, load_backend
-from moe2.agents.models import DEFAULT_MODEL, resolve_model
+from moe2.agents.backends import Backend, PrefixCache, TopK, load_backend
+from moe2.agents.backends.base import common_prefix
+from moe2.agents.expert_config import ExpertConfig, ExpertStats
+from moe2.agents.expert_score import run_score, score_refusal
+from moe2.agents.models import resolve_model
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.lifecycle import cancel_on_signals
-from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects, check_token
+from moe2.runtime.subjects import Subjects, check_token
 
 log = structlog.get_logger("moe2.expert")
 
 DEFAULT_CONTEXT: Final = 4096
 _INBOX_SIZE: Final = 16  # messages queued per session; a fusion agent keeps one step in flight
 _VERBS: Final = {wire.Open: "open", wire.Step: "step", wire.Close: "close"}
+_SCORE_VERB: Final = "score"
 _T = TypeVar("_T")
 
+__all__ = ["DEFAULT_CONTEXT", "ExpertAgent", "ExpertConfig", "ExpertStats", "serve_expert"]
+
 SessionMessage = wire.Open | wire.Step | wire.Close
-
-
-def _default_device() -> dict[str, Any]:
-    return {"name": "cpu", "power_w": 15.0}
-
-
-@dataclass(frozen=True)
-class ExpertConfig:
-    """How one expert runs. ``device`` is its declared profile (``power_w`` prices energy)."""
-
-    expert_id: str
-    model: str = DEFAULT_MODEL
-    backend: str = "transformers"
-    top_k: int = 32  # served when an Open asks for 0
-    max_top_k: int = 1024  # the most ids one slice holds
-    max_context: int | None = None  # None: min(the model's, 4096)
-    max_sessions: int = 32
-    idle_timeout_s: float = 120.0
-    heartbeat_s: float = 1.0
-    prefix: str = DEFAULT_PREFIX
-    threads: int | None = None  # torch threads; None leaves torch's default
-    device: dict[str, Any] = field(default_factory=_default_device)
-
-    def __post_init__(self) -> None:
-        check_token("expert id", self.expert_id)
-        if not 1 <= self.top_k <= self.max_top_k:
-            raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")
-        for name in ("max_sessions", "idle_timeout_s", "heartbeat_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.max_context is not None and self.max_context < 2:
-            raise ValueError("max_context must be at least 2")
-
-    @property
-    def power_w(self) -> float:
-        return float(self.device.get("power_w", 0.0))
-
-
-@dataclass(slots=True)
-class ExpertStats:
-    """Counters a user can read (and metrics can export)."""
-
-    slices: int = 0
-    bad_messages: int = 0  # dropped: no session to answer
-    errors: Counter[str] = field(default_factory=Counter)  # replies sent, by code
-    internal_errors: int = 0
-    decode_s: float = 0.0  # moving average of one decode step's compute time
-
-    def note_decode(self, compute_s: float) -> None:
-        self.decode_s = compute_s if not self.decode_s else 0.9 * self.decode_s + 0.1 * compute_s
 
 
 @dataclass(slots=True)
@@ -133,6 +99,15 @@ class ExpertAgent:
         self._limiter = anyio.CapacityLimiter(1)
         self._heartbeat_seq = 0
         self._log = log.bind(expert=config.expert_id)
+        self._context_head: PrefixCache | None = None
+        self.context_tokens = 0  # the head every prompt shares: template start and context
+        self.scores_pending = 0
+
+    @property
+    def model_label(self) -> str:
+        """The model, with the context if any: ``SmolLM2-135M-Instruct+ctx:stem@1a2b3c4d``."""
+        label = self.config.context_label
+        return f"{self.info.model}+ctx:{label}" if label else self.info.model
 
     @property
     def sessions(self) -> int:
@@ -141,13 +116,24 @@ class ExpertAgent:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
+        if self.config.context:
+            await self._in_worker(partial(self._prepare_context))
         sub = await self._nc.subscribe(self.subjects.expert_inbox(self.config.expert_id))
         try:
+            # Twice: nats-py 2.16 writes flush's PING straight to the socket, ahead of the SUB still
+            # queued for its flusher, so only the second PONG proves the server has the
+            # subscription (and a request sent once we are "started" finds a responder).
+            await self._nc.flush()
             await self._nc.flush()
             async with anyio.create_task_group() as tg:
                 await self._heartbeat()
                 tg.start_soon(self._heartbeat_loop)
-                self._log.info("expert_ready", model=self.info.model, max_context=self.max_context)
+                self._log.info(
+                    "expert_ready",
+                    model=self.model_label,
+                    max_context=self.max_context,
+                    context_tokens=self.context_tokens,
+                )
                 task_status.started()
                 async for msg in sub.messages:
                     await self._receive(tg, msg)
@@ -155,6 +141,23 @@ class ExpertAgent:
                 tg.cancel_scope.cancel()
         finally:
             await self._unsubscribe(sub)
+
+    def _prepare_context(self) -> None:
+        """Worker thread: check that the context fits, and keep its KV cache if configured."""
+        probes = [self._prompt_ids([wire.ChatMessage("user", text)]) for text in ("a", "b")]
+        if len(probes[0]) >= self.max_context:
+            raise Moe2Error(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the context {self.config.context_label} takes {len(probes[0])} tokens with a "
+                f"one-word question; this expert's context is {self.max_context} tokens",
+            )
+        self.context_tokens = common_prefix(*probes)
+        if self.config.context_cache:
+            self._context_head = self._backend.keep_prefix(probes[0][: self.context_tokens])
+
+    def _prompt_ids(self, messages: Sequence[wire.ChatMessage]) -> list[int]:
+        """The ids of the expert's context and then ``messages``, in the model's chat template."""
+        return self._backend.encode_chat([*self.config.context, *messages])
 
     async def _unsubscribe(self, sub: Any) -> None:
         with anyio.move_on_after(1, shield=True):
@@ -167,6 +170,9 @@ class ExpertAgent:
 
     async def _receive(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
         try:
+            if self.subjects.verb_of_expert_subject(msg.subject) == _SCORE_VERB:
+                await self._receive_score(tg, msg)
+                return
             message = self._parse(msg)
             if message is None:
                 return
@@ -197,9 +203,9 @@ class ExpertAgent:
             return None
         return message
 
-    def _drop(self, code: ErrorCode, subject: str) -> None:
+    def _drop(self, code: ErrorCode, subject: str, why: str = "") -> None:
         self.stats.bad_messages += 1
-        self._log.warning("bad_message", code=str(code), subject=subject)
+        self._log.warning("bad_message", code=str(code), subject=subject, why=why)
 
     async def _reply_misrouted(self, message: SessionMessage, subject: str) -> None:
         step = message.step if isinstance(message, wire.Step) else 0
@@ -323,7 +329,7 @@ class ExpertAgent:
         self, session: str, messages: Sequence[wire.ChatMessage], top_k: int
     ) -> tuple[TopK, int, float]:
         """Runs in the worker thread."""
-        ids = self._backend.encode_chat(messages)
+        ids = self._prompt_ids(messages)
         if len(ids) >= self.max_context:
             raise Moe2Error(
                 ErrorCode.PROMPT_TOO_LONG,
@@ -331,7 +337,7 @@ class ExpertAgent:
                 f"{self.max_context} tokens",
             )
         started = time.perf_counter()
-        top = self._backend.prefill(session, ids, top_k)
+        top = self._backend.prefill(session, ids, top_k, self._context_head)
         return top, len(ids), time.perf_counter() - started
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
@@ -363,6 +369,81 @@ class ExpertAgent:
         started = time.perf_counter()
         top = self._backend.decode(session, token, top_k)
         return top, time.perf_counter() - started
+
+    # --- Score: request/reply, no session --------------------------------------------------------
+
+    async def _receive_score(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
+        if not msg.reply:
+            self._drop(ErrorCode.INVALID_FIELD, msg.subject, "a score needs a reply subject")
+            return
+        try:
+            score = self._admit_score(msg)
+        except Moe2Error as exc:
+            await self._reply_request_error(msg.reply, exc)
+            return
+        self.scores_pending += 1
+        tg.start_soon(self._serve_score, msg.reply, score)
+
+    def _admit_score(self, msg: Msg) -> wire.Score:
+        """The request, or the Moe2Error to answer it with."""
+        score = wire.decode(msg.data)
+        if not isinstance(score, wire.Score):
+            tag = score.__struct_config__.tag
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{tag} arrived on {msg.subject}")
+        refusal = score_refusal(score)
+        if refusal is not None:
+            raise refusal
+        if self.scores_pending >= self.config.max_pending_scores:
+            limit = self.config.max_pending_scores
+            raise Moe2Error(ErrorCode.BUSY, f"this expert queues at most {limit} score requests")
+        return score
+
+    async def _serve_score(self, reply: str, score: wire.Score) -> None:
+        try:
+            scored = await self._in_worker(partial(self._score, score))
+            await self._reply_scored(reply, scored)
+        except Moe2Error as exc:
+            await self._reply_request_error(reply, exc)
+        except Exception:
+            self.stats.internal_errors += 1
+            self._log.exception("score_failed", targets=len(score.targets))
+            failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this score request")
+            await self._reply_request_error(reply, failed)
+        finally:
+            self.scores_pending -= 1
+
+    def _score(self, score: wire.Score) -> wire.Scored:
+        """Runs in the worker thread."""
+        ids = self._prompt_ids(score.messages)
+        top_k = min(score.top_k, self.config.max_top_k, self.info.vocab_size)
+        return run_score(
+            self._backend,
+            ids,
+            score,
+            expert=self.config.expert_id,
+            top_k=top_k,
+            max_context=self.max_context,
+            power_w=self.config.power_w,
+            prefix=self._context_head,
+        )
+
+    async def _reply_scored(self, reply: str, scored: wire.Scored) -> None:
+        data = wire.encode(scored)
+        limit = self._nc.max_payload
+        if limit and len(data) > limit:
+            raise Moe2Error(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the reply takes {len(data)} bytes, over the server's max_payload of {limit}; "
+                "ask for a smaller top_k or fewer targets",
+            )
+        self.stats.scores += 1
+        await self._publish_bytes(reply, data)
+
+    async def _reply_request_error(self, reply: str, exc: Moe2Error) -> None:
+        self.stats.errors[str(exc.code)] += 1
+        self._log.info("score_error_reply", code=str(exc.code), error=exc.message)
+        message = wire.error_from(exc, expert=self.config.expert_id)
+        await self._publish(reply, message)
 
     async def _in_worker(self, call: partial[_T]) -> _T:
         """Model calls: one at a time, off the event loop."""
@@ -396,8 +477,11 @@ class ExpertAgent:
         await self._publish(self.subjects.slice(session, expert), message)
 
     async def _publish(self, subject: str, message: wire.Message) -> None:
+        await self._publish_bytes(subject, wire.encode(message))
+
+    async def _publish_bytes(self, subject: str, data: bytes) -> None:
         try:
-            await self._nc.publish(subject, wire.encode(message))
+            await self._nc.publish(subject, data)
         except Exception as exc:  # disconnected or closing: the bus, not this agent, has failed
             self._log.warning("publish_failed", subject=subject, error=repr(exc))
 
@@ -410,7 +494,7 @@ class ExpertAgent:
         self._heartbeat_seq += 1
         message = wire.Heartbeat(
             expert=self.config.expert_id,
-            model=self.info.model,
+            model=self.model_label,
             tokenizer=self.info.tokenizer,
             backend=self.info.backend,
             vocab_size=self.info.vocab_size,
@@ -424,7 +508,13 @@ class ExpertAgent:
         await self._publish(self.subjects.member(self.config.expert_id), message)
 
     def _device(self) -> dict[str, Any]:
-        measured = {"decode_s": round(self.stats.decode_s, 6), "max_context": self.max_context}
+        measured: dict[str, Any] = {
+            "decode_s": round(self.stats.decode_s, 6),
+            "max_context": self.max_context,
+        }
+        if self.config.context:
+            measured["context"] = self.config.context_label
+            measured["context_tokens"] = self.context_tokens
         return {**self.config.device, **measured}
 
 

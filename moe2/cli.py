@@ -102,15 +102,27 @@ def expert(
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     max_context: Annotated[int | None, typer.Option(help="Longest prompt+answer, tokens.")] = None,
     power_w: Annotated[float, typer.Option(help="Declared power draw for energy.")] = 15.0,
+    context: Annotated[
+        Path | None,
+        typer.Option(
+            help='JSON {"name": ..., "messages": [{"role": ..., "content": ...}, ...]}: '
+            "messages put before every conversation (e.g. a system prompt and worked examples)."
+        ),
+    ] = None,
+    context_cache: Annotated[
+        bool, typer.Option(help="Compute the context's KV cache once and start from a copy.")
+    ] = True,
     prefix: Prefix = "moe2",
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
 ) -> None:
     """Serve one model as an expert agent."""
     configure_logging(log_level, json=json_logs)
+    from moe2.agents.contexts import load_context
     from moe2.agents.expert import ExpertConfig, serve_expert
 
     try:
+        loaded = load_context(context) if context is not None else None
         config = ExpertConfig(
             expert_id=id,
             model=model,
@@ -119,7 +131,13 @@ def expert(
             max_context=max_context,
             prefix=prefix,
             device={"name": "declared", "power_w": power_w},
+            context=loaded.messages if loaded else (),
+            context_name=loaded.name if loaded else "context",
+            context_cache=context_cache,
         )
+    except Moe2Error as exc:
+        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+        raise typer.Exit(2) from None
     except ValueError as exc:
         typer.echo(f"error [invalid_field]: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -11,7 +11,13 @@ import structlog
 import torch
 
 from moe2.agents.backends import load_backend
-from moe2.agents.backends.base import byte_level_bytes, sentencepiece_bytes, tokenizer_identity
+from moe2.agents.backends.base import (
+    PrefixCache,
+    byte_level_bytes,
+    common_prefix,
+    sentencepiece_bytes,
+    tokenizer_identity,
+)
 from moe2.agents.backends.transformers_backend import (
     TransformersBackend,
     conversion_dir,
@@ -39,6 +45,12 @@ def test_sentencepiece_tokens_map_back_to_their_bytes() -> None:
     assert sentencepiece_bytes("<0x0A>") == b"\n"
     assert sentencepiece_bytes("<0xF0>") == b"\xf0"
     assert sentencepiece_bytes("<0xZZ>") == b"<0xZZ>"
+
+
+def test_common_prefix_counts_the_shared_head() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == common_prefix([2], [1]) == 0
 
 
 def test_tokenizer_identity_changes_with_the_vocabulary_only() -> None:
@@ -237,3 +249,145 @@ def test_experts_converting_together_leave_one_complete_cache(tmp_path: Path) ->
     assert [p.name for p in target.parent.iterdir()] == ["tiny-0"]
     names = {p.name for p in target.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "moe2-conversion.json"} <= names
+
+
+# --- teacher-forced scoring and prefix caches --------------------------------------------------
+
+QUESTION = [ChatMessage("user", "What is the capital of France?")]
+TARGETS = ["Paris", "It is Lyon, I think.", "Marseille 🌊 café", "B"]
+
+
+def full_forward(
+    backend: TransformersBackend, prompt: list[int], target: list[int]
+) -> torch.Tensor:
+    """(T, V) log-probabilities at the target's positions, from one pass over prompt + target."""
+    with torch.inference_mode():
+        logits = backend._model(torch.tensor([prompt + target])).logits[0].float()
+    return torch.log_softmax(logits, -1)[len(prompt) - 1 : len(prompt) - 1 + len(target)]
+
+
+@pytest.mark.model
+def test_scores_equal_a_full_forward_pass_for_every_target(backend: TransformersBackend) -> None:
+    prompt = backend.encode_chat(QUESTION)
+    targets = [backend.encode(t) for t in TARGETS]
+    assert [len(t) for t in targets][-1] == 1 and max(len(t) for t in targets) > 5
+    scored = backend.score(prompt, targets, 0)
+    assert len(scored) == len(targets)
+    for target, got in zip(targets, scored, strict=True):
+        rows = full_forward(backend, prompt, target)
+        expected = rows.gather(1, torch.tensor(target)[:, None])[:, 0].numpy()
+        assert got.logprobs.dtype == np.float32 and got.logprobs.shape == (len(target),)
+        np.testing.assert_allclose(got.logprobs, expected, atol=1e-4)
+        assert got.top_ids.shape == got.top_logprobs.shape == (len(target), 0)
+
+
+@pytest.mark.model
+def test_score_top_k_rows_are_the_full_distributions_top_k(backend: TransformersBackend) -> None:
+    prompt = backend.encode_chat(QUESTION)
+    targets = [backend.encode(t) for t in TARGETS[:2]]
+    for target, got in zip(targets, backend.score(prompt, targets, 7), strict=True):
+        rows = full_forward(backend, prompt, target).numpy()
+        assert got.top_ids.shape == got.top_logprobs.shape == (len(target), 7)
+        assert got.top_ids.dtype == np.uint32 and got.top_logprobs.dtype == np.float32
+        assert np.all(np.diff(got.top_logprobs, axis=1) <= 0)
+        expected = -np.sort(-rows, axis=1)[:, :7]
+        np.testing.assert_allclose(got.top_logprobs, expected, atol=1e-4)
+        chosen = np.take_along_axis(rows, got.top_ids.astype(np.int64), axis=1)
+        np.testing.assert_allclose(chosen, got.top_logprobs, atol=1e-4)  # the ids name them
+
+
+@pytest.mark.model
+def test_scoring_the_greedy_continuation_gives_its_top_1_logprobs(
+    backend: TransformersBackend,
+) -> None:
+    prompt = backend.encode_chat(PROMPT)
+    tops = [backend.prefill("g", prompt, 1)]
+    while len(tops) < 10:
+        tops.append(backend.decode("g", int(tops[-1].ids[0]), 1))
+    backend.release("g")
+    greedy_ids = [int(t.ids[0]) for t in tops]
+    (got,) = backend.score(prompt, [greedy_ids], 1)
+    np.testing.assert_allclose(got.logprobs, [t.logprobs[0] for t in tops], atol=1e-4)
+    assert got.top_ids[:, 0].tolist() == greedy_ids
+    np.testing.assert_allclose(got.top_logprobs[:, 0], got.logprobs, atol=1e-6)
+
+
+@pytest.mark.model
+def test_many_and_long_targets_score_as_each_alone(
+    backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of targets and chunks of positions change shapes only, never scores."""
+    from moe2.agents.backends import transformers_scoring
+
+    prompt = backend.encode_chat(QUESTION)
+    targets = [backend.encode(t) for t in [*TARGETS, "Nice, or Paris."]]
+    alone = [backend.score(prompt, [t], 3)[0] for t in targets]
+    monkeypatch.setattr(transformers_scoring, "MAX_BATCH", 2)
+    monkeypatch.setattr(transformers_scoring, "ROW_BUDGET", 4)  # chunks of 1 or 2 positions
+    batched = backend.score(prompt, targets, 3)
+    for one, many in zip(alone, batched, strict=True):
+        np.testing.assert_allclose(many.logprobs, one.logprobs, atol=1e-4)
+        np.testing.assert_allclose(many.top_logprobs, one.top_logprobs, atol=1e-4)
+
+
+@pytest.mark.model
+def test_scoring_leaves_every_session_where_it_was(backend: TransformersBackend) -> None:
+    ids = backend.encode_chat(PROMPT)
+    alone = greedy(backend, "alone", ids, 6)
+    chain = [int(backend.prefill("s", ids, 1).ids[0])]
+    while len(chain) < 6:
+        backend.score(ids, [[5, 6, 7], [8]], 2)
+        chain.append(int(backend.decode("s", chain[-1], 1).ids[0]))
+    backend.release("s")
+    assert chain == alone
+
+
+@pytest.mark.model
+def test_a_target_without_tokens_is_refused(backend: TransformersBackend) -> None:
+    with pytest.raises(Moe2Error, match="at least one token") as info:
+        backend.score(backend.encode_chat(QUESTION), [[5], []], 0)
+    assert info.value.code == ErrorCode.INVALID_FIELD
+
+
+CONTEXT = [
+    ChatMessage("system", "You are a geography teacher. Answer with the city's name."),
+    ChatMessage("user", "What is the capital of Spain?"),
+    ChatMessage("assistant", "Madrid."),
+]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    "question",
+    [QUESTION, [ChatMessage("system", "Be brief."), *QUESTION]],  # a head shared in full, in part
+    ids=["after", "system"],
+)
+def test_a_kept_prefix_gives_the_slices_and_scores_of_a_full_prefill(
+    backend: TransformersBackend, question: list[ChatMessage]
+) -> None:
+    head = backend.encode_chat(CONTEXT)  # ends in an open assistant turn: shared only in part
+    prefix = backend.keep_prefix(head)
+    assert prefix is not None and prefix.ids == tuple(head)
+    ids = backend.encode_chat([*CONTEXT, *question])
+    chains = [greedy_with(backend, ids, 8, p) for p in (None, prefix)]
+    assert chains[0][0] == chains[1][0]  # the same greedy answer
+    np.testing.assert_allclose(chains[0][1], chains[1][1], atol=1e-4)
+    targets = [backend.encode(t) for t in TARGETS]
+    fresh, reused = (backend.score(ids, targets, 4, p) for p in (None, prefix))
+    for a, b in zip(fresh, reused, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(a.top_ids[:, 0], b.top_ids[:, 0])
+    short = backend.prefill("short", head, 3, prefix)  # the whole prompt is the prefix
+    backend.release("short")
+    np.testing.assert_allclose(short.logprobs, backend.prefill("x", head, 3).logprobs, atol=1e-4)
+    backend.release("x")
+
+
+def greedy_with(
+    backend: TransformersBackend, ids: list[int], n: int, prefix: PrefixCache | None
+) -> tuple[list[int], list[float]]:
+    tops = [backend.prefill("p", ids, 1, prefix)]
+    while len(tops) < n:
+        tops.append(backend.decode("p", int(tops[-1].ids[0]), 1))
+    backend.release("p")
+    return [int(t.ids[0]) for t in tops], [float(t.logprobs[0]) for t in tops]

@@ -5,13 +5,21 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from moe2.agents.backends.base import Backend, BackendInfo, TopK
+from moe2.agents.backends.base import Backend, BackendInfo, PrefixCache, TargetLogprobs, TopK
 from moe2.agents.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 BACKENDS: Final = ("transformers",)
 
-__all__ = ["BACKENDS", "Backend", "BackendInfo", "TopK", "load_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendInfo",
+    "PrefixCache",
+    "TargetLogprobs",
+    "TopK",
+    "load_backend",
+]
 
 
 def load_backend(name: str, source: ModelSource, *, threads: int | None = None) -> Backend:

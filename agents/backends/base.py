@@ -1,7 +1,9 @@
 """The interface every model backend implements, and the tokenizer helpers they share.
 
 A backend is synchronous and pure of I/O: the expert agent calls it from one worker thread at a
-time. It keeps one KV cache per session, keyed by the session id.
+time. It keeps one KV cache per session, keyed by the session id, and scores targets by teacher
+forcing without touching any session. A ``PrefixCache`` (the KV cache of an expert's context)
+lets prompts that start with the same head be computed from a copy of it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +48,30 @@ class TopK:
     logprobs: npt.NDArray[np.float32]
 
 
+class TargetLogprobs(NamedTuple):
+    """One target's teacher-forced scores: ``logprobs[t] = log f(y_t | prompt, y_<t)``.
+
+    Natural logs of the full-vocabulary softmax; ``top_ids``/``top_logprobs`` hold the ``k`` most
+    likely tokens at each position (descending), ``(T, 0)`` when no top-k was asked for.
+    """
+
+    logprobs: npt.NDArray[np.float32]  # (T,)
+    top_ids: npt.NDArray[np.uint32]  # (T, k)
+    top_logprobs: npt.NDArray[np.float32]  # (T, k)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PrefixCache:
+    """The KV cache of a fixed head of prompts (an expert's context), made by ``keep_prefix``.
+
+    A prompt whose ids share a head with ``ids`` starts from a copy of the cache of that shared
+    head; ``state`` is the backend's own object and is never changed after it is made.
+    """
+
+    ids: tuple[int, ...]
+    state: object
+
+
 class Backend(Protocol):
     """One loaded model. Synchronous; never called from two threads at once."""
 
@@ -61,8 +87,39 @@ class Backend(Protocol):
         """The prompt ids: the model's own chat template, with the assistant turn opened."""
         ...
 
-    def prefill(self, session: str, prompt_ids: Sequence[int], top_k: int) -> TopK:
-        """Start ``session`` (replacing any cache it had) and return the first token's top-k."""
+    def encode(self, text: str) -> list[int]:
+        """Plain text to ids, no special tokens added (a target's tokens when scoring)."""
+        ...
+
+    def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
+        """Compute the KV cache of ``ids`` once for reuse; None if this backend cannot reuse it."""
+        ...
+
+    def prefill(
+        self,
+        session: str,
+        prompt_ids: Sequence[int],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> TopK:
+        """Start ``session`` (replacing any cache it had) and return the first token's top-k.
+
+        With ``prefix``, the head that ``prompt_ids`` shares with it is copied, not recomputed.
+        """
+        ...
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        targets_ids: Sequence[Sequence[int]],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> list[TargetLogprobs]:
+        """Teacher-forced scores of each non-empty target as the continuation of the prompt.
+
+        Equal (up to float rounding) to one forward pass over ``prompt + target`` per target;
+        ``top_k`` 0 asks for no top-k. Sessions are not touched.
+        """
         ...
 
     def decode(self, session: str, token: int, top_k: int) -> TopK:
@@ -72,6 +129,16 @@ class Backend(Protocol):
     def release(self, session: str) -> None:
         """Free the session's KV cache; a no-op for an unknown session."""
         ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common head of two id sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def tokenizer_identity(name: str, vocab: Mapping[str, int]) -> str:

@@ -27,12 +27,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe2.agents.backends.base import (
     BackendInfo,
+    PrefixCache,
+    TargetLogprobs,
     TokenizerKind,
     TopK,
     byte_level_bytes,
+    common_prefix,
     sentencepiece_bytes,
     tokenizer_identity,
 )
+from moe2.agents.backends.transformers_scoring import copied_cache, reusable, score_targets
 from moe2.agents.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
@@ -86,10 +90,40 @@ class TransformersBackend:
             ) from None
         return [int(i) for i in ids]
 
-    def prefill(self, session: str, prompt_ids: Sequence[int], top_k: int) -> TopK:
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+
+    def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
+        if not ids:
+            return None
+        _, past = self._forward([int(i) for i in ids], None)
+        return PrefixCache(ids=tuple(int(i) for i in ids), state=past) if reusable(past) else None
+
+    def prefill(
+        self,
+        session: str,
+        prompt_ids: Sequence[int],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> TopK:
         self._caches.pop(session, None)
-        logits, self._caches[session] = self._forward(list(prompt_ids), None)
+        logits, self._caches[session] = self._prefill(list(prompt_ids), prefix)
         return top_k_of(logits, top_k)
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        targets_ids: Sequence[Sequence[int]],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> list[TargetLogprobs]:
+        targets = [[int(i) for i in t] for t in targets_ids]
+        if not all(targets):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "every target needs at least one token")
+        k = min(top_k, self._info.vocab_size)
+        last, past = self._prefill(list(prompt_ids), prefix)
+        with torch.inference_mode():
+            return score_targets(self._model, last, past, targets, k)
 
     def decode(self, session: str, token: int, top_k: int) -> TopK:
         if session not in self._caches:
@@ -99,6 +133,14 @@ class TransformersBackend:
 
     def release(self, session: str) -> None:
         self._caches.pop(session, None)
+
+    def _prefill(self, ids: list[int], prefix: PrefixCache | None) -> tuple[torch.Tensor, Any]:
+        """The last position's logits and the cache, from a copy of ``prefix``'s shared head."""
+        if not ids:
+            raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no tokens")
+        shared = 0 if prefix is None else min(common_prefix(ids, prefix.ids), len(ids) - 1)
+        past = copied_cache(prefix.state, shared) if prefix is not None and shared else None
+        return self._forward(ids[shared:], past)
 
     def _forward(self, ids: list[int], past: Any) -> tuple[torch.Tensor, Any]:
         with torch.inference_mode():

@@ -1,0 +1,82 @@
+"""How one expert agent runs (``ExpertConfig``) and what it counts (``ExpertStats``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from moe2.agents.contexts import check_context, context_label
+from moe2.agents.models import DEFAULT_MODEL
+from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
+from moe2.runtime.wire import ChatMessage
+
+DEFAULT_CONTEXT_NAME: Final = "context"
+
+
+def _default_device() -> dict[str, Any]:
+    return {"name": "cpu", "power_w": 15.0}
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """How one expert runs. ``device`` is its declared profile (``power_w`` prices energy).
+
+    ``context``: messages put before every conversation the expert serves, sessions and scores
+    alike (e.g. a system prompt and worked examples); ``context_name`` names them in heartbeats.
+    ``context_cache`` computes the context's KV cache once and starts every prompt from a copy.
+    """
+
+    expert_id: str
+    model: str = DEFAULT_MODEL
+    backend: str = "transformers"
+    top_k: int = 32  # served when an Open asks for 0
+    max_top_k: int = 1024  # the most ids one slice (or one Score position) holds
+    max_context: int | None = None  # None: min(the model's, 4096)
+    max_sessions: int = 32
+    max_pending_scores: int = 32  # Score requests queued or running; more are answered busy
+    idle_timeout_s: float = 120.0
+    heartbeat_s: float = 1.0
+    prefix: str = DEFAULT_PREFIX
+    threads: int | None = None  # torch threads; None leaves torch's default
+    device: dict[str, Any] = field(default_factory=_default_device)
+    context: tuple[ChatMessage, ...] = ()
+    context_name: str = DEFAULT_CONTEXT_NAME
+    context_cache: bool = True
+
+    def __post_init__(self) -> None:
+        check_token("expert id", self.expert_id)
+        if not 1 <= self.top_k <= self.max_top_k:
+            raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")
+        for name in ("max_sessions", "max_pending_scores", "idle_timeout_s", "heartbeat_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError("max_context must be at least 2")
+        object.__setattr__(self, "context", tuple(self.context))  # a list is welcome too
+        if self.context:
+            check_context(self.context_name, self.context)
+
+    @property
+    def power_w(self) -> float:
+        return float(self.device.get("power_w", 0.0))
+
+    @property
+    def context_label(self) -> str:
+        """``name@hash`` of the context (``""`` without one), as heartbeats announce it."""
+        return context_label(self.context_name, self.context)
+
+
+@dataclass(slots=True)
+class ExpertStats:
+    """Counters a user can read (and metrics can export)."""
+
+    slices: int = 0
+    scores: int = 0  # Scored replies sent
+    bad_messages: int = 0  # dropped: nobody to answer
+    errors: Counter[str] = field(default_factory=Counter)  # replies sent, by code
+    internal_errors: int = 0
+    decode_s: float = 0.0  # moving average of one decode step's compute time
+
+    def note_decode(self, compute_s: float) -> None:
+        self.decode_s = compute_s if not self.decode_s else 0.9 * self.decode_s + 0.1 * compute_s
