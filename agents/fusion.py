@@ -16,7 +16,7 @@ from moe2.agents.fusion_session import FusionSession, SessionPlan
 from moe2.agents.membership import Membership, same_tokenizer
 from moe2.gating import Gate, UniformGate, top_k_weights
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
@@ -46,7 +46,7 @@ class FusionAgent:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         prompts = await self.nc.subscribe(self.subjects.prompt, queue=FUSION_QUEUE)
         members = await self.nc.subscribe(self.subjects.members)
-        await self.nc.flush()
+        await flush_subscriptions(self.nc)
         log.info("fusion_ready", prompt=self.subjects.prompt)
         try:
             async with anyio.create_task_group() as tg:

@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 
 from moe2.agents.fusion_config import FusionConfig
 from moe2.runtime import wire
+from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.deadline import LateTracker
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.fusion import ExpertSlice, fuse
@@ -74,6 +75,7 @@ class FusionSession:
         sub = await self.nc.subscribe(
             self.subjects.session_slices(self.plan.session), cb=self._deliver
         )
+        await flush_subscriptions(self.nc)  # before any Open: slice 0 must find the subscription
         try:
             await self._answer(started)
         except Moe2Error as exc:

@@ -12,7 +12,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from moe2.runtime.connection import close_nats, nats_connection
+from moe2.runtime.connection import close_nats, flush_subscriptions, nats_connection
 from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
 
 log = structlog.get_logger("moe2.recorder")
@@ -82,7 +82,7 @@ class Recorder:
 
         for subject in self.subjects:
             await nc.subscribe(subject, cb=on_message)
-        await nc.flush()  # the server has the subscriptions: nothing published from now is missed
+        await flush_subscriptions(nc)  # from now on nothing published is missed
 
     async def _until_stopped(self, writer: TraceWriter, duration: float | None) -> None:
         with anyio.move_on_after(duration):

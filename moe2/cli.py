@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 import anyio
 import typer
 
+from moe2.gating_cli import app as gating_app
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.lifecycle import until_signalled
 from moe2.runtime.logs import configure_logging
@@ -22,18 +23,7 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def _add_gating_commands() -> None:
-    """`moe2 gating …` (collect, train, eval, …) lives in moe2/gating_cli.py once it exists."""
-    try:
-        from moe2.gating_cli import app as gating_app
-    except ModuleNotFoundError as exc:
-        if exc.name != "moe2.gating_cli":
-            raise
-        return
-    app.add_typer(gating_app, name="gating", help="Gating network: collect, train, evaluate.")
-
-
-_add_gating_commands()
+app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]

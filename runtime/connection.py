@@ -67,6 +67,16 @@ async def close_nats(nc: NATS, limit_s: float = 2.0) -> None:
         await nc.close()
 
 
+async def flush_subscriptions(nc: NATS) -> None:
+    """Return once the server has every subscription made so far on ``nc``.
+
+    nats-py 2.16's ``flush`` can send its PING ahead of a SUB still waiting to be written, so
+    one PONG does not prove the server has the SUB; the second PING follows it.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
 @asynccontextmanager
 async def nats_connection(url: str, *, name: str) -> AsyncIterator[NATS]:
     nc = await connect_nats(url, name=name)

@@ -76,5 +76,5 @@ class Subjects:
         return subject.rsplit(".", 1)[-1]
 
     def verb_of_expert_subject(self, subject: str) -> str:
-        """``open``, ``step`` or ``close`` from an expert subject."""
+        """``open``, ``step``, ``close`` or ``score`` from an expert subject."""
         return subject.rsplit(".", 1)[-1]

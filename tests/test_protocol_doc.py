@@ -231,6 +231,7 @@ def test_the_doc_names_every_field_of_every_message() -> None:
     structs = [
         wire.Prompt, wire.Open, wire.Step, wire.Close, wire.Slice, wire.Heartbeat,
         wire.Chunk, wire.Final, wire.Error, wire.ChatMessage, wire.Usage, wire.Timings,
+        wire.Score, wire.TargetScore, wire.Scored,
     ]  # fmt: skip
     missing = [
         f"{s.__name__}.{f.name}"
@@ -249,6 +250,7 @@ def test_the_doc_names_every_subject_as_the_code_builds_it() -> None:
         s.expert_open("<expert>"),
         s.expert_step("<expert>"),
         s.expert_close("<expert>"),
+        s.expert_score("<expert>"),
         s.expert_inbox("<expert>"),
         s.slice("<session>", "<expert>"),
         s.session_slices("<session>"),
