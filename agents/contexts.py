@@ -71,6 +71,12 @@ def context_label(name: str, messages: Sequence[ChatMessage]) -> str:
     return f"{name}@{context_digest(messages)}" if messages else ""
 
 
+def save_context(context: ExpertContext, path: Path) -> None:
+    """Write ``context`` in the format ``load_context`` (and ``moe2 expert --context``) reads."""
+    data = _ContextFile(name=context.name, messages=list(context.messages))
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(data), indent=2))
+
+
 def load_context(path: Path) -> ExpertContext:
     """Read a context file; Moe2Error(INVALID_FIELD) that names the file and the fault."""
     try:

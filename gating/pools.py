@@ -18,6 +18,7 @@ from typing import Final
 
 import msgspec
 
+from moe2.agents.contexts import ExpertContext, save_context
 from moe2.gating.data import LETTERS, McExample, letter_messages
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
@@ -65,13 +66,6 @@ MMLU_GROUPS: Final[dict[str, tuple[frozenset[str], str]]] = {
 }
 
 SHOTS: Final = 5
-
-
-class ExpertContext(msgspec.Struct, frozen=True):
-    """What ``moe2 expert --context FILE`` reads: messages placed before every prompt."""
-
-    name: str
-    messages: list[ChatMessage]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +131,7 @@ def build_pool(
         messages = [ChatMessage("system", system_prompt(domain))]
         messages += [m for ex in chosen for m in worked_example(ex)]
         pool[group] = PoolMember(
-            context=ExpertContext(name=group, messages=messages),
+            context=ExpertContext(name=group, messages=tuple(messages)),
             subjects=sorted({ex.subject for ex in members}),
             shots=[ex.id for ex in chosen],
         )
@@ -150,7 +144,7 @@ def write_pool(pool: dict[str, PoolMember], out: Path, *, source: str, seed: int
     paths = []
     for group, member in pool.items():
         path = out / f"{group}.json"
-        path.write_bytes(msgspec.json.format(msgspec.json.encode(member.context), indent=2))
+        save_context(member.context, path)
         paths.append(path)
     manifest = {
         "pool": "mmlu-groups-fewshot",

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from moe2.agents.contexts import load_context
 from moe2.agents.replay import synthetic_trace
 from moe2.gating.data import McExample, cloze_targets
-from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES, ExpertContext
+from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES
 from moe2.gating.store import DatasetSpec, ExpertIdentity, OutputStore, ScoreRecord, StoreMeta
 from moe2.gating_cli import app
 from moe2.runtime import wire
@@ -75,7 +76,7 @@ def test_pool_writes_one_context_per_group_and_prints_the_expert_commands(
         assert f"moe2 expert --id {group} --context {tmp_path / 'pool' / group}.json" in out
         raw = json.loads((tmp_path / "pool" / f"{group}.json").read_text())
         assert set(raw) == {"name", "messages"} and raw["name"] == group
-        ctx = ExpertContext(name=raw["name"], messages=[ChatMessage(**m) for m in raw["messages"]])
+        ctx = load_context(tmp_path / "pool" / f"{group}.json")  # what `moe2 expert` reads
         roles = [m.role for m in ctx.messages]
         assert roles == ["system"] + ["user", "assistant"] * 5
         assert all(m.content in "ABCDE" and len(m.content) == 1 for m in ctx.messages[2::2])
