@@ -8,217 +8,34 @@ step. Anything the trace did not see is answered with ``trace_diverged``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
 import msgspec
-import nats.errors
-import numpy as np
-import numpy.typing as npt
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from moe2.agents.recorded import (
+    OpenKey,
+    RecordedAnswer,
+    RecordedExpert,
+    RecordedSession,
+    load_recorded_experts,
+    open_key,
+)
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
-from moe2.runtime.trace import TraceRecord, TraceWriter, new_header, read_trace
 
 log = structlog.get_logger("moe2.replay")
 
-OpenKey = tuple[bytes, int, int]  # (msgpack of the messages, top_k, max_tokens)
-_HOLE = "\x00moe2-replay-session\x00"
 MAX_LIVE_SESSIONS = 4096
-
-
-# ---------------------------------------------------------------------------------------------
-# Re-publishing a trace as it was recorded.
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: ``*`` is one token, a final ``>`` is one or more."""
-    want, have = pattern.split("."), subject.split(".")
-    for i, token in enumerate(want):
-        if token == ">":
-            return len(have) > i
-        if i >= len(have) or token not in ("*", have[i]):
-            return False
-    return len(want) == len(have)
-
-
-async def republish(
-    url: str,
-    trace_path: Path,
-    *,
-    speed: float = 1.0,
-    subjects: Sequence[str] | None = None,
-    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> int:
-    """Publish every record (or those on ``subjects``) with its reply and headers, keeping the
-    recorded gaps divided by ``speed`` (0: as fast as possible). Returns the count published."""
-    if speed < 0:
-        raise ValueError("speed must be >= 0")
-    _, records = read_trace(Path(trace_path))
-    wanted = (
-        r for r in records if not subjects or any(subject_matches(p, r.subject) for p in subjects)
-    )
-    async with nats_connection(url, name="moe2-replay") as nc:
-        task_status.started()
-        count = await _publish_paced(nc, wanted, speed)
-        await nc.flush()
-    log.info("republished", trace=str(trace_path), messages=count, speed=speed)
-    return count
-
-
-async def _publish_paced(nc: NATS, records: Iterable[TraceRecord], speed: float) -> int:
-    count, start, first = 0, anyio.current_time(), None
-    for record in records:
-        if speed > 0:
-            first = record.t if first is None else first
-            await anyio.sleep_until(start + (record.t - first) / speed)
-        try:
-            await nc.publish(record.subject, record.data, record.reply or "", record.headers)
-        except nats.errors.MaxPayloadError:
-            log.warning("republish_too_large", subject=record.subject, size=len(record.data))
-            continue
-        count += 1
-    return count
-
-
-# ---------------------------------------------------------------------------------------------
-# What the trace says each expert did (pure).
-
-
-@dataclass(frozen=True, slots=True)
-class SessionTemplate:
-    """An encoded message with a hole where the session id goes: no re-encoding per answer."""
-
-    head: bytes
-    tail: bytes
-
-    @classmethod
-    def of(cls, message: wire.Slice | wire.Error) -> SessionTemplate:
-        data = wire.encode(msgspec.structs.replace(message, session=_HOLE))
-        hole = msgspec.msgpack.encode(_HOLE)
-        if data.count(hole) != 1:
-            raise Moe2Error(ErrorCode.INTERNAL, "cannot place the session id in a recorded answer")
-        head, _, tail = data.partition(hole)
-        return cls(head, tail)
-
-    def render(self, session: str) -> bytes:
-        return self.head + msgspec.msgpack.encode(session) + self.tail
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedAnswer:
-    """What the expert published for one step: a slice or an error, and its compute time."""
-
-    payload: SessionTemplate
-    compute_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedSession:
-    expert: str
-    session: str  # the recorded session id
-    answers: Mapping[int, RecordedAnswer]  # step -> answer
-    tokens: Mapping[int, int]  # step -> the token the fusion agent sent with Step(step)
-
-
-@dataclass(slots=True)
-class RecordedExpert:
-    expert: str
-    heartbeat: wire.Heartbeat | None = None
-    sessions: dict[OpenKey, list[RecordedSession]] = field(default_factory=dict)
-
-    @property
-    def session_count(self) -> int:
-        return sum(len(v) for v in self.sessions.values())
-
-
-def open_key(message: wire.Open) -> OpenKey:
-    return (msgspec.msgpack.encode(message.messages), message.top_k, message.max_tokens)
-
-
-@dataclass(slots=True)
-class _Draft:
-    key: OpenKey
-    answers: dict[int, wire.Slice | wire.Error] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    last_step: int = 0
-
-
-class _TraceIndex:
-    """Folds records, in order, into per-expert heartbeats and sessions."""
-
-    def __init__(self, prefix: str) -> None:
-        self.root = Subjects(prefix).root + "."
-        self.heartbeats: dict[str, wire.Heartbeat] = {}
-        self.drafts: dict[tuple[str, str], _Draft] = {}  # (expert, session), in Open order
-
-    def add(self, record: TraceRecord) -> None:
-        if not record.subject.startswith(self.root):
-            return
-        parts = record.subject[len(self.root) :].split(".")
-        try:
-            message = wire.decode(record.data)
-        except Moe2Error:
-            return
-        if parts[0] == "members" and len(parts) == 2 and isinstance(message, wire.Heartbeat):
-            self.heartbeats[parts[1]] = message
-        elif parts[0] == "expert" and len(parts) == 3:
-            self._to_expert(parts[1], message)
-        elif parts[0] == "session" and len(parts) == 4 and parts[2] == "slice":
-            self._from_expert(parts[3], parts[1], message)
-
-    def _to_expert(self, expert: str, message: wire.Message) -> None:
-        if isinstance(message, wire.Open):
-            self.drafts.pop((expert, message.session), None)
-            self.drafts[(expert, message.session)] = _Draft(open_key(message))
-        elif isinstance(message, wire.Step) and (
-            draft := self.drafts.get((expert, message.session))
-        ):
-            draft.tokens[message.step] = message.token
-            draft.last_step = message.step
-
-    def _from_expert(self, expert: str, session: str, message: wire.Message) -> None:
-        draft = self.drafts.get((expert, session))
-        if draft is None or not isinstance(message, wire.Slice | wire.Error):
-            return
-        step = message.step if message.step >= 0 else draft.last_step
-        draft.answers.setdefault(step, message)  # a duplicate answer is not the answer
-
-    def experts(self) -> dict[str, RecordedExpert]:
-        found = {e: RecordedExpert(e, hb) for e, hb in self.heartbeats.items()}
-        for (expert, session), draft in self.drafts.items():
-            recorded = found.setdefault(expert, RecordedExpert(expert))
-            recorded.sessions.setdefault(draft.key, []).append(_finish(expert, session, draft))
-        return found
-
-
-def _finish(expert: str, session: str, draft: _Draft) -> RecordedSession:
-    answers = {
-        step: RecordedAnswer(
-            SessionTemplate.of(m), m.compute_s if isinstance(m, wire.Slice) else 0.0
-        )
-        for step, m in draft.answers.items()
-    }
-    return RecordedSession(expert, session, answers, dict(draft.tokens))
-
-
-def recorded_experts(
-    records: Iterable[TraceRecord], *, prefix: str = DEFAULT_PREFIX
-) -> dict[str, RecordedExpert]:
-    """Every expert id the trace saw, with its latest heartbeat and its recorded sessions."""
-    index = _TraceIndex(prefix)
-    for record in records:
-        index.add(record)
-    return index.experts()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,11 +232,6 @@ async def serve_replay_experts(
             task_status.started(ids)
 
 
-def load_recorded_experts(path: Path, *, prefix: str = DEFAULT_PREFIX) -> dict[str, RecordedExpert]:
-    _, records = read_trace(path)
-    return recorded_experts(records, prefix=prefix)
-
-
 def _choose_experts(
     found: dict[str, RecordedExpert], wanted: Collection[str] | None
 ) -> list[RecordedExpert]:
@@ -430,135 +242,3 @@ def _choose_experts(
             f"the trace holds no expert {missing or ''}: it has {sorted(found)}",
         )
     return [found[e] for e in sorted(found) if wanted is None or e in wanted]
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic traces: drive a fusion agent with no model at all.
-
-
-def synthetic_trace(
-    path: Path,
-    *,
-    experts: Sequence[str],
-    prompt_messages: Sequence[wire.ChatMessage],
-    steps: int,
-    top_k: int = 32,
-    vocab_size: int = 49152,
-    seed: int = 0,
-    tokens: Sequence[int] | None = None,
-    max_tokens: int | None = None,
-    eos_ids: Sequence[int] = (0,),
-    session: str = "synthetic-0",
-    prefix: str = DEFAULT_PREFIX,
-) -> list[int]:
-    """Write a trace of one session: heartbeats, Open (``max_tokens`` defaults to ``steps``),
-    slices for steps 0..steps and the Steps between them. In every slice of step t the token
-    ``tokens[t]`` has the highest probability, so a greedy fusion picks it whatever the weights.
-    ``tokens`` (steps + 1 ids, none in ``eos_ids``) defaults to random ones; returns them."""
-    rng = np.random.default_rng(seed)
-    plan = _SyntheticPlan(
-        experts=list(experts),
-        opened=wire.Open(
-            session=session,
-            messages=list(prompt_messages),
-            top_k=top_k,
-            max_tokens=steps if max_tokens is None else max_tokens,
-        ),
-        chosen=_chosen_tokens(rng, steps + 1, vocab_size, eos_ids, tokens),
-        vocab_size=vocab_size,
-        eos_ids=list(eos_ids),
-    )
-    with TraceWriter(Path(path), new_header(server="", subjects=[">"])) as writer:
-        for i, (subject, message) in enumerate(plan.messages(rng, Subjects(prefix))):
-            writer.write(TraceRecord(i * 0.001, subject, data=wire.encode(message)))
-    return plan.chosen
-
-
-@dataclass(frozen=True, slots=True)
-class _SyntheticPlan:
-    experts: list[str]
-    opened: wire.Open
-    chosen: list[int]  # the token chosen at each step
-    vocab_size: int
-    eos_ids: list[int]
-
-    def messages(
-        self, rng: np.random.Generator, sub: Subjects
-    ) -> Iterator[tuple[str, wire.Message]]:
-        for e in self.experts:
-            yield sub.member(e), _synthetic_heartbeat(e, self.vocab_size, self.eos_ids)
-        for step in range(len(self.chosen)):
-            for e in self.experts:
-                yield self._request(sub, e, step)
-            for e in self.experts:
-                yield sub.slice(self.opened.session, e), self._slice(rng, e, step)
-        for e in self.experts:
-            yield sub.expert_close(e), wire.Close(session=self.opened.session)
-
-    def _request(self, sub: Subjects, expert: str, step: int) -> tuple[str, wire.Message]:
-        if step == 0:
-            return sub.expert_open(expert), self.opened
-        token = self.chosen[step - 1]
-        return sub.expert_step(expert), wire.Step(
-            session=self.opened.session, step=step, token=token
-        )
-
-    def _slice(self, rng: np.random.Generator, expert: str, step: int) -> wire.Slice:
-        prompt_tokens = (
-            sum(len(m.content.split()) for m in self.opened.messages) if step == 0 else 0
-        )
-        ids, logprobs = _synthetic_top_k(rng, self.chosen[step], self.opened.top_k, self.vocab_size)
-        return wire.make_slice(
-            session=self.opened.session,
-            expert=expert,
-            step=step,
-            ids=ids,
-            logprobs=logprobs,
-            pieces=[f" t{int(i)}".encode() for i in ids],
-            compute_s=float(rng.uniform(0.005, 0.02)),
-            prompt_tokens=prompt_tokens,
-        )
-
-
-def _chosen_tokens(
-    rng: np.random.Generator,
-    n: int,
-    vocab_size: int,
-    eos_ids: Sequence[int],
-    tokens: Sequence[int] | None,
-) -> list[int]:
-    if tokens is not None:
-        if len(tokens) != n or any(t in eos_ids or not 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"tokens must be {n} ids in [0, {vocab_size}), none of {eos_ids}")
-        return [int(t) for t in tokens]
-    chosen: list[int] = []
-    while len(chosen) < n:
-        token = int(rng.integers(vocab_size))
-        if token not in eos_ids:
-            chosen.append(token)
-    return chosen
-
-
-def _synthetic_heartbeat(expert: str, vocab_size: int, eos_ids: list[int]) -> wire.Heartbeat:
-    return wire.Heartbeat(
-        expert=expert,
-        model=f"synthetic/{expert}",
-        tokenizer=f"synthetic-{vocab_size}",
-        backend="replay",
-        vocab_size=vocab_size,
-        eos_ids=eos_ids,
-    )
-
-
-def _synthetic_top_k(
-    rng: np.random.Generator, chosen: int, top_k: int, vocab_size: int
-) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.float64]]:
-    """Random top-k ids and descending logprobs, ``chosen`` first; 5-30 % of the mass is outside."""
-    others = rng.choice(vocab_size, size=top_k, replace=False)
-    ids = np.concatenate([[chosen], others[others != chosen][: top_k - 1]]).astype(np.uint32)
-    logits = rng.normal(0.0, 1.0, size=len(ids))
-    logits[0] = logits[1:].max(initial=0.0) + 0.5 + rng.random()
-    probs = np.exp(logits - logits.max())
-    probs *= (1.0 - rng.uniform(0.05, 0.3)) / probs.sum()
-    order = np.argsort(-probs, kind="stable")
-    return ids[order], np.log(probs[order])

@@ -239,7 +239,8 @@ def replay(
 ) -> None:
     """Re-publish a trace with its timing, or (--experts) answer fusion agents from it."""
     configure_logging("info")
-    from moe2.agents.replay import republish, serve_replay_experts
+    from moe2.agents.replay import serve_replay_experts
+    from moe2.agents.republish import republish
 
     if experts:
         run_async(lambda: serve_replay_experts(nats_url, trace, delay_s=delay))

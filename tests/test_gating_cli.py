@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe2.agents.contexts import load_context
-from moe2.agents.replay import synthetic_trace
+from moe2.agents.synthetic import synthetic_trace
 from moe2.gating.data import McExample, cloze_targets
 from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES
 from moe2.gating.store import DatasetSpec, ExpertIdentity, OutputStore, ScoreRecord, StoreMeta

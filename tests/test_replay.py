@@ -19,14 +19,11 @@ from nats.aio.client import Client as NATS
 import moe2
 from moe2.agents.fusion import FusionAgent
 from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.recorded import recorded_experts
 from moe2.agents.recorder import Recorder
-from moe2.agents.replay import (
-    recorded_experts,
-    republish,
-    serve_replay_experts,
-    subject_matches,
-    synthetic_trace,
-)
+from moe2.agents.replay import serve_replay_experts
+from moe2.agents.republish import republish, subject_matches
+from moe2.agents.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
