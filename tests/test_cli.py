@@ -92,6 +92,35 @@ def test_server_command_serves_until_terminated(processes: list[subprocess.Popen
                     await anyio.sleep(0.1)
 
     anyio.run(ping)
+    processes[-1].terminate()
+    assert processes[-1].wait(10) == 0
+    assert not [p for p in Path("/proc").iterdir() if _runs_on_port(p, port)]  # nothing left
+
+
+def test_a_killed_owner_takes_its_nats_server_with_it() -> None:
+    port = free_port()
+    code = f"from moe2.runtime.server import NatsServer; NatsServer(port={port}).start(); print(1)"
+    owner = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while not [p for p in Path("/proc").iterdir() if _runs_on_port(p, port)]:
+            assert time.monotonic() < deadline, "the server never started"
+            time.sleep(0.05)
+    finally:
+        owner.kill()
+        owner.wait(10)
+    deadline = time.monotonic() + 10
+    while [p for p in Path("/proc").iterdir() if _runs_on_port(p, port)]:
+        assert time.monotonic() < deadline, "nats-server outlived the process that started it"
+        time.sleep(0.05)
+
+
+def _runs_on_port(proc: Path, port: int) -> bool:
+    try:
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"nats-server" in cmdline[0] and str(port).encode() in cmdline
 
 
 def test_roles_as_processes_answer_through_ask_record_and_replay(
