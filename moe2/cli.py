@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio
 import typer
 
+from moe2.cli_support import fail, run_async
 from moe2.gating_cli import app as gating_app
 from moe2.runtime.errors import Moe2Error
-from moe2.runtime.lifecycle import until_signalled
 from moe2.runtime.logs import configure_logging
 
 app = typer.Typer(
@@ -21,41 +19,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-T = TypeVar("T")
-
-
 app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
 JsonLogs = Annotated[bool, typer.Option("--json-logs", help="Log JSON lines to stderr.")]
-
-
-def run_async(main: Callable[[], Awaitable[T]]) -> T | None:
-    """Run a coroutine until done or SIGTERM/SIGINT; a Moe2Error is a message and exit 1."""
-    try:
-        return anyio.run(until_signalled, main)
-    except Moe2Error as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(1) from None
-    except BaseExceptionGroup as group:  # from a nested task group
-        first = _first_moe2_error(group)
-        if first is None:
-            raise
-        typer.echo(f"error [{first.code}]: {first.message}", err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def _first_moe2_error(group: BaseExceptionGroup[BaseException]) -> Moe2Error | None:
-    for exc in group.exceptions:
-        if isinstance(exc, Moe2Error):
-            return exc
-        if isinstance(exc, BaseExceptionGroup) and (found := _first_moe2_error(exc)):
-            return found
-    return None
 
 
 @app.command()
@@ -75,8 +44,7 @@ def server(
         typer.echo(f"nats-server listening on {srv.url} (Ctrl-C to stop)", err=True)
         srv.wait()
     except Moe2Error as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc.code, exc.message)
     except KeyboardInterrupt:
         pass
     finally:
@@ -128,11 +96,9 @@ def expert(
             context_cache=context_cache,
         )
     except Moe2Error as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc.code, exc.message, status=2)
     except ValueError as exc:
-        typer.echo(f"error [invalid_field]: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail("invalid_field", str(exc), status=2)
     run_async(lambda: serve_expert(nats_url, config))
 
 

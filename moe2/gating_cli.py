@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from moe2.cli_support import fail, run_async
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.logs import configure_logging
 
@@ -33,8 +34,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except Moe2Error as exc:
-        typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc.code, exc.message)
 
 
 def _existing(path: Path, what: str) -> Path:
@@ -131,7 +131,7 @@ def collect(
             )
         except ValueError as exc:
             raise Moe2Error(ErrorCode.INVALID_FIELD, str(exc)) from None
-    result = _run(lambda: collect_live(nats_url, examples, out, dataset, config))
+    result = run_async(lambda: collect_live(nats_url, examples, out, dataset, config))
     if result is None:
         typer.echo(
             f"interrupted: the pairs collected so far are in {out}; "
@@ -149,12 +149,6 @@ def _summary_line(s: Any) -> str:
         f"{s.failed} refused by an expert, {left} still to collect, of {s.pairs} "
         f"({s.seconds:.1f} s)"
     )
-
-
-def _run(main: Callable[[], Any]) -> Any:
-    from moe2.cli import run_async  # moe2.cli imports this module: import it late
-
-    return run_async(main)
 
 
 # ---------------------------------------------------------------------------------------------
