@@ -15,7 +15,7 @@ from moe2.agents.fusion_config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.deadline import LateTracker
-from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.fusion import ExpertSlice, fuse
 from moe2.runtime.sampling import SamplingParams, TokenSampler
 from moe2.runtime.subjects import Subjects
@@ -240,10 +240,12 @@ class FusionSession:
                 raise ContextFull
             if result.errors and len(result.errors) == len(failed) == len(failed + late):
                 first = next(iter(result.errors.values()))
-                raise Moe2Error(_code(first.code), f"expert {first.expert}: {first.message}")
+                raise Moe2Error(error_code(first.code), f"expert {first.expert}: {first.message}")
             if result.rejected:
                 expert, why = next(iter(result.rejected.items()))
-                raise Moe2Error(_code(why), f"every slice of step {step} refused ({expert}: {why})")
+                raise Moe2Error(
+                    error_code(why), f"every slice of step {step} refused ({expert}: {why})"
+                )
             raise Moe2Error(
                 ErrorCode.NO_SLICES,
                 f"no slice arrived for step {step} within {deadline_s:.3g}s "
@@ -292,10 +294,3 @@ class FusionSession:
     async def _reply(self, message: wire.Message) -> None:
         if self.plan.reply:
             await self.nc.publish(self.plan.reply, wire.encode(message))
-
-
-def _code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
-from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 
 NO_RESPONDER_RETRIES = 3
@@ -87,7 +87,7 @@ class Answer:
             raise Moe2Error(ErrorCode.NO_FUSION_AGENT, "no fusion agent listens on the bus")
         item = wire.decode(msg.data)
         if isinstance(item, wire.Error):
-            raise Moe2Error(_code(item.code), item.message)
+            raise Moe2Error(error_code(item.code), item.message)
         if isinstance(item, wire.Final):
             self.final = item
             return None
@@ -104,13 +104,6 @@ class Answer:
 
 def _no_responders(msg: Msg) -> bool:
     return bool(msg.headers) and msg.headers.get("Status") == "503"  # type: ignore[union-attr]
-
-
-def _code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code)
-    except ValueError:
-        return ErrorCode.INTERNAL
 
 
 class Client:

@@ -29,6 +29,14 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+def error_code(code: str) -> ErrorCode:
+    """The code a peer sent; one this version does not know reads as ``internal``."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
 class Moe2Error(Exception):
     """An error with a stable code and a human message."""
 
