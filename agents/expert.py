@@ -57,7 +57,7 @@ from moe2.agents.expert_config import ExpertConfig, ExpertStats
 from moe2.agents.expert_score import run_score, score_refusal
 from moe2.agents.models import resolve_model
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.lifecycle import cancel_on_signals
 from moe2.runtime.subjects import Subjects, check_token
@@ -120,11 +120,7 @@ class ExpertAgent:
             await self._in_worker(partial(self._prepare_context))
         sub = await self._nc.subscribe(self.subjects.expert_inbox(self.config.expert_id))
         try:
-            # Twice: nats-py 2.16 writes flush's PING straight to the socket, ahead of the SUB still
-            # queued for its flusher, so only the second PONG proves the server has the
-            # subscription (and a request sent once we are "started" finds a responder).
-            await self._nc.flush()
-            await self._nc.flush()
+            await flush_subscriptions(self._nc)  # a request sent once we are started finds us
             async with anyio.create_task_group() as tg:
                 await self._heartbeat()
                 tg.start_soon(self._heartbeat_loop)

@@ -29,7 +29,7 @@ from moe2.agents.recorded import (
     open_key,
 )
 from moe2.runtime import wire
-from moe2.runtime.connection import nats_connection
+from moe2.runtime.connection import flush_subscriptions, nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 
@@ -86,7 +86,7 @@ class ReplayExpert:
             async with anyio.create_task_group() as tg:
                 await self._heartbeat()
                 tg.start_soon(self._heartbeats)
-                await self.nc.flush()
+                await flush_subscriptions(self.nc)
                 task_status.started()
                 async for msg in sub.messages:
                     await self._handle(msg, tg)

@@ -13,6 +13,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
 from moe2.runtime import wire
+from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.subjects import Subjects
 
 VOCAB = 256
@@ -40,7 +41,7 @@ class ScriptedExpert:
         sub = await self.nc.subscribe(self.s.expert_inbox(self.expert))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat)
-            await self.nc.flush()
+            await flush_subscriptions(self.nc)
             task_status.started()
             async for msg in sub.messages:
                 tg.start_soon(self._answer, wire.decode(msg.data))

@@ -45,7 +45,7 @@ from moe2.gating.store import (
     examples_digest,
 )
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects
 from moe2.runtime.trace import object_end
@@ -151,7 +151,7 @@ class ScoringExpert:
         async with anyio.create_task_group() as tg:
             sub = await self.nc.subscribe(self.s.expert_score(self.expert))
             tg.start_soon(self._heartbeats)
-            await self.nc.flush()
+            await flush_subscriptions(self.nc)
             task_status.started()
             async for msg in sub.messages:
                 tg.start_soon(self._answer, msg)

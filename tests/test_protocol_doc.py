@@ -21,7 +21,7 @@ import moe2
 from moe2.agents.fusion import FusionAgent
 from moe2.agents.fusion_config import FusionConfig
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode
 from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
@@ -194,7 +194,7 @@ async def test_the_documented_permissions_suffice_and_refuse_a_forged_slice(
                 with anyio.fail_after(30):
                     await agent.wait_for_experts(1, 5)
                     probe = await fusion.subscribe("moe2.v1.session.probe.slice.*")
-                    await fusion.flush()
+                    await flush_subscriptions(fusion)
                     await expert.publish("moe2.v1.session.probe.slice.expert_b", b"forged")
                     await expert.publish("moe2.v1.session.probe.slice.expert_a", b"own")
                     await expert.flush()
