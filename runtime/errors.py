@@ -26,6 +26,8 @@ class ErrorCode(StrEnum):
     TRACE_DIVERGED = "trace_diverged"  # a replay expert was asked for a path its trace lacks
     UNREACHABLE = "unreachable"  # no NATS server at the URL
     TIMEOUT = "timeout"
+    INFEASIBLE = "infeasible"  # no subset of experts meets the delay and energy budgets
+    NO_ENERGY_METER = "no_energy_meter"  # the energy source asked for cannot be read on this box
     INTERNAL = "internal"
 
 
