@@ -321,6 +321,20 @@ def run_evaluation(outputs: Path, gate: Path, split: str, stem: Path) -> str:
     """Evaluate the artifact at ``gate`` on the store at ``outputs`` (``split``: "heldout",
     the artifact's held-out example ids, or "all"); write ``stem``.md and .json; return the
     markdown."""
+    store, arrays, values = gated_scores(outputs, gate, split)
+    rows = evaluate_all(arrays, values)
+    context = report_context(store, gate, split, arrays)
+    text = markdown_report(rows, context)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    body = {**context, "rows": [r.as_dict() for r in rows]}
+    stem.with_suffix(".json").write_bytes(msgspec.json.format(msgspec.json.encode(body), indent=2))
+    return text
+
+
+def gated_scores(outputs: Path, gate: Path, split: str) -> tuple[Any, ScoreArrays, np.ndarray]:
+    """The store, its score arrays on ``split`` ("heldout" or "all"), and the gate's values
+    for those examples (E, N)."""
     from moe2.gating.artifact import GatingArtifact
     from moe2.gating.data import embed_text
     from moe2.gating.embed import load_embedder
@@ -333,15 +347,7 @@ def run_evaluation(outputs: Path, gate: Path, split: str, stem: Path) -> str:
     if not arrays.examples:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"{outputs} holds no complete example")
     texts = [embed_text(store.example(i)) for i in arrays.example_ids]
-    values = artifact.values(load_embedder(artifact.embedder).embed(texts))
-    rows = evaluate_all(arrays, values)
-    context = report_context(store, gate, split, arrays)
-    text = markdown_report(rows, context)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    body = {**context, "rows": [r.as_dict() for r in rows]}
-    stem.with_suffix(".json").write_bytes(msgspec.json.format(msgspec.json.encode(body), indent=2))
-    return text
+    return store, arrays, artifact.values(load_embedder(artifact.embedder).embed(texts))
 
 
 def heldout_ids(store: Any, ids: Sequence[str], gate: Path) -> list[str]:
