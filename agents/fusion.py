@@ -14,12 +14,14 @@ from nats.aio.msg import Msg
 from moe2.agents.fusion_config import FusionConfig
 from moe2.agents.fusion_session import FusionSession, SessionPlan
 from moe2.agents.membership import Membership, same_tokenizer
+from moe2.agents.reselection import Reselector
 from moe2.gating import Gate, UniformGate, top_k_weights
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
+from moe2.selection.live import LiveSelection
 
 log = structlog.get_logger("moe2.fusion")
 
@@ -38,7 +40,8 @@ class FusionAgent:
         self.subjects = Subjects(self.config.prefix)
         self.gate: Gate = gate or UniformGate()
         self.selector: SubsetSelector = selector or AllLive()
-        self.membership = Membership(self.config.member_timeout_s)
+        self.membership = Membership(self.config.missed_heartbeats)
+        self.agent_id = f"fusion-{uuid.uuid4().hex[:8]}"
         self.sessions = 0
         self.served = 0
         self._members_changed = anyio.Event()
@@ -51,6 +54,11 @@ class FusionAgent:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_members, members)
+                if isinstance(self.selector, LiveSelection):
+                    reselector = Reselector(
+                        self.nc, self.subjects, self.membership, self.selector, self.agent_id
+                    )
+                    await tg.start(reselector.run)
                 task_status.started()
                 async for msg in prompts.messages:
                     self._dispatch(tg, msg)
@@ -139,6 +147,7 @@ class FusionAgent:
         k = prompt.experts or self.config.experts_per_prompt
         experts, weights = top_k_weights([e for e, _ in gated], [v for _, v in gated], k)
         first = live[experts[0]]
+        observe = self.selector.observe if isinstance(self.selector, LiveSelection) else None
         return SessionPlan(
             session=uuid.uuid4().hex,
             prompt=prompt,
@@ -147,6 +156,7 @@ class FusionAgent:
             weights=weights,
             vocab_size=first.vocab_size,
             eos_ids=frozenset(first.eos_ids),
+            observe=observe,
         )
 
     async def _live_experts(self) -> dict[str, wire.Heartbeat]:
@@ -196,6 +206,25 @@ def load_gate(path: str | None) -> Gate:
     return LearnedGate(artifact, load_embedder(artifact.embedder))
 
 
+def load_selection(config: FusionConfig) -> SubsetSelector | None:
+    """SMO over the live experts when ``outputs`` is configured, else None (every live expert)."""
+    if not config.selects or config.outputs is None or config.gate is None:
+        return None
+    from pathlib import Path
+
+    from moe2.selection.costs import Budgets
+    from moe2.selection.live import default_profiles
+    from moe2.selection.profiles import load_profiles
+    from moe2.selection.sources import oracle_from_outputs
+
+    oracle = oracle_from_outputs(Path(config.outputs), Path(config.gate))
+    paths = [Path(p) for p in config.profiles]
+    profiles = load_profiles(paths) if paths else default_profiles()
+    budgets = Budgets(dict(config.tau_s), config.energy_j)
+    log.info("selection_loaded", experts=oracle.expert_ids, profiles=config.profiles)
+    return LiveSelection(oracle, profiles, budgets, eps=config.select_eps, drift=config.drift)
+
+
 async def serve_fusion(
     url: str,
     config: FusionConfig,
@@ -204,9 +233,10 @@ async def serve_fusion(
 ) -> None:
     """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
     gate = await anyio.to_thread.run_sync(load_gate, config.gate)
+    selector = await anyio.to_thread.run_sync(load_selection, config)
     nc = await connect_nats(url, name="moe2-fusion")
     try:
-        agent = FusionAgent(nc, config, gate=gate)
+        agent = FusionAgent(nc, config, gate=gate, selector=selector)
         async with anyio.create_task_group() as tg:
             await tg.start(agent.run)
             task_status.started(agent)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class FusionConfig:
     prefix: str = "moe2"
     experts_per_prompt: int | None = None  # top-k experts by gating value; None: all of S
@@ -21,9 +21,31 @@ class FusionConfig:
     max_sessions: int = 64  # concurrent sessions per fusion agent; more get "busy"
     max_prompt_chars: int = 100_000
     max_tokens_limit: int = 4096
-    member_timeout_s: float = 3.0  # no heartbeat for this long: the expert is gone
+    missed_heartbeats: int = 3  # an expert this many of its heartbeat intervals silent is gone
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
     gate: str | None = None  # a trained gating artifact (directory); None: equal weights
+    # SMO (Algorithm 2) chooses S when ``outputs`` is set: the store the gate was trained on
+    outputs: str | None = None
+    profiles: tuple[str, ...] = ()  # profile TOML files; unprofiled experts use their heartbeats
+    tau_s: dict[str, float] = field(default_factory=dict)  # delay limit per application (eq. 9)
+    energy_j: float | None = None  # energy budget per answer (eq. 12)
+    select_eps: float = 1e-4  # SMO's ε, nats per gold token
+    drift: float = 0.25  # re-select when an expert's measured decode time drifts this much
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "profiles", tuple(self.profiles))  # a TOML list is welcome
+        if self.missed_heartbeats < 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "missed_heartbeats must be >= 1")
+        if self.outputs is not None and self.gate is None:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                "selection needs the gate that was trained on the outputs: set gate too",
+            )
+
+    @property
+    def selects(self) -> bool:
+        """Whether SMO chooses S (else every live expert may take part)."""
+        return self.outputs is not None
 
     @classmethod
     def load(cls, path: Path | None, **overrides: Any) -> FusionConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -35,6 +36,7 @@ class SessionPlan:
     weights: list[float]
     vocab_size: int
     eos_ids: frozenset[int]
+    observe: Callable[[wire.Slice], None] | None = None  # sees every accepted slice (costs)
 
 
 @dataclass(slots=True)
@@ -203,6 +205,8 @@ class FusionSession:
             return
         result.slices[sender] = item
         waiting.discard(sender)
+        if self.plan.observe is not None:
+            self.plan.observe(item)
 
     def _slice_problem(
         self, s: wire.Slice, sender: str, step: int, waiting: set[str]

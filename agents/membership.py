@@ -10,9 +10,10 @@ from moe2.runtime.wire import Heartbeat
 
 @dataclass(slots=True)
 class Membership:
-    """Pure bookkeeping of heartbeats; ``timeout_s`` without one and an expert is gone."""
+    """Pure bookkeeping of heartbeats: an expert silent for ``missed`` of its own heartbeat
+    intervals is gone."""
 
-    timeout_s: float = 3.0
+    missed: int = 3
     _last: dict[str, tuple[float, Heartbeat]] = field(default_factory=dict)
 
     def seen(self, heartbeat: Heartbeat, now: float) -> bool:
@@ -22,9 +23,9 @@ class Membership:
         return not known
 
     def _fresh(self, expert: str, now: float) -> bool:
-        """Seen within the timeout, or within three of the expert's own heartbeat intervals."""
+        """Heard from within ``missed`` of the expert's own heartbeat intervals."""
         seen, hb = self._last[expert]
-        return now - seen <= max(self.timeout_s, 3 * hb.interval_s)
+        return now - seen <= self.missed * hb.interval_s
 
     def live(self, now: float) -> dict[str, Heartbeat]:
         return {e: hb for e, (_, hb) in self._last.items() if self._fresh(e, now)}

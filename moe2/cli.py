@@ -13,6 +13,8 @@ from moe2.cli_support import fail, run_async
 from moe2.gating_cli import app as gating_app
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
+from moe2.select_cli import select as select_command
+from moe2.select_cli import watch as watch_selection
 
 app = typer.Typer(
     help="moe2: collaborative inference over heterogeneous edge LLMs on a NATS bus.",
@@ -20,6 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
+app.command(name="select")(select_command)
+app.command(name="selection")(watch_selection)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
@@ -109,6 +113,16 @@ def fusion(
     step_deadline: Annotated[float | None, typer.Option(help="Seconds per decode step.")] = None,
     experts_per_prompt: Annotated[int | None, typer.Option(help="Top-k experts.")] = None,
     gate: Annotated[str | None, typer.Option(help="A trained gating artifact directory.")] = None,
+    outputs: Annotated[
+        str | None, typer.Option(help="The store the gate was trained on: turns SMO on.")
+    ] = None,
+    profiles: Annotated[
+        list[str] | None, typer.Option("--profiles", help="Profile TOML files for SMO.")
+    ] = None,
+    tau: Annotated[
+        list[str] | None, typer.Option(help="SMO delay limit APP=SECONDS; repeatable.")
+    ] = None,
+    energy: Annotated[float | None, typer.Option(help="SMO energy budget, J/answer.")] = None,
     prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
@@ -117,6 +131,9 @@ def fusion(
     configure_logging(log_level, json=json_logs)
     from moe2.agents.fusion import serve_fusion
     from moe2.agents.fusion_config import FusionConfig
+    from moe2.select_cli import parse_limits
+
+    limits = parse_limits(tau) if tau else None
 
     async def main() -> None:
         cfg = FusionConfig.load(
@@ -125,6 +142,10 @@ def fusion(
             experts_per_prompt=experts_per_prompt,
             prefix=prefix,
             gate=gate,
+            outputs=outputs,
+            profiles=tuple(profiles) if profiles else None,
+            tau_s=limits,
+            energy_j=energy,
         )
         await serve_fusion(nats_url, cfg)
 

@@ -68,6 +68,11 @@ class Subjects:
         return f"{self.root}.members.*"
 
     @property
+    def selection(self) -> str:
+        """Where fusion agents announce the subset S they chose."""
+        return f"{self.root}.selection"
+
+    @property
     def everything(self) -> str:
         return f"{self.root}.>"
 

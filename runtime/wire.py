@@ -182,6 +182,23 @@ class Scored(_Message, frozen=True, tag="moe2.v1.scored"):
     energy_j: float = 0.0
 
 
+class Selection(_Message, frozen=True, tag="moe2.v1.selection"):
+    """Fusion agent -> operators, on ``<prefix>.v1.selection``: the subset S new sessions use."""
+
+    agent: str  # the fusion agent's id (several may share the prompts)
+    version: int  # counts up by one per choice of this agent
+    reason: str  # what made it choose again: start, joined …, left …, drift …, refresh
+    live: list[str]  # the live experts it chose from
+    experts: list[str]  # S; empty when no subset meets the budgets (see error)
+    loss: float | None = None  # predicted L(θ*, S), nats per gold token
+    delay_s: dict[str, float] = {}  # predicted answer delay per application (eq. 8)
+    energy_j: float | None = None  # predicted energy per answer (eq. 12)
+    left_out: dict[str, str] = {}  # live experts not considered, and why
+    error: str | None = None  # "[code] message" when no S could be chosen
+    oracle_calls: int = 0
+    solve_s: float = 0.0
+
+
 class Error(_Message, frozen=True, tag="moe2.v1.error"):
     code: str
     message: str
@@ -191,11 +208,35 @@ class Error(_Message, frozen=True, tag="moe2.v1.error"):
 
 
 Message: TypeAlias = (
-    Prompt | Open | Step | Close | Slice | Heartbeat | Chunk | Final | Score | Scored | Error
+    Prompt
+    | Open
+    | Step
+    | Close
+    | Slice
+    | Heartbeat
+    | Chunk
+    | Final
+    | Score
+    | Scored
+    | Selection
+    | Error
 )
 KNOWN_TYPES = frozenset(
     t.__struct_config__.tag
-    for t in (Prompt, Open, Step, Close, Slice, Heartbeat, Chunk, Final, Score, Scored, Error)
+    for t in (
+        Prompt,
+        Open,
+        Step,
+        Close,
+        Slice,
+        Heartbeat,
+        Chunk,
+        Final,
+        Score,
+        Scored,
+        Selection,
+        Error,
+    )
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -34,8 +34,8 @@ import numpy.typing as npt
 F64 = npt.NDArray[np.float64]
 Masks = npt.NDArray[np.bool_]
 
-SLICE_HEADER_BYTES = 96  # type tag, session, expert, step and the scalar fields, msgpack-framed
-SLICE_BYTES_PER_ID = 14  # uint32 id + float32 logprob + a token piece of ~6 bytes
+SLICE_HEADER_BYTES = 170  # type tag, ids of session and expert, scalars (docs/protocol.md §13)
+SLICE_BYTES_PER_ID = 14  # uint32 id + float32 logprob + msgpack framing of a ~4-byte piece
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,21 @@ class LossOracle:
         out[~masks.any(axis=1)] = np.inf
         return np.asarray(out, dtype=np.float64)
 
+    def restricted(self, expert_ids: Sequence[str]) -> LossOracle:
+        """The same loss over the experts ``expert_ids`` only (the gating renormalised on them,
+        Theorem 1), with its own cache and counts."""
+        index = [self.expert_ids.index(e) for e in expert_ids]
+        if index == list(range(self.size)):
+            return self
+        out = object.__new__(LossOracle)
+        out.expert_ids = list(expert_ids)
+        out.gates, out.joint = self.gates[:, index], self.joint[:, index]
+        out.tokens = self.tokens
+        out._bound = _TokenBound(out.joint, out.gates)
+        out.bounds = out.calls = out.requests = 0
+        out._cache = {}
+        return out
+
     def lower_bounds(self, p: int, qs: Sequence[int]) -> F64:
         """For each q: a lower bound on L(S) over every non-empty S with p ⊆ S ⊆ q.
 
@@ -167,6 +182,9 @@ class EnvelopeOracle:
     def witness(self, subset: int) -> int:
         return int(self.witnesses[subset])
 
+    def reset_counts(self) -> None:
+        self.calls = self.requests = 0
+
 
 def monotone_envelope(values: F64, n: int) -> tuple[F64, npt.NDArray[np.int64]]:
     """For every subset S (index = bitmask): min over S' ⊆ S of ``values[S']``, and that S'."""
@@ -205,3 +223,7 @@ class TableOracle:
     def evaluate_subsets(self, subsets: Sequence[int]) -> F64:
         self.calls += len(subsets)
         return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
+
+    def reset_counts(self) -> None:
+        self.calls = self.requests = 0
+        self._seen.clear()

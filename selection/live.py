@@ -1,0 +1,299 @@
+"""Re-selection on a live bus, as pure bookkeeping: which experts are up, what each costs now,
+and the S that SMO chose for them. The fusion agent feeds it heartbeats and slices, and runs
+:meth:`LiveSelection.solve` (in a worker thread) whenever :attr:`LiveSelection.stale` says so.
+
+An expert is costed from its profile (``moe2 profile`` or spec sheets) when one names it, else
+from what its heartbeat measures (``decode_s``, ``prefill_s_per_token``, ``power_w``). The
+fusion agent's running estimate of each expert's decode time, from the ``compute_s`` of its
+slices, scales that cost when it drifts more than ``drift`` (relative) from the one in use.
+Experts the gating artifact does not know are left out until it is retrained.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.wire import Heartbeat, Slice
+from moe2.selection.costs import (
+    Application,
+    Budgets,
+    ComputeFit,
+    Constraints,
+    CostTable,
+    ExpertCost,
+    Link,
+)
+from moe2.selection.oracle import LossOracle
+from moe2.selection.problem import Problem, Selection
+from moe2.selection.profiles import Profiles
+from moe2.selection.smo import smo
+
+log = structlog.get_logger("moe2.selection")
+
+EWMA = 0.2  # weight of a new measurement in the running estimates
+MIN_SAMPLES = 8  # decode slices before a drift can be called
+
+
+def build_problem(
+    profiles: Profiles,
+    oracle: LossOracle,
+    tau_s: Mapping[str, float],
+    energy_j: float | None,
+    keep: int = 4,
+    *,
+    costs: Mapping[str, ExpertCost] | None = None,
+) -> tuple[Problem, list[str]]:
+    """Problem (19) over the experts that both the gate and a cost know; notes on the rest."""
+    known = costs if costs is not None else profiles.experts
+    pool = [e for e in oracle.expert_ids if e in known]
+    unprofiled = [e for e in oracle.expert_ids if e not in known]
+    ungated = [e for e in known if e not in pool]
+    notes = [f"left out, no profile: {', '.join(unprofiled)}"] if unprofiled else []
+    if ungated:
+        notes.append(f"left out, unknown to the gating artifact: {', '.join(ungated)}")
+    if not pool:
+        raise Moe2Error(ErrorCode.NO_EXPERTS, "no expert is both profiled and known to the gate")
+    table = CostTable(
+        [known[e] for e in pool], list(profiles.applications.values()), gating_s=profiles.gating_s
+    )
+    try:
+        constraints = Constraints(table, Budgets(dict(tau_s), energy_j))
+    except ValueError as exc:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, str(exc)) from None
+    return Problem(pool, oracle.restricted(pool), constraints), notes
+
+
+DEFAULT_APPLICATION = Application("chat", prompt_tokens=128, answer_tokens=64)
+
+
+def default_profiles() -> Profiles:
+    """No profile files: every expert is costed from its heartbeat, for one chat application."""
+    return Profiles(experts={}, applications={"chat": DEFAULT_APPLICATION})
+
+
+def heartbeat_cost(hb: Heartbeat) -> ExpertCost | None:
+    """What an expert's own measurements say it costs (None before it has measured any)."""
+    device = hb.device
+    decode = float(device.get("decode_s", 0.0) or 0.0)
+    if decode <= 0:
+        return None
+    fit = ComputeFit(
+        prefill_base_s=0.0,
+        prefill_per_token_s=float(device.get("prefill_s_per_token", 0.0) or decode / 8),
+        decode_base_s=decode,
+        decode_per_context_token_s=0.0,
+        power_w=float(device.get("power_w", 0.0) or 0.0),
+        energy_source=hb.energy_source,
+    )
+    return ExpertCost(hb.expert, fit, Link(), source="heartbeat")
+
+
+@dataclass
+class RunningCost:
+    """The fusion agent's estimate of one expert's decode time, relative to its cost model."""
+
+    ratio: float = 1.0  # measured / modelled decode compute time
+    samples: int = 0
+    in_use: float = 1.0  # the ratio the current S was solved with
+
+    def observe(self, measured: float, modelled: float) -> None:
+        if modelled <= 0 or not math.isfinite(measured) or measured <= 0:
+            return
+        r = measured / modelled
+        self.ratio = r if self.samples == 0 else (1 - EWMA) * self.ratio + EWMA * r
+        self.samples += 1
+
+    def drifted(self, threshold: float) -> bool:
+        return self.samples >= MIN_SAMPLES and abs(self.ratio / self.in_use - 1) > threshold
+
+
+@dataclass
+class Choice:
+    """What the fusion agent publishes after each solve."""
+
+    version: int
+    reason: str
+    live: list[str]
+    experts: list[str]
+    loss: float | None = None
+    delay_s: dict[str, float] = field(default_factory=dict)
+    energy_j: float | None = None
+    left_out: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    oracle_calls: int = 0
+    wall_s: float = 0.0
+
+
+class LiveSelection:
+    """Membership in, S out (thread-safe: solve runs in a worker thread)."""
+
+    def __init__(
+        self,
+        oracle: LossOracle,
+        profiles: Profiles,
+        budgets: Budgets,
+        *,
+        eps: float = 1e-4,
+        drift: float = 0.25,
+    ) -> None:
+        self.oracle = oracle
+        self.profiles = profiles
+        self.budgets = budgets
+        self.eps = eps
+        self.drift = drift
+        self.members: dict[str, Heartbeat] = {}
+        self.running: dict[str, RunningCost] = {}
+        self.choice = Choice(version=0, reason="start", live=[], experts=[])
+        self.stale_reason: str | None = "start"
+        self._lock = threading.Lock()
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def update_members(self, live: Mapping[str, Heartbeat]) -> None:
+        """The live experts now; a join or a leave makes the choice stale."""
+        with self._lock:
+            joined = sorted(set(live) - set(self.members))
+            left = sorted(set(self.members) - set(live))
+            self.members = dict(live)
+            for e in left:
+                self.running.pop(e, None)
+            changes = [
+                f"{verb} {', '.join(ids)}"
+                for verb, ids in (("joined", joined), ("left", left))
+                if ids
+            ]
+            if changes:
+                self._mark("; ".join(changes))
+
+    def observe(self, s: Slice) -> None:
+        """A slice's measured compute time updates its expert's running estimate."""
+        if s.step == 0 or s.compute_s <= 0:
+            return
+        with self._lock:
+            cost = self._model_cost(s.expert)
+            if cost is None:
+                return
+            running = self.running.setdefault(s.expert, RunningCost())
+            running.observe(s.compute_s, cost.compute.decode_base_s)
+            if running.drifted(self.drift):
+                self._mark(f"drift {s.expert} x{running.ratio:.2f}")
+
+    def _mark(self, reason: str) -> None:
+        self.stale_reason = reason
+        log.info("selection_stale", reason=reason)
+
+    @property
+    def stale(self) -> str | None:
+        return self.stale_reason
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def select(self, live: Sequence[str]) -> list[str]:
+        """The SubsetSelector hook: the chosen S, less any expert gone since it was chosen."""
+        return [e for e in self.choice.experts if e in set(live)]
+
+    def solve(self) -> Choice:
+        """Run SMO on the live experts with their current costs; never raises."""
+        with self._lock:
+            reason, self.stale_reason = self.stale_reason or "refresh", None
+            members = dict(self.members)
+            costs, left_out = self._costs(members)
+            for running in self.running.values():
+                running.in_use = running.ratio
+        choice = self._solve(reason, sorted(members), costs, left_out)
+        self.choice = choice
+        log.info(
+            "selection_chosen",
+            version=choice.version,
+            reason=reason,
+            experts=choice.experts,
+            left_out=choice.left_out,
+            error=choice.error,
+        )
+        return choice
+
+    def _solve(
+        self, reason: str, live: list[str], costs: dict[str, ExpertCost], left_out: dict[str, str]
+    ) -> Choice:
+        version = self.choice.version + 1
+        base = Choice(version=version, reason=reason, live=live, experts=[], left_out=left_out)
+        if not costs:
+            base.error = "no live expert is both costed and known to the gating"
+            return base
+        try:
+            problem, _ = build_problem(
+                self.profiles, self.oracle, self.budgets.tau_s, self.budgets.energy_j, costs=costs
+            )
+            result = smo(problem, eps=self.eps, keep=1)
+        except Moe2Error as exc:
+            base.error = f"[{exc.code}] {exc.message}"
+            return base
+        return _choice(base, result)
+
+    def _costs(
+        self, members: Mapping[str, Heartbeat]
+    ) -> tuple[dict[str, ExpertCost], dict[str, str]]:
+        costs: dict[str, ExpertCost] = {}
+        left_out: dict[str, str] = {}
+        known = set(self.oracle.expert_ids)
+        for e in sorted(members):
+            cost = self._model_cost(e)
+            if e not in known:
+                left_out[e] = "unknown to the gating artifact; retrain it to include this expert"
+            elif cost is None:
+                left_out[e] = "no profile and no measured cost yet"
+            else:
+                ratio = self.running[e].ratio if e in self.running else 1.0
+                costs[e] = _scaled(cost, ratio)
+        return costs, left_out
+
+    def _model_cost(self, expert: str) -> ExpertCost | None:
+        if expert in self.profiles.experts:
+            return self.profiles.experts[expert]
+        hb = self.members.get(expert)
+        return heartbeat_cost(hb) if hb is not None else None
+
+
+def _scaled(cost: ExpertCost, ratio: float) -> ExpertCost:
+    if abs(ratio - 1.0) < 1e-9:
+        return cost
+    return ExpertCost(cost.expert, cost.compute.scaled(ratio), cost.link, cost.source)
+
+
+def _choice(base: Choice, result: Selection) -> Choice:
+    base.experts = result.experts
+    base.loss = result.loss
+    base.delay_s = result.chosen.delay_s
+    base.energy_j = result.chosen.energy_j
+    base.oracle_calls = result.oracle_calls
+    base.wall_s = result.wall_s
+    return base
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def as_wire_fields(choice: Choice) -> dict[str, Any]:
+    """The fields of the wire message that announces a choice."""
+    return {
+        "version": choice.version,
+        "reason": choice.reason,
+        "live": choice.live,
+        "experts": choice.experts,
+        "loss": choice.loss,
+        "delay_s": choice.delay_s,
+        "energy_j": choice.energy_j,
+        "left_out": choice.left_out,
+        "error": choice.error,
+        "oracle_calls": choice.oracle_calls,
+        "solve_s": choice.wall_s,
+    }
