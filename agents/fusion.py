@@ -139,7 +139,10 @@ class FusionAgent:
         live = await self._live_experts()
         allowed = same_tokenizer(live, self.selector.select(sorted(live)))
         if not allowed:
-            raise Moe2Error(ErrorCode.NO_EXPERTS, "no live expert may serve this prompt")
+            why = "no live expert may serve this prompt"
+            if isinstance(self.selector, LiveSelection) and self.selector.choice.error:
+                why += f": {self.selector.choice.error}"
+            raise Moe2Error(ErrorCode.NO_EXPERTS, why)
         values = await anyio.to_thread.run_sync(self.gate.gate, prompt.messages, allowed)
         gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
         if not gated:

@@ -21,7 +21,7 @@ class FusionConfig:
     max_sessions: int = 64  # concurrent sessions per fusion agent; more get "busy"
     max_prompt_chars: int = 100_000
     max_tokens_limit: int = 4096
-    missed_heartbeats: int = 3  # an expert this many of its heartbeat intervals silent is gone
+    missed_heartbeats: int = 2  # an expert this many of its heartbeat intervals silent is gone
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
     gate: str | None = None  # a trained gating artifact (directory); None: equal weights
     # SMO (Algorithm 2) chooses S when ``outputs`` is set: the store the gate was trained on

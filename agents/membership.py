@@ -13,7 +13,7 @@ class Membership:
     """Pure bookkeeping of heartbeats: an expert silent for ``missed`` of its own heartbeat
     intervals is gone."""
 
-    missed: int = 3
+    missed: int = 2
     _last: dict[str, tuple[float, Heartbeat]] = field(default_factory=dict)
 
     def seen(self, heartbeat: Heartbeat, now: float) -> bool:

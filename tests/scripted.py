@@ -29,6 +29,8 @@ class Script:
     open_error: str | None = None  # answer the open with this error code
     context: int | None = None  # answer steps from here on with prompt_too_long
     forge: bool = False  # also publish forged and wrong-step slices
+    heartbeat_s: float = 0.2
+    compute_s: float = 0.001  # what its slices report as measured compute time
     served: list[str] = field(default_factory=list)  # sessions opened here
 
 
@@ -57,11 +59,11 @@ class ScriptedExpert:
                 vocab_size=VOCAB,
                 eos_ids=[0],
                 seq=seq,
-                interval_s=0.2,
+                interval_s=self.script.heartbeat_s,
             )
             await self.nc.publish(self.s.member(self.expert), wire.encode(hb))
             seq += 1
-            await anyio.sleep(0.2)
+            await anyio.sleep(self.script.heartbeat_s)
 
     async def _answer(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Open):
@@ -111,7 +113,7 @@ class ScriptedExpert:
             ids=ids,
             logprobs=lp,
             pieces=pieces,
-            compute_s=0.001,
+            compute_s=sc.compute_s,
         )
         if sc.forge:
             forged = wire.make_slice(
