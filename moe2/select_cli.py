@@ -14,6 +14,7 @@ import typer
 from moe2.cli_support import fail
 from moe2.runtime import wire
 from moe2.runtime.errors import Moe2Error
+from moe2.runtime.logs import configure_logging
 from moe2.selection.problem import Candidate, Selection
 
 METHODS = ("smo", "brute", "greedy", "random")
@@ -54,8 +55,10 @@ def select(
     split: Annotated[str, typer.Option(help="heldout (the gate's) or all.")] = "heldout",
     runners_up: Annotated[int, typer.Option(help="How many runners-up to print.")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
 ) -> None:
     """Print the chosen S, its predicted delay, energy and loss, and the runners-up."""
+    configure_logging(log_level)
     from moe2.selection.live import build_problem
     from moe2.selection.profiles import load_profiles
     from moe2.selection.smo import brute_force, greedy, random_subset, smo

@@ -52,7 +52,27 @@ def smo(problem: Problem, *, eps: float = 1e-4, keep: int = 4, bound: str = "aut
     problem.check_feasible()
     search = _Search(problem, eps, TopFeasible(keep), _bound_fn(problem, bound))
     search.run()
+    if keep > 1:
+        _neighbours(problem, search.top)
     return selection(problem, f"smo/{search.mode}", search.top, calls, started, search.counters)
+
+
+def _neighbours(problem: Problem, top: TopFeasible) -> None:
+    """Runners-up worth showing: S with one expert removed, added or swapped (N² at most)."""
+    best, _ = top.best
+    n = problem.size
+    inside = [i for i in range(n) if best >> i & 1]
+    outside = [i for i in range(n) if not best >> i & 1]
+    near = [best & ~(1 << i) for i in inside] + [best | 1 << j for j in outside]
+    near += [best & ~(1 << i) | 1 << j for i in inside for j in outside]
+    near = [s for s in near if s]
+    if not near:
+        return
+    feasible = problem.feasible_many(near)
+    candidates = [s for s, ok in zip(near, feasible, strict=True) if ok]
+    if candidates:
+        for s, loss in zip(candidates, problem.oracle.losses(candidates), strict=True):
+            top.offer(s, float(loss))
 
 
 def _bound_fn(problem: Problem, bound: str) -> tuple[str, BoundFn]:
