@@ -100,7 +100,7 @@ def selection_text(result: Selection, pool: int) -> str:
     lines = [f"{result.method}: S = {{{', '.join(result.experts)}}}", _figures(result.chosen)]
     effort = f"  {result.oracle_calls} oracle calls of 2^{pool} = {2**pool} subsets"
     if result.boxes:
-        effort += f", {result.boxes} boxes, {result.bounds} bounds"
+        effort += f", {_count(result.boxes, 'box', 'boxes')}, {_count(result.bounds, 'bound')}"
     lines.append(f"{effort}, {result.wall_s * 1e3:.1f} ms")
     if result.monotone_violations:
         lines.append(
@@ -111,6 +111,10 @@ def selection_text(result: Selection, pool: int) -> str:
         lines.append(f"  runner-up {i}: {{{', '.join(other.experts)}}}")
         lines.append("  " + _figures(other))
     return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _figures(c: Candidate) -> str:
