@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -97,22 +97,47 @@ def heartbeat_cost(hb: Heartbeat) -> ExpertCost | None:
 
 
 @dataclass
-class RunningCost:
-    """The fusion agent's estimate of one expert's decode time, relative to its cost model."""
+class Ratio:
+    """A running (EWMA) estimate of measured / modelled, and the value the current S used."""
 
-    ratio: float = 1.0  # measured / modelled decode compute time
+    value: float = 1.0
     samples: int = 0
-    in_use: float = 1.0  # the ratio the current S was solved with
+    in_use: float = 1.0
 
     def observe(self, measured: float, modelled: float) -> None:
-        if modelled <= 0 or not math.isfinite(measured) or measured <= 0:
+        if not (modelled > 0 and measured > 0 and math.isfinite(measured)):
             return
         r = measured / modelled
-        self.ratio = r if self.samples == 0 else (1 - EWMA) * self.ratio + EWMA * r
+        self.value = r if self.samples == 0 else (1 - EWMA) * self.value + EWMA * r
         self.samples += 1
 
     def drifted(self, threshold: float) -> bool:
-        return self.samples >= MIN_SAMPLES and abs(self.ratio / self.in_use - 1) > threshold
+        return self.samples >= MIN_SAMPLES and abs(self.value / self.in_use - 1) > threshold
+
+
+@dataclass
+class RunningCost:
+    """The fusion agent's estimates of one expert's decode time and power, from its slices,
+    relative to its cost model."""
+
+    time: Ratio = field(default_factory=Ratio)
+    power: Ratio = field(default_factory=Ratio)
+
+    def observe(self, s: Slice, model: ComputeFit) -> None:
+        self.time.observe(s.compute_s, model.decode_base_s)
+        if s.energy_j > 0:
+            self.power.observe(s.energy_j / s.compute_s, model.power_w)
+
+    def drift(self, threshold: float) -> str | None:
+        """What drifted, for the log and the Selection's reason; None if nothing did."""
+        if self.time.drifted(threshold):
+            return f"time x{self.time.value:.2f}"
+        if self.power.drifted(threshold):
+            return f"power x{self.power.value:.2f}"
+        return None
+
+    def adopt(self) -> None:
+        self.time.in_use, self.power.in_use = self.time.value, self.power.value
 
 
 @dataclass
@@ -174,17 +199,18 @@ class LiveSelection:
                 self._mark("; ".join(changes))
 
     def observe(self, s: Slice) -> None:
-        """A slice's measured compute time updates its expert's running estimate."""
-        if s.step == 0 or s.compute_s <= 0:
+        """A slice's measured compute time and energy update its expert's running estimates."""
+        if s.step == 0 or not s.compute_s > 0:
             return
         with self._lock:
             cost = self._model_cost(s.expert)
             if cost is None:
                 return
             running = self.running.setdefault(s.expert, RunningCost())
-            running.observe(s.compute_s, cost.compute.decode_base_s)
-            if running.drifted(self.drift):
-                self._mark(f"drift {s.expert} x{running.ratio:.2f}")
+            running.observe(s, cost.compute)
+            drift = running.drift(self.drift)
+            if drift is not None:
+                self._mark(f"drift {s.expert} {drift}")
 
     def _mark(self, reason: str) -> None:
         self.stale_reason = reason
@@ -207,7 +233,7 @@ class LiveSelection:
             members = dict(self.members)
             costs, left_out = self._costs(members)
             for running in self.running.values():
-                running.in_use = running.ratio
+                running.adopt()
         choice = self._solve(reason, sorted(members), costs, left_out)
         self.choice = choice
         log.info(
@@ -251,8 +277,7 @@ class LiveSelection:
             elif cost is None:
                 left_out[e] = "no profile and no measured cost yet"
             else:
-                ratio = self.running[e].ratio if e in self.running else 1.0
-                costs[e] = _scaled(cost, ratio)
+                costs[e] = _scaled(cost, self.running.get(e))
         return costs, left_out
 
     def _model_cost(self, expert: str) -> ExpertCost | None:
@@ -262,10 +287,13 @@ class LiveSelection:
         return heartbeat_cost(hb) if hb is not None else None
 
 
-def _scaled(cost: ExpertCost, ratio: float) -> ExpertCost:
-    if abs(ratio - 1.0) < 1e-9:
+def _scaled(cost: ExpertCost, running: RunningCost | None) -> ExpertCost:
+    """The cost model with the measured time and power ratios applied."""
+    if running is None or (running.time.value == 1.0 and running.power.value == 1.0):
         return cost
-    return ExpertCost(cost.expert, cost.compute.scaled(ratio), cost.link, cost.source)
+    compute = cost.compute.scaled(running.time.value)
+    compute = replace(compute, power_w=compute.power_w * running.power.value)
+    return ExpertCost(cost.expert, compute, cost.link, cost.source)
 
 
 def _choice(base: Choice, result: Selection) -> Choice:

@@ -27,10 +27,10 @@ def selection(profiled: list[str], budgets: Budgets | None = None) -> LiveSelect
     return LiveSelection(owners_oracle(["a", "b", "c"]), profiles, budgets or Budgets())
 
 
-def decode_slice(expert: str, step: int, compute_s: float) -> wire.Slice:
+def decode_slice(expert: str, step: int, compute_s: float, energy_j: float = 0.0) -> wire.Slice:
     return wire.make_slice(
         session="s", expert=expert, step=step, ids=np.array([1]), logprobs=np.array([0.0]),
-        pieces=[b"x"], compute_s=compute_s,
+        pieces=[b"x"], compute_s=compute_s, energy_j=energy_j,
     )  # fmt: skip
 
 
@@ -77,11 +77,24 @@ def test_a_drifting_expert_is_reselected_with_its_measured_cost() -> None:
         live.observe(decode_slice("c", step, 0.2))  # 10x the modelled 0.02 s
     assert live.stale is None  # too few samples to call it
     live.observe(decode_slice("c", MIN_SAMPLES, 0.2))
-    assert live.stale is not None and live.stale.startswith("drift c x")
+    assert live.stale is not None and live.stale.startswith("drift c time x")
     again = live.solve()
     assert again.experts == ["a", "b"]  # c no longer meets the 0.1 s delay limit
     live.observe(decode_slice("c", MIN_SAMPLES + 1, 0.2))
     assert live.stale is None  # the drift was taken into account; no new one
+
+
+def test_a_measured_power_above_the_profile_raises_the_predicted_energy() -> None:
+    live = selection(["a", "b", "c"])
+    live.update_members({e: heartbeat(e) for e in "abc"})
+    before = live.solve()
+    for step in range(1, MIN_SAMPLES + 1):  # on time, but drawing 30 W where 10 W were declared
+        live.observe(decode_slice("a", step, 0.02, energy_j=0.02 * 30.0))
+    assert live.stale == "drift a power x3.00"
+    after = live.solve()
+    assert after.experts == before.experts == ["a", "b", "c"]
+    assert after.energy_j is not None and before.energy_j is not None
+    assert after.energy_j == pytest.approx(before.energy_j * 5 / 3)  # a: 10 -> 30 W of 30 W
 
 
 def test_infeasible_budgets_give_an_error_that_names_the_constraint() -> None:
