@@ -13,7 +13,7 @@ class SubsetSelector(Protocol):
 
 
 class AllLive:
-    """Every live expert may take part (the default until SMO lands)."""
+    """Every live expert may take part (the default when no gating outputs are configured)."""
 
     def select(self, live: Sequence[str]) -> list[str]:
         return sorted(live)
