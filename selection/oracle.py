@@ -50,6 +50,8 @@ class LossOracle:
         if not np.all(np.isfinite(g)) or (g < 0).any():
             raise ValueError("gate values must be finite and >= 0")
         lp = [np.asarray(x, dtype=np.float64) for x in gold_logprobs]
+        if any(x.ndim != 2 or x.shape[0] != len(expert_ids) for x in lp):
+            raise ValueError("each example's gold log-probabilities must be (experts, tokens)")
         rows = np.repeat(np.arange(len(lp)), [x.shape[1] for x in lp])
         if rows.size == 0:
             raise ValueError("the oracle needs at least one gold token")
@@ -171,19 +173,27 @@ class EnvelopeOracle:
         self.calls = 0
         self.requests = 0
         self.upfront_calls = 1 << n
+        self._seen: set[int] = set()
 
     def losses(self, subsets: Sequence[int]) -> F64:
+        """Envelope values; ``calls`` counts distinct subsets asked for (the 2^N evaluated up
+        front are ``upfront_calls``)."""
         self.requests += len(subsets)
+        fresh = set(subsets) - self._seen
+        self._seen |= fresh
+        self.calls += len(fresh)
         return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
 
     def evaluate_subsets(self, subsets: Sequence[int]) -> F64:
-        return self.losses(subsets)
+        self.calls += len(subsets)
+        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
 
     def witness(self, subset: int) -> int:
         return int(self.witnesses[subset])
 
     def reset_counts(self) -> None:
         self.calls = self.requests = 0
+        self._seen.clear()
 
 
 def monotone_envelope(values: F64, n: int) -> tuple[F64, npt.NDArray[np.int64]]:

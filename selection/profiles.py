@@ -55,6 +55,9 @@ def load_profiles(paths: Iterable[Path]) -> Profiles:
     merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for path in paths:
         for section, body in _read(path).items():
+            if section not in SECTIONS:
+                raise _invalid(f"{path}: unknown section {section!r}; known: {list(SECTIONS)}")
+            _known_keys(f"{path}: [{section}]", body, None)
             merged[section].update(body)
     return parse_profiles(merged)
 
@@ -63,10 +66,10 @@ def parse_profiles(data: Mapping[str, Any]) -> Profiles:
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
         raise _invalid(f"unknown profile sections {unknown}; known: {list(SECTIONS)}")
-    devices = _each(data.get("devices", {}), Device)
-    models = _each(data.get("models", {}), ModelSpec)
-    links = _each(data.get("links", {}), Link)
-    apps = _each(data.get("applications", {}), Application)
+    devices = _each("devices", data.get("devices", {}), Device)
+    models = _each("models", data.get("models", {}), ModelSpec)
+    links = _each("links", data.get("links", {}), Link)
+    apps = _each("applications", data.get("applications", {}), Application)
     if not apps:
         raise _invalid("the profiles define no [applications.<name>] (a prompt and answer length)")
     experts = {
@@ -85,11 +88,12 @@ def _read(path: Path) -> dict[str, Any]:
         raise _invalid(f"cannot read profiles {path}: {exc}") from None
 
 
-def _each(tables: Mapping[str, Any], cls: type[Any]) -> dict[str, Any]:
+def _each(section: str, tables: Mapping[str, Any], cls: type[Any]) -> dict[str, Any]:
     known = {f.name for f in fields(cls)} - {"name"}
     out: dict[str, Any] = {}
+    _known_keys(f"[{section}]", tables, None)
     for name, body in tables.items():
-        where = f"[{cls.__name__.lower()} {name}]"
+        where = f"[{section}.{name}]"
         _known_keys(where, body, known)
         try:
             out[name] = cls(name=name, **body)
@@ -128,8 +132,9 @@ def _fit(name: str, fit: dict[str, Any]) -> ComputeFit:
         compute = ComputeFit(**fit)
     except TypeError as exc:
         raise _invalid(f"[experts.{name}.fit]: {exc}") from None
-    if min(compute.prefill_base_s, compute.prefill_per_token_s, compute.decode_base_s) < 0:
-        raise _invalid(f"[experts.{name}.fit]: delays must be >= 0")
+    numbers = [getattr(compute, f.name) for f in fields(ComputeFit) if f.name != "energy_source"]
+    if not all(isinstance(x, int | float) and x >= 0 for x in numbers):
+        raise _invalid(f"[experts.{name}.fit]: delays and power must be numbers >= 0")
     return compute
 
 
@@ -139,9 +144,12 @@ def _ref(table: Mapping[str, Any], key: object, where: str) -> Any:
     return table[key]
 
 
-def _known_keys(where: str, body: Any, known: set[str]) -> None:
+def _known_keys(where: str, body: Any, known: set[str] | None) -> None:
+    """``body`` must be a table; with ``known``, of those keys only."""
     if not isinstance(body, Mapping):
         raise _invalid(f"{where} must be a table")
+    if known is None:
+        return
     unknown = sorted(set(body) - known)
     if unknown:
         raise _invalid(f"{where}: unknown keys {unknown}; known: {sorted(known)}")

@@ -175,11 +175,6 @@ def test_an_unknown_key_is_an_error_naming_it_and_its_table(
     assert entry.split(".")[0] in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="profiles.py:92 names the table by its class ([modelspec llm-7b-q4], [device ...]), "
-    "not as the file spells it ([models.llm-7b-q4])",
-)
 @pytest.mark.parametrize("section", ["devices", "models"])
 def test_an_unknown_key_names_the_table_as_the_file_spells_it(tmp_path: Path, section: str) -> None:
     entry = {"devices": "rtx4090", "models": "llm-7b-q4"}[section]
@@ -221,7 +216,9 @@ def test_an_incomplete_fit_and_a_negative_delay_are_errors(tmp_path: Path) -> No
     negative = invalid(
         tmp_path, BASE, MEASURED.replace("decode_base_s = 0.035", "decode_base_s = -1")
     )
-    assert "[experts.orin-3b.fit]: delays must be >= 0" in negative
+    assert "[experts.orin-3b.fit]: delays and power must be numbers >= 0" in negative
+    power = invalid(tmp_path, BASE, MEASURED.replace("power_w = 41.5", "power_w = -41.5"))
+    assert "delays and power must be numbers >= 0" in power
 
 
 def test_an_application_without_tokens_is_an_error(tmp_path: Path) -> None:
@@ -236,12 +233,6 @@ def test_an_unreadable_file_is_an_error_naming_it(tmp_path: Path) -> None:
     assert caught.value.code is ErrorCode.INVALID_FIELD
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="profiles.py:58 merged[section].update(body) raises KeyError for a section (or a "
-    "top-level key) not in SECTIONS, and TypeError for a section that is not a table, "
-    "before parse_profiles can report it",
-)
 @pytest.mark.parametrize(
     ("text", "named"),
     [
