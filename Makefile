@@ -32,6 +32,7 @@ test: lint
 
 bench: $(VENV)/.test
 	$(PY) bench/bus_overhead.py
+	$(PY) bench/smo_vs_brute_force.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
