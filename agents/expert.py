@@ -38,7 +38,6 @@ own task, and scores wait their turn for the model with them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -53,8 +52,10 @@ from nats.aio.msg import Msg
 
 from moe2.agents.backends import Backend, PrefixCache, TopK, load_backend
 from moe2.agents.backends.base import common_prefix
+from moe2.agents.energy import EnergyMeter, Reading, choose_meter
 from moe2.agents.expert_config import ExpertConfig, ExpertStats
 from moe2.agents.expert_score import run_score, score_refusal
+from moe2.agents.expert_warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.agents.models import resolve_model
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
@@ -85,9 +86,18 @@ class _Session:
 
 
 class ExpertAgent:
-    """Serves one backend on the bus; ``await tg.start(agent.run)`` returns once it is live."""
+    """Serves one backend on the bus; ``await tg.start(agent.run)`` returns once it is live.
 
-    def __init__(self, nc: NATS, backend: Backend, config: ExpertConfig) -> None:
+    ``meter`` measures each compute call's joules; None chooses one from the config.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        backend: Backend,
+        config: ExpertConfig,
+        meter: EnergyMeter | None = None,
+    ) -> None:
         self._nc = nc
         self._backend = backend
         self.config = config
@@ -95,6 +105,7 @@ class ExpertAgent:
         self.subjects = Subjects(config.prefix)
         self.max_context = min(config.max_context or DEFAULT_CONTEXT, self.info.max_context)
         self.stats = ExpertStats()
+        self.meter = meter or choose_meter(config.device, config.energy_source)
         self._sessions: dict[str, _Session] = {}
         self._limiter = anyio.CapacityLimiter(1)
         self._heartbeat_seq = 0
@@ -118,6 +129,8 @@ class ExpertAgent:
     ) -> None:
         if self.config.context:
             await self._in_worker(partial(self._prepare_context))
+        if self.config.warmup:
+            await self._in_worker(partial(self._warm_up))
         sub = await self._nc.subscribe(self.subjects.expert_inbox(self.config.expert_id))
         try:
             await flush_subscriptions(self._nc)  # a request sent once we are started finds us
@@ -129,6 +142,9 @@ class ExpertAgent:
                     model=self.model_label,
                     max_context=self.max_context,
                     context_tokens=self.context_tokens,
+                    energy_source=self.meter.source,
+                    decode_s=self.stats.decode_s,
+                    prefill_s_per_token=self.stats.prefill_s_per_token,
                 )
                 task_status.started()
                 async for msg in sub.messages:
@@ -150,6 +166,13 @@ class ExpertAgent:
         self.context_tokens = common_prefix(*probes)
         if self.config.context_cache:
             self._context_head = self._backend.keep_prefix(probes[0][: self.context_tokens])
+
+    def _warm_up(self) -> None:
+        """Worker thread: measure the model before the first heartbeat announces it."""
+        ids = self._prompt_ids(WARMUP_PROMPT)
+        measured = warm_up(self._backend, ids, self.meter, prefix=self._context_head)
+        self.stats.decode_s = measured.decode_s
+        self.stats.prefill_s_per_token = measured.prefill_s_per_token
 
     def _prompt_ids(self, messages: Sequence[wire.ChatMessage]) -> list[int]:
         """The ids of the expert's context and then ``messages``, in the model's chat template."""
@@ -316,14 +339,14 @@ class ExpertAgent:
 
     async def _open(self, session: _Session, open_: wire.Open) -> None:
         prefill = partial(self._encode_and_prefill, session.id, open_.messages, session.top_k)
-        top, prompt_tokens, compute_s = await self._in_worker(prefill)
+        top, prompt_tokens, reading = await self._in_worker(prefill)
         session.prompt_tokens = prompt_tokens
         session.next_step = 1
-        await self._publish_slice(session, 0, top, compute_s)
+        await self._publish_slice(session, 0, top, reading)
 
     def _encode_and_prefill(
         self, session: str, messages: Sequence[wire.ChatMessage], top_k: int
-    ) -> tuple[TopK, int, float]:
+    ) -> tuple[TopK, int, Reading]:
         """Runs in the worker thread."""
         ids = self._prompt_ids(messages)
         if len(ids) >= self.max_context:
@@ -332,17 +355,18 @@ class ExpertAgent:
                 f"the prompt is {len(ids)} tokens; this expert's context is "
                 f"{self.max_context} tokens",
             )
-        started = time.perf_counter()
-        top = self._backend.prefill(session, ids, top_k, self._context_head)
-        return top, len(ids), time.perf_counter() - started
+        with self.meter.measure() as reading:
+            top = self._backend.prefill(session, ids, top_k, self._context_head)
+        self.stats.note_prefill(reading.compute_s, prefilled_tokens(ids, self._context_head))
+        return top, len(ids), reading
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
         self._check_step(session, step)
         decode = partial(self._timed_decode, session.id, step.token, session.top_k)
-        top, compute_s = await self._in_worker(decode)
+        top, reading = await self._in_worker(decode)
         session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
-        self.stats.note_decode(compute_s)
-        await self._publish_slice(session, step.step, top, compute_s)
+        self.stats.note_decode(reading.compute_s)
+        await self._publish_slice(session, step.step, top, reading)
 
     def _check_step(self, session: _Session, step: wire.Step) -> None:
         if step.step != session.next_step:
@@ -361,10 +385,10 @@ class ExpertAgent:
                 f"tokens reach this expert's {self.max_context}-token context",
             )
 
-    def _timed_decode(self, session: str, token: int, top_k: int) -> tuple[TopK, float]:
-        started = time.perf_counter()
-        top = self._backend.decode(session, token, top_k)
-        return top, time.perf_counter() - started
+    def _timed_decode(self, session: str, token: int, top_k: int) -> tuple[TopK, Reading]:
+        with self.meter.measure() as reading:
+            top = self._backend.decode(session, token, top_k)
+        return top, reading
 
     # --- Score: request/reply, no session --------------------------------------------------------
 
@@ -419,7 +443,7 @@ class ExpertAgent:
             expert=self.config.expert_id,
             top_k=top_k,
             max_context=self.max_context,
-            power_w=self.config.power_w,
+            meter=self.meter,
             prefix=self._context_head,
         )
 
@@ -448,7 +472,7 @@ class ExpertAgent:
     # --- publishing -------------------------------------------------------------------------------
 
     async def _publish_slice(
-        self, session: _Session, step: int, top: TopK, compute_s: float
+        self, session: _Session, step: int, top: TopK, reading: Reading
     ) -> None:
         pieces = [self._backend.token_bytes[int(i)] for i in top.ids]
         message = wire.make_slice(
@@ -458,8 +482,8 @@ class ExpertAgent:
             ids=top.ids,
             logprobs=top.logprobs,
             pieces=pieces,
-            compute_s=compute_s,
-            energy_j=self.config.power_w * compute_s,
+            compute_s=reading.compute_s,
+            energy_j=reading.energy_j,
             prompt_tokens=session.prompt_tokens if step == 0 else 0,
         )
         self.stats.slices += 1
@@ -496,7 +520,7 @@ class ExpertAgent:
             vocab_size=self.info.vocab_size,
             eos_ids=list(self.info.eos_ids),
             device=self._device(),
-            energy_source="declared",
+            energy_source=self.meter.source,
             sessions=len(self._sessions),
             interval_s=self.config.heartbeat_s,
             seq=self._heartbeat_seq,
@@ -506,6 +530,7 @@ class ExpertAgent:
     def _device(self) -> dict[str, Any]:
         measured: dict[str, Any] = {
             "decode_s": round(self.stats.decode_s, 6),
+            "prefill_s_per_token": round(self.stats.prefill_s_per_token, 7),
             "max_context": self.max_context,
         }
         if self.config.context:
@@ -516,6 +541,7 @@ class ExpertAgent:
 
 async def serve_expert(url: str, config: ExpertConfig) -> None:
     """Load the model, join the bus at ``url`` and serve until cancelled, SIGINT or SIGTERM."""
+    meter = choose_meter(config.device, config.energy_source)  # before the slow model load
     source = resolve_model(config.model)
     log.info("model_loading", model=source.name, path=str(source.path), backend=config.backend)
     load = partial(load_backend, config.backend, source, threads=config.threads)
@@ -524,7 +550,7 @@ async def serve_expert(url: str, config: ExpertConfig) -> None:
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel_on_signals, tg.cancel_scope)
-            await tg.start(ExpertAgent(nc, backend, config).run)
+            await tg.start(ExpertAgent(nc, backend, config, meter).run)
     finally:
         await close_nats(nc)
         log.info("expert_stopped", expert=config.expert_id)

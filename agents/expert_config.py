@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from moe2.agents.contexts import check_context, context_label
+from moe2.agents.energy import SOURCES
 from moe2.agents.models import DEFAULT_MODEL
 from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
 from moe2.runtime.wire import ChatMessage
@@ -25,6 +26,10 @@ class ExpertConfig:
     ``context``: messages put before every conversation the expert serves, sessions and scores
     alike (e.g. a system prompt and worked examples); ``context_name`` names them in heartbeats.
     ``context_cache`` computes the context's KV cache once and starts every prompt from a copy.
+    ``energy_source``: ``nvml``, ``rapl`` or ``declared`` (``device["power_w"]`` times compute
+    time); None picks the best this box has (``agents.energy.choose_meter``).
+    ``warmup``: one small prefill and a few decode steps before joining the bus, so the first
+    heartbeat already announces a measured ``decode_s`` and ``prefill_s_per_token``.
     """
 
     expert_id: str
@@ -43,6 +48,8 @@ class ExpertConfig:
     context: tuple[ChatMessage, ...] = ()
     context_name: str = DEFAULT_CONTEXT_NAME
     context_cache: bool = True
+    energy_source: str | None = None
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         check_token("expert id", self.expert_id)
@@ -51,6 +58,8 @@ class ExpertConfig:
         for name in ("max_sessions", "max_pending_scores", "idle_timeout_s", "heartbeat_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.energy_source is not None and self.energy_source not in SOURCES:
+            raise ValueError(f"energy_source must be one of {', '.join(SOURCES)} (or unset)")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError("max_context must be at least 2")
         object.__setattr__(self, "context", tuple(self.context))  # a list is welcome too
@@ -77,6 +86,16 @@ class ExpertStats:
     errors: Counter[str] = field(default_factory=Counter)  # replies sent, by code
     internal_errors: int = 0
     decode_s: float = 0.0  # moving average of one decode step's compute time
+    prefill_s_per_token: float = 0.0  # moving average of prefill compute time per token computed
 
     def note_decode(self, compute_s: float) -> None:
-        self.decode_s = compute_s if not self.decode_s else 0.9 * self.decode_s + 0.1 * compute_s
+        self.decode_s = _moving_average(self.decode_s, compute_s)
+
+    def note_prefill(self, compute_s: float, tokens: int) -> None:
+        per_token = compute_s / max(1, tokens)
+        self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
+
+
+def _moving_average(average: float, value: float) -> float:
+    """Exponential, weight 0.1 on the new value; the first value starts it."""
+    return value if not average else 0.9 * average + 0.1 * value

@@ -5,12 +5,12 @@ The I/O half (subscribe, queue on the model's worker thread, reply) is in ``expe
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from moe2.agents.backends import Backend, PrefixCache, TargetLogprobs
+from moe2.agents.energy import EnergyMeter
 from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
@@ -60,19 +60,18 @@ def run_score(
     expert: str,
     top_k: int,
     max_context: int,
-    power_w: float,
+    meter: EnergyMeter,
     prefix: PrefixCache | None = None,
 ) -> wire.Scored:
     """Encode the targets, check they fit, score them: the worker thread's part of a Score."""
     targets_ids = [backend.encode(t) for t in score.targets]
     check_fits(len(prompt_ids), targets_ids, max_context)
-    started = time.perf_counter()
-    scored = backend.score(prompt_ids, targets_ids, top_k, prefix)
-    compute_s = time.perf_counter() - started
+    with meter.measure() as reading:
+        scored = backend.score(prompt_ids, targets_ids, top_k, prefix)
     return wire.Scored(
         expert=expert,
         prompt_tokens=len(prompt_ids),
         targets=[target_score(ids, s) for ids, s in zip(targets_ids, scored, strict=True)],
-        compute_s=compute_s,
-        energy_j=power_w * compute_s,
+        compute_s=reading.compute_s,
+        energy_j=reading.energy_j,
     )

@@ -20,6 +20,7 @@ import pytest
 import structlog
 
 from moe2.agents.backends.base import Backend, BackendInfo, PrefixCache, TopK
+from moe2.agents.energy import CounterMeter, EnergyMeter
 from moe2.agents.expert import ExpertAgent, ExpertConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
@@ -85,8 +86,14 @@ class Bus:
 
 
 @asynccontextmanager
-async def expert_on_bus(backend: Backend, url: str, **config: Any) -> AsyncIterator[Bus]:
-    """One expert agent under a fresh prefix, and a client connection beside it."""
+async def expert_on_bus(
+    backend: Backend, url: str, meter: EnergyMeter | None = None, **config: Any
+) -> AsyncIterator[Bus]:
+    """One expert agent under a fresh prefix, and a client connection beside it.
+
+    No warm-up and the declared power, unless a test asks: quick starts, the same on every box.
+    """
+    config = {"warmup": False, "energy_source": "declared", **config}
     cfg = ExpertConfig(expert_id=EXPERT, prefix=next(_prefixes), heartbeat_s=0.05, **config)
     agent_nc = await connect_nats(url, name="test-expert")
     nc = await connect_nats(url, name="test-fusion")
@@ -96,7 +103,7 @@ async def expert_on_bus(backend: Backend, url: str, **config: Any) -> AsyncItera
             await nc.flush()
             await nc.flush()  # nats-py 2.16: the first PONG may overtake the SUB (see expert.py)
             async with anyio.create_task_group() as tg:
-                agent = ExpertAgent(agent_nc, backend, cfg)
+                agent = ExpertAgent(agent_nc, backend, cfg, meter)
                 await tg.start(agent.run)
                 yield Bus(agent, nc, Subjects(cfg.prefix), heartbeats)
                 tg.cancel_scope.cancel()
@@ -189,6 +196,54 @@ async def test_heartbeats_announce_the_model_and_the_declared_device(
     assert first.energy_source == "declared"
     assert (first.sessions, first.interval_s) == (0, 0.05)
     assert (first.seq, second.seq) == (1, 2)
+
+
+class CountingMeter(CounterMeter):
+    """A hardware-like counter that gains 0.25 J between two reads."""
+
+    source = "rapl"
+
+    def __init__(self) -> None:
+        self.joules = 0.0
+
+    def read_j(self) -> float:
+        self.joules += 0.25
+        return self.joules
+
+
+async def test_slices_carry_the_meters_joules_and_heartbeats_name_its_source(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url, meter=CountingMeter()) as bus:
+        sub = await bus.open("m")
+        first = slice_of(await bus.reply(sub), 0)
+        await bus.send("step", wire.Step(session="m", step=1, token=int(first.ids_array()[0])))
+        second = slice_of(await bus.reply(sub), 1)
+        beat = await bus.heartbeat()
+    assert (first.energy_j, second.energy_j) == (0.25, 0.25)
+    assert first.compute_s > 0 and second.compute_s > 0
+    assert beat.energy_source == "rapl"
+
+
+async def test_a_warmed_up_expert_announces_measured_speeds_in_its_first_heartbeat(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url, warmup=True) as bus:
+        first = await bus.heartbeat()
+        assert first.seq == 1
+        assert 0 < first.device["decode_s"] < 5
+        assert 0 < first.device["prefill_s_per_token"] < first.device["decode_s"]
+        sub = await bus.open("p", [wire.ChatMessage("user", "the sea and the sky " * 50)])
+        slice_of(await bus.reply(sub), 0)
+    assert bus.agent.stats.prefill_s_per_token != first.device["prefill_s_per_token"]
+
+
+async def test_without_warm_up_the_first_heartbeat_has_measured_nothing(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        first = await bus.heartbeat()
+    assert (first.device["decode_s"], first.device["prefill_s_per_token"]) == (0.0, 0.0)
 
 
 async def test_heartbeats_continue_while_a_long_prompt_prefills(
