@@ -11,6 +11,7 @@ import typer
 
 from moe2.cli_support import fail, run_async
 from moe2.gating_cli import app as gating_app
+from moe2.profile_cli import profile as profile_command
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
 from moe2.select_cli import select as select_command
@@ -22,8 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
-app.command(name="select")(select_command)
-app.command(name="selection")(watch_selection)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
@@ -66,6 +65,19 @@ def expert(
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     max_context: Annotated[int | None, typer.Option(help="Longest prompt+answer, tokens.")] = None,
     power_w: Annotated[float, typer.Option(help="Declared power draw for energy.")] = 15.0,
+    device_name: Annotated[
+        str, typer.Option(help="What the box is, for heartbeats and profiles.")
+    ] = "cpu",
+    energy_source: Annotated[
+        str | None,
+        typer.Option(
+            help="nvml, rapl or declared (--power-w times compute time); "
+            "default: the best this box has."
+        ),
+    ] = None,
+    warmup: Annotated[
+        bool, typer.Option(help="Measure a small prefill and a few decode steps before joining.")
+    ] = True,
     context: Annotated[
         Path | None,
         typer.Option(
@@ -94,7 +106,9 @@ def expert(
             threads=threads,
             max_context=max_context,
             prefix=prefix,
-            device={"name": "declared", "power_w": power_w},
+            device={"name": device_name, "power_w": power_w},
+            energy_source=energy_source,
+            warmup=warmup,
             context=loaded.messages if loaded else (),
             context_name=loaded.name if loaded else "context",
             context_cache=context_cache,
@@ -261,3 +275,9 @@ def demo(
         start_timeout_s=start_timeout,
     )
     run_async(lambda: run_demo(settings))
+
+
+# the coarse level (docs/selection.md): profile a live expert, choose S offline, watch S live
+app.command(name="profile")(profile_command)
+app.command(name="select")(select_command)
+app.command(name="selection")(watch_selection)

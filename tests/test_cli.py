@@ -20,7 +20,10 @@ from moe2.runtime.trace import load_trace
 from moe2.runtime.wire import ChatMessage
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["server", "expert", "fusion", "ask", "record", "replay", "demo"]
+COMMANDS = [
+    "server", "expert", "fusion", "ask", "record", "replay", "demo", "profile", "select",
+    "selection",
+]  # fmt: skip
 
 
 def moe2_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
