@@ -38,6 +38,7 @@ own task, and scores wait their turn for the model with them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -173,6 +174,8 @@ class ExpertAgent:
         measured = warm_up(self._backend, ids, self.meter, prefix=self._context_head)
         self.stats.decode_s = measured.decode_s
         self.stats.prefill_s_per_token = measured.prefill_s_per_token
+        self.stats.measured_at = time.monotonic()
+        self._log.debug("expert_measured", decode_s=measured.decode_s)
 
     def _prompt_ids(self, messages: Sequence[wire.ChatMessage]) -> list[int]:
         """The ids of the expert's context and then ``messages``, in the model's chat template."""
@@ -508,7 +511,20 @@ class ExpertAgent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.heartbeat_s)
+            if self._idle_too_long():
+                await self._in_worker(partial(self._warm_up))
             await self._heartbeat()
+
+    def _idle_too_long(self) -> bool:
+        """Measured nothing for ``remeasure_idle_s`` and serving nothing: measure again, so that
+        a figure taken on a busy box (or long ago) does not keep the expert out of S forever."""
+        idle = self.config.remeasure_idle_s
+        return (
+            self.config.warmup
+            and idle is not None
+            and not self._sessions
+            and time.monotonic() - self.stats.measured_at >= idle
+        )
 
     async def _heartbeat(self) -> None:
         self._heartbeat_seq += 1

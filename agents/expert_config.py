@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -50,6 +51,7 @@ class ExpertConfig:
     context_cache: bool = True
     energy_source: str | None = None
     warmup: bool = True
+    remeasure_idle_s: float | None = 30.0  # idle this long: warm up again (None: never)
 
     def __post_init__(self) -> None:
         check_token("expert id", self.expert_id)
@@ -87,13 +89,16 @@ class ExpertStats:
     internal_errors: int = 0
     decode_s: float = 0.0  # moving average of one decode step's compute time
     prefill_s_per_token: float = 0.0  # moving average of prefill compute time per token computed
+    measured_at: float = 0.0  # time.monotonic() of the last measurement
 
     def note_decode(self, compute_s: float) -> None:
         self.decode_s = _moving_average(self.decode_s, compute_s)
+        self.measured_at = time.monotonic()
 
     def note_prefill(self, compute_s: float, tokens: int) -> None:
         per_token = compute_s / max(1, tokens)
         self.prefill_s_per_token = _moving_average(self.prefill_s_per_token, per_token)
+        self.measured_at = time.monotonic()
 
 
 def _moving_average(average: float, value: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -147,8 +148,13 @@ def watch(
     from moe2.cli_support import run_async
 
     async def main() -> None:
+        printed: dict[str, int] = {}  # agent -> the last version printed (agents repeat it)
         async for message in announcements(nats_url, prefix, timeout if once else None):
-            typer.echo(announcement_text(message))
+            if printed.get(message.agent) == message.version:
+                continue
+            printed[message.agent] = message.version
+            stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
+            typer.echo(f"{stamp} {announcement_text(message)}")
             if once:
                 return
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -82,7 +81,7 @@ def default_profiles() -> Profiles:
 def heartbeat_cost(hb: Heartbeat) -> ExpertCost | None:
     """What an expert's own measurements say it costs (None before it has measured any)."""
     device = hb.device
-    decode = float(device.get("decode_s", 0.0) or 0.0)
+    decode = _announced_decode_s(hb)
     if decode <= 0:
         return None
     fit = ComputeFit(
@@ -177,6 +176,8 @@ class LiveSelection:
         self.members: dict[str, Heartbeat] = {}
         self.running: dict[str, RunningCost] = {}
         self.choice = Choice(version=0, reason="start", live=[], experts=[])
+        self._heartbeat_used: dict[str, float] = {}  # decode_s of the heartbeat costs in use
+        self._uncosted: set[str] = set()  # live, known to the gate, but no cost yet
         self.stale_reason: str | None = "start"
         self._lock = threading.Lock()
 
@@ -195,8 +196,21 @@ class LiveSelection:
                 for verb, ids in (("joined", joined), ("left", left))
                 if ids
             ]
+            changes += self._cost_news(live)
             if changes:
                 self._mark("; ".join(changes))
+
+    def _cost_news(self, live: Mapping[str, Heartbeat]) -> list[str]:
+        """Experts costed from their heartbeats whose announced decode time moved by more than
+        ``drift`` since S was chosen (an idle expert measures itself again), and experts that
+        had no cost and now announce one."""
+        out = []
+        for e, used in self._heartbeat_used.items():
+            now = _announced_decode_s(live.get(e))
+            if now > 0 and abs(now / used - 1) > self.drift:
+                out.append(f"drift {e} heartbeat x{now / used:.2f}")
+        out += [f"measured {e}" for e in self._uncosted if _announced_decode_s(live.get(e)) > 0]
+        return out
 
     def observe(self, s: Slice) -> None:
         """A slice's measured compute time and energy update its expert's running estimates."""
@@ -278,6 +292,10 @@ class LiveSelection:
                 left_out[e] = "no profile and no measured cost yet"
             else:
                 costs[e] = _scaled(cost, self.running.get(e))
+        self._heartbeat_used = {
+            e: c.compute.decode_base_s for e, c in costs.items() if c.source == "heartbeat"
+        }
+        self._uncosted = {e for e, why in left_out.items() if why.startswith("no profile")}
         return costs, left_out
 
     def _model_cost(self, expert: str) -> ExpertCost | None:
@@ -306,8 +324,8 @@ def _choice(base: Choice, result: Selection) -> Choice:
     return base
 
 
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def _announced_decode_s(hb: Heartbeat | None) -> float:
+    return float(hb.device.get("decode_s", 0.0) or 0.0) if hb is not None else 0.0
 
 
 def as_wire_fields(choice: Choice) -> dict[str, Any]:

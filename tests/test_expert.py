@@ -238,6 +238,18 @@ async def test_a_warmed_up_expert_announces_measured_speeds_in_its_first_heartbe
     assert bus.agent.stats.prefill_s_per_token != first.device["prefill_s_per_token"]
 
 
+async def test_an_idle_expert_measures_itself_again(backend: Backend, nats_url: str) -> None:
+    async with expert_on_bus(backend, nats_url, warmup=True, remeasure_idle_s=0.2) as bus:
+        first = await bus.heartbeat()
+        measured = bus.agent.stats.measured_at
+        with anyio.fail_after(20):
+            while bus.agent.stats.measured_at == measured:
+                await bus.heartbeat()
+        assert bus.agent.stats.measured_at > measured
+        later = await bus.heartbeat()
+    assert later.device["decode_s"] > 0 and first.device["decode_s"] > 0
+
+
 async def test_without_warm_up_the_first_heartbeat_has_measured_nothing(
     backend: Backend, nats_url: str
 ) -> None:

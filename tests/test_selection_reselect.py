@@ -68,6 +68,29 @@ def test_an_unprofiled_expert_is_costed_from_its_heartbeat() -> None:
     assert choice.left_out == {}
 
 
+def test_heartbeat_costs_are_followed_when_they_move_or_first_appear() -> None:
+    live = selection(["a"], Budgets(tau_s={"chat": 0.5}))
+    live.update_members(
+        {"a": heartbeat("a"), "b": heartbeat("b", decode_s=2.0), "c": heartbeat("c")}
+    )
+    first = live.solve()
+    assert first.experts == ["a"]  # b measured 2 s per token (a busy box), c nothing yet
+    assert first.left_out == {"c": "no profile and no measured cost yet"}
+    live.update_members(
+        {"a": heartbeat("a"), "b": heartbeat("b", decode_s=2.1), "c": heartbeat("c")}
+    )
+    assert live.stale is None  # within the 25 % drift
+    live.update_members(
+        {
+            "a": heartbeat("a"),
+            "b": heartbeat("b", decode_s=0.05),
+            "c": heartbeat("c", decode_s=0.04),
+        }
+    )
+    assert live.stale == "drift b heartbeat x0.03; measured c"
+    assert live.solve().experts == ["a", "b", "c"]
+
+
 def test_a_drifting_expert_is_reselected_with_its_measured_cost() -> None:
     live = selection(["a", "b", "c"], Budgets(tau_s={"chat": 0.1}))
     live.update_members({e: heartbeat(e) for e in "abc"})
