@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -153,7 +153,7 @@ class Choice:
     left_out: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     oracle_calls: int = 0
-    wall_s: float = 0.0
+    solve_s: float = 0.0
 
 
 class LiveSelection:
@@ -320,7 +320,7 @@ def _choice(base: Choice, result: Selection) -> Choice:
     base.delay_s = result.chosen.delay_s
     base.energy_j = result.chosen.energy_j
     base.oracle_calls = result.oracle_calls
-    base.wall_s = result.wall_s
+    base.solve_s = result.wall_s
     return base
 
 
@@ -329,17 +329,5 @@ def _announced_decode_s(hb: Heartbeat | None) -> float:
 
 
 def as_wire_fields(choice: Choice) -> dict[str, Any]:
-    """The fields of the wire message that announces a choice."""
-    return {
-        "version": choice.version,
-        "reason": choice.reason,
-        "live": choice.live,
-        "experts": choice.experts,
-        "loss": choice.loss,
-        "delay_s": choice.delay_s,
-        "energy_j": choice.energy_j,
-        "left_out": choice.left_out,
-        "error": choice.error,
-        "oracle_calls": choice.oracle_calls,
-        "solve_s": choice.wall_s,
-    }
+    """The fields of the wire message that announces a choice (all but ``agent``)."""
+    return asdict(choice)

@@ -56,11 +56,15 @@ class LossOracle:
         if rows.size == 0:
             raise ValueError("the oracle needs at least one gold token")
         # floor each gate value so that a renormalised weight is never exactly 0/0
+        gates = np.maximum(g[rows], 1e-300)
+        self._adopt(expert_ids, gates, gates * np.exp(np.concatenate(lp, axis=1).T))
+
+    def _adopt(self, expert_ids: Sequence[str], gates: F64, joint: F64) -> None:
+        """Take G (tokens, N) and A (tokens, N), with fresh counts and an empty cache."""
         self.expert_ids = list(expert_ids)
-        self.gates = np.maximum(g[rows], 1e-300)  # G: (tokens, N)
-        self.joint = self.gates * np.exp(np.concatenate(lp, axis=1).T)  # A: (tokens, N)
-        self.tokens = int(rows.size)
-        self._bound = _TokenBound(self.joint, self.gates)
+        self.gates, self.joint = gates, joint
+        self.tokens = int(gates.shape[0])
+        self._bound = _TokenBound(joint, gates)
         self.bounds = 0  # lower-bound evaluations (no loss is computed for those)
         self.calls = 0
         self.requests = 0
@@ -103,12 +107,7 @@ class LossOracle:
         if index == list(range(self.size)):
             return self
         out = object.__new__(LossOracle)
-        out.expert_ids = list(expert_ids)
-        out.gates, out.joint = self.gates[:, index], self.joint[:, index]
-        out.tokens = self.tokens
-        out._bound = _TokenBound(out.joint, out.gates)
-        out.bounds = out.calls = out.requests = 0
-        out._cache = {}
+        out._adopt(expert_ids, self.gates[:, index], self.joint[:, index])
         return out
 
     def lower_bounds(self, p: int, qs: Sequence[int]) -> F64:
@@ -154,42 +153,32 @@ class _TokenBound:
             return np.asarray(-np.log(ratio).mean(axis=1), dtype=np.float64)
 
 
-class EnvelopeOracle:
-    """Theorem 2 made exact: ``L̂(S) = min_{S' ⊆ S} L(S')``, the loss of S when the fusion agent
-    may also leave some of S out. It is monotone by construction, and since delay and energy
-    only grow with S, its best feasible subset has the same loss as ``L``'s; ``witness(S)`` is
-    the S' ⊆ S that attains it. Every one of the 2^N subsets is evaluated once, up front, so
-    this is for pools of up to about 16 experts.
-    """
+class TableOracle:
+    """Losses looked up in a table over every subset (tests and small experiments)."""
 
-    def __init__(self, base: LossOracle | TableOracle, max_experts: int = 16) -> None:
-        n = base.size
-        if n > max_experts:
-            raise ValueError(f"the exact envelope needs 2^{n} losses; keep it to {max_experts}")
-        values = base.evaluate_subsets(list(range(1 << n)))
-        self.values, self.witnesses = monotone_envelope(values, n)
-        self.expert_ids = list(base.expert_ids)
-        self.size = n
+    def __init__(self, expert_ids: Sequence[str], values: npt.ArrayLike) -> None:
+        self.expert_ids = list(expert_ids)
+        self.size = len(self.expert_ids)
+        self.values = np.asarray(values, dtype=np.float64)
+        if self.values.shape != (1 << self.size,):
+            raise ValueError(f"a table over {self.size} experts has {1 << self.size} entries")
         self.calls = 0
         self.requests = 0
-        self.upfront_calls = 1 << n
         self._seen: set[int] = set()
 
     def losses(self, subsets: Sequence[int]) -> F64:
-        """Envelope values; ``calls`` counts distinct subsets asked for (the 2^N evaluated up
-        front are ``upfront_calls``)."""
         self.requests += len(subsets)
         fresh = set(subsets) - self._seen
         self._seen |= fresh
         self.calls += len(fresh)
-        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
+        return self._lookup(subsets)
 
     def evaluate_subsets(self, subsets: Sequence[int]) -> F64:
         self.calls += len(subsets)
-        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
+        return self._lookup(subsets)
 
-    def witness(self, subset: int) -> int:
-        return int(self.witnesses[subset])
+    def _lookup(self, subsets: Sequence[int]) -> F64:
+        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
 
     def reset_counts(self) -> None:
         self.calls = self.requests = 0
@@ -210,30 +199,21 @@ def monotone_envelope(values: F64, n: int) -> tuple[F64, npt.NDArray[np.int64]]:
     return env, arg
 
 
-class TableOracle:
-    """Losses looked up in a table over every subset (tests and small experiments)."""
+class EnvelopeOracle(TableOracle):
+    """Theorem 2 made exact: ``L̂(S) = min_{S' ⊆ S} L(S')``, the loss of S when the fusion agent
+    may also leave some of S out. It is monotone by construction, and since delay and energy
+    only grow with S, its best feasible subset has the same loss as ``L``'s; ``witness(S)`` is
+    the S' ⊆ S that attains it. Every one of the 2^N subsets is evaluated once, up front, so
+    this is for pools of up to about 16 experts.
+    """
 
-    def __init__(self, expert_ids: Sequence[str], values: npt.ArrayLike) -> None:
-        self.expert_ids = list(expert_ids)
-        self.size = len(self.expert_ids)
-        self.values = np.asarray(values, dtype=np.float64)
-        if self.values.shape != (1 << self.size,):
-            raise ValueError(f"a table over {self.size} experts has {1 << self.size} entries")
-        self.calls = 0
-        self.requests = 0
-        self._seen: set[int] = set()
+    def __init__(self, base: LossOracle | TableOracle, max_experts: int = 16) -> None:
+        n = base.size
+        if n > max_experts:
+            raise ValueError(f"the exact envelope needs 2^{n} losses; keep it to {max_experts}")
+        values, self.witnesses = monotone_envelope(base.evaluate_subsets(list(range(1 << n))), n)
+        super().__init__(base.expert_ids, values)  # calls: distinct subsets asked for
+        self.upfront_calls = 1 << n  # ... besides the 2^N evaluated here
 
-    def losses(self, subsets: Sequence[int]) -> F64:
-        self.requests += len(subsets)
-        fresh = set(subsets) - self._seen
-        self._seen |= fresh
-        self.calls += len(fresh)
-        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
-
-    def evaluate_subsets(self, subsets: Sequence[int]) -> F64:
-        self.calls += len(subsets)
-        return np.asarray(self.values[np.asarray(subsets, dtype=np.int64)], dtype=np.float64)
-
-    def reset_counts(self) -> None:
-        self.calls = self.requests = 0
-        self._seen.clear()
+    def witness(self, subset: int) -> int:
+        return int(self.witnesses[subset])
