@@ -209,8 +209,9 @@ def load_gate(path: str | None) -> Gate:
     return LearnedGate(artifact, load_embedder(artifact.embedder))
 
 
-def load_selection(config: FusionConfig) -> SubsetSelector | None:
-    """SMO over the live experts when ``outputs`` is configured, else None (every live expert)."""
+def load_selection(config: FusionConfig, gate: Gate | None = None) -> SubsetSelector | None:
+    """SMO over the live experts when ``outputs`` is configured, else None (every live expert).
+    ``gate``: the agent's loaded gate, whose embedder the loss oracle reuses."""
     if not config.selects or config.outputs is None or config.gate is None:
         return None
     from pathlib import Path
@@ -220,7 +221,8 @@ def load_selection(config: FusionConfig) -> SubsetSelector | None:
     from moe2.selection.profiles import load_profiles
     from moe2.selection.sources import oracle_from_outputs
 
-    oracle = oracle_from_outputs(Path(config.outputs), Path(config.gate))
+    embedder = getattr(gate, "embedder", None)  # a LearnedGate's; UniformGate has none
+    oracle = oracle_from_outputs(Path(config.outputs), Path(config.gate), embedder=embedder)
     paths = [Path(p) for p in config.profiles]
     profiles = load_profiles(paths) if paths else default_profiles()
     budgets = Budgets(dict(config.tau_s), config.energy_j)
@@ -236,7 +238,7 @@ async def serve_fusion(
 ) -> None:
     """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
     gate = await anyio.to_thread.run_sync(load_gate, config.gate)
-    selector = await anyio.to_thread.run_sync(load_selection, config)
+    selector = await anyio.to_thread.run_sync(load_selection, config, gate)
     nc = await connect_nats(url, name="moe2-fusion")
     try:
         agent = FusionAgent(nc, config, gate=gate, selector=selector)

@@ -332,9 +332,11 @@ def run_evaluation(outputs: Path, gate: Path, split: str, stem: Path) -> str:
     return text
 
 
-def gated_scores(outputs: Path, gate: Path, split: str) -> tuple[Any, ScoreArrays, np.ndarray]:
+def gated_scores(
+    outputs: Path, gate: Path, split: str, embedder: Any = None
+) -> tuple[Any, ScoreArrays, np.ndarray]:
     """The store, its score arrays on ``split`` ("heldout" or "all"), and the gate's values
-    for those examples (E, N)."""
+    for those examples (E, N). ``embedder``: one already loaded for the artifact (else loaded)."""
     from moe2.gating.artifact import GatingArtifact
     from moe2.gating.data import embed_text
     from moe2.gating.embed import load_embedder
@@ -347,7 +349,8 @@ def gated_scores(outputs: Path, gate: Path, split: str) -> tuple[Any, ScoreArray
     if not arrays.examples:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"{outputs} holds no complete example")
     texts = [embed_text(store.example(i)) for i in arrays.example_ids]
-    return store, arrays, artifact.values(load_embedder(artifact.embedder).embed(texts))
+    embedder = embedder or load_embedder(artifact.embedder)
+    return store, arrays, artifact.values(embedder.embed(texts))
 
 
 def heldout_ids(store: Any, ids: Sequence[str], gate: Path) -> list[str]:

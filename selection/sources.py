@@ -7,13 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
+from moe2.gating.embed import Embedder
 from moe2.selection.oracle import LossOracle
 
 
-def oracle_from_outputs(outputs: Path, gate: Path, split: str = "heldout") -> LossOracle:
-    """``L(θ*, S)`` on the artifact's held-out examples (``split="all"``: every example)."""
+def oracle_from_outputs(
+    outputs: Path, gate: Path, split: str = "heldout", embedder: Embedder | None = None
+) -> LossOracle:
+    """``L(θ*, S)`` on the artifact's held-out examples (``split="all"``: every example);
+    ``embedder``: the artifact's, if already loaded (the fusion agent's gate has it)."""
     from moe2.gating.evaluate import gated_scores
 
-    _, arrays, values = gated_scores(outputs, gate, split)
+    _, arrays, values = gated_scores(outputs, gate, split, embedder)
     gold = [np.asarray(e.gold, dtype=np.float64) for e in arrays.examples]
     return LossOracle(arrays.expert_ids, values, gold)
