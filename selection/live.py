@@ -176,7 +176,8 @@ class LiveSelection:
         self.members: dict[str, Heartbeat] = {}
         self.running: dict[str, RunningCost] = {}
         self.choice = Choice(version=0, reason="start", live=[], experts=[])
-        self._heartbeat_used: dict[str, float] = {}  # decode_s of the heartbeat costs in use
+        # each costed expert's model when S was last chosen, before the running ratios
+        self._models: dict[str, ExpertCost] = {}
         self._uncosted: set[str] = set()  # live, known to the gate, but no cost yet
         self.stale_reason: str | None = "start"
         self._lock = threading.Lock()
@@ -205,8 +206,10 @@ class LiveSelection:
         ``drift`` since S was chosen (an idle expert measures itself again), and experts that
         had no cost and now announce one."""
         out = []
-        for e, used in self._heartbeat_used.items():
-            now = _announced_decode_s(live.get(e))
+        for e, model in self._models.items():
+            if model.source != "heartbeat":
+                continue
+            now, used = _announced_decode_s(live.get(e)), model.compute.decode_base_s
             if now > 0 and abs(now / used - 1) > self.drift:
                 out.append(f"drift {e} heartbeat x{now / used:.2f}")
         out += [f"measured {e}" for e in self._uncosted if _announced_decode_s(live.get(e)) > 0]
@@ -217,11 +220,11 @@ class LiveSelection:
         if s.step == 0 or not s.compute_s > 0:
             return
         with self._lock:
-            cost = self._model_cost(s.expert)
-            if cost is None:
+            model = self._models.get(s.expert)
+            if model is None:  # not costed when S was chosen: not in any session's S either
                 return
             running = self.running.setdefault(s.expert, RunningCost())
-            running.observe(s, cost.compute)
+            running.observe(s, model.compute)
             drift = running.drift(self.drift)
             if drift is not None:
                 self._mark(f"drift {s.expert} {drift}")
@@ -238,7 +241,8 @@ class LiveSelection:
 
     def select(self, live: Sequence[str]) -> list[str]:
         """The SubsetSelector hook: the chosen S, less any expert gone since it was chosen."""
-        return [e for e in self.choice.experts if e in set(live)]
+        up = set(live)
+        return [e for e in self.choice.experts if e in up]
 
     def solve(self) -> Choice:
         """Run SMO on the live experts with their current costs; never raises."""
@@ -284,6 +288,7 @@ class LiveSelection:
         costs: dict[str, ExpertCost] = {}
         left_out: dict[str, str] = {}
         known = set(self.oracle.expert_ids)
+        self._models = {}
         for e in sorted(members):
             cost = self._model_cost(e)
             if e not in known:
@@ -291,10 +296,8 @@ class LiveSelection:
             elif cost is None:
                 left_out[e] = "no profile and no measured cost yet"
             else:
+                self._models[e] = cost
                 costs[e] = _scaled(cost, self.running.get(e))
-        self._heartbeat_used = {
-            e: c.compute.decode_base_s for e, c in costs.items() if c.source == "heartbeat"
-        }
         self._uncosted = {e for e, why in left_out.items() if why.startswith("no profile")}
         return costs, left_out
 

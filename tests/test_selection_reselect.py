@@ -91,6 +91,19 @@ def test_heartbeat_costs_are_followed_when_they_move_or_first_appear() -> None:
     assert live.solve().experts == ["a", "b", "c"]
 
 
+def test_a_heartbeat_cost_scaled_by_slices_is_not_called_a_heartbeat_drift() -> None:
+    live = selection([], Budgets(tau_s={"chat": 5.0}))
+    members = {e: heartbeat(e, decode_s=0.02) for e in "abc"}
+    live.update_members(members)
+    live.solve()
+    for step in range(1, MIN_SAMPLES + 1):
+        live.observe(decode_slice("a", step, 0.04))  # twice what a's heartbeat announces
+    assert live.stale == "drift a time x2.00"
+    live.solve()  # a is now costed at twice its announced 0.02 s ...
+    live.update_members(members)  # ... and its heartbeat, unchanged, is no new drift
+    assert live.stale is None
+
+
 def test_a_drifting_expert_is_reselected_with_its_measured_cost() -> None:
     live = selection(["a", "b", "c"], Budgets(tau_s={"chat": 0.1}))
     live.update_members({e: heartbeat(e) for e in "abc"})
