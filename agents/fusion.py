@@ -40,6 +40,8 @@ class FusionAgent:
         self.subjects = Subjects(self.config.prefix)
         self.gate: Gate = gate or UniformGate()
         self.selector: SubsetSelector = selector or AllLive()
+        # SMO on the live bus: re-selects on membership and cost changes, sees every slice
+        self.live_selection = selector if isinstance(selector, LiveSelection) else None
         self.membership = Membership(self.config.missed_heartbeats)
         self.agent_id = f"fusion-{uuid.uuid4().hex[:8]}"
         self.sessions = 0
@@ -54,9 +56,9 @@ class FusionAgent:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch_members, members)
-                if isinstance(self.selector, LiveSelection):
+                if self.live_selection is not None:
                     reselector = Reselector(
-                        self.nc, self.subjects, self.membership, self.selector, self.agent_id
+                        self.nc, self.subjects, self.membership, self.live_selection, self.agent_id
                     )
                     await tg.start(reselector.run)
                 task_status.started()
@@ -140,8 +142,8 @@ class FusionAgent:
         allowed = same_tokenizer(live, self.selector.select(sorted(live)))
         if not allowed:
             why = "no live expert may serve this prompt"
-            if isinstance(self.selector, LiveSelection) and self.selector.choice.error:
-                why += f": {self.selector.choice.error}"
+            if self.live_selection is not None and self.live_selection.choice.error:
+                why += f": {self.live_selection.choice.error}"
             raise Moe2Error(ErrorCode.NO_EXPERTS, why)
         values = await anyio.to_thread.run_sync(self.gate.gate, prompt.messages, allowed)
         gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
@@ -150,7 +152,7 @@ class FusionAgent:
         k = prompt.experts or self.config.experts_per_prompt
         experts, weights = top_k_weights([e for e, _ in gated], [v for _, v in gated], k)
         first = live[experts[0]]
-        observe = self.selector.observe if isinstance(self.selector, LiveSelection) else None
+        observe = self.live_selection.observe if self.live_selection is not None else None
         return SessionPlan(
             session=uuid.uuid4().hex,
             prompt=prompt,
