@@ -158,32 +158,34 @@ class Profiler:
             return await self._steps(sid, sub, words, decode_steps)
         finally:
             with anyio.CancelScope(shield=True):
-                await self._send("close", wire.Close(session=sid))
+                await self._send(
+                    self.subjects.expert_close(self.config.expert), wire.Close(session=sid)
+                )
                 await sub.unsubscribe()
 
     async def _steps(self, sid: str, sub: Any, words: int, decode_steps: int) -> list[StepSample]:
-        messages, top_k = prompt_of(words), self.config.top_k
+        messages, top_k, expert = prompt_of(words), self.config.top_k, self.config.expert
+        step_subject = self.subjects.expert_step(expert)
         open_ = wire.Open(session=sid, messages=messages, top_k=top_k, max_tokens=decode_steps + 1)
-        first, wall_s = await self._round_trip(sub, "open", open_, 0)
+        first, wall_s = await self._round_trip(sub, self.subjects.expert_open(expert), open_, 0)
         samples = [_sample(sid, first, first.prompt_tokens, wall_s)]
         latest = first
         for step in range(1, decode_steps + 1):
             token = int(latest.ids_array()[0])
             request = wire.Step(session=sid, step=step, token=token)
-            latest, wall_s = await self._round_trip(sub, "step", request, step)
+            latest, wall_s = await self._round_trip(sub, step_subject, request, step)
             samples.append(_sample(sid, latest, first.prompt_tokens, wall_s))
         return samples
 
     async def _round_trip(
-        self, sub: Any, verb: str, message: wire.Message, step: int
+        self, sub: Any, subject: str, message: wire.Message, step: int
     ) -> tuple[wire.Slice, float]:
         started = time.perf_counter()
-        await self._send(verb, message)
+        await self._send(subject, message)
         reply = await self._next_slice(sub, step)
         return reply, time.perf_counter() - started
 
-    async def _send(self, verb: str, message: wire.Message) -> None:
-        subject = f"{self.subjects.root}.expert.{self.config.expert}.{verb}"
+    async def _send(self, subject: str, message: wire.Message) -> None:
         await self.nc.publish(subject, wire.encode(message))
 
     async def _next_slice(self, sub: Any, step: int) -> wire.Slice:
