@@ -1,8 +1,8 @@
 """The expert agent: one model on the bus, a KV cache per session, a top-k slice per step.
 
-Protocol (docs/protocol.md): an expert subscribes to ``<prefix>.v1.expert.<id>.*``; the last
-subject token is the verb (``open``, ``step``, ``close`` or ``score``) and must match the
-message's type.
+Protocol (docs/protocol.md): an expert serves ``<prefix>.v1.expert.<id>.<verb>`` for the verbs
+``open``, ``step``, ``close`` and ``score``, one ``runtime.endpoint.Endpoint`` each; a message of
+another type than its subject carries is ``unknown_type``.
 
 - ``Open`` prefills the prompt (the expert's context, then the messages, in the model's own chat
   template) and publishes slice 0 on ``<prefix>.v1.session.<sid>.slice.<id>``, with
@@ -12,7 +12,7 @@ message's type.
 - ``Close`` frees the KV cache; so does ``idle_timeout_s`` without a message for the session.
 - ``Score`` (request/reply, no session) builds the prompt as ``Open`` does, scores each target by
   teacher forcing and replies ``Scored``, or ``Error``, to the request's reply subject. A Score
-  without a reply subject is dropped (``bad_message``).
+  without a reply subject is logged and dropped.
 
 The context (``ExpertConfig.context``, e.g. a system prompt and worked examples) comes before
 every conversation and counts toward ``max_context``; its KV cache is computed once at start and
@@ -26,10 +26,11 @@ is refused at open, and a step that would feed the ``max_context``-th token is r
 ``max_top_k`` ids (every slice says how many it holds, and the rest mass covers the others).
 ``Open.max_tokens`` is the fusion agent's to enforce; the expert only guards its context.
 
-Every error about a session goes back as a ``wire.Error`` on that session's slice subject.
-Messages that name no usable session (not msgpack, unknown type, another protocol version,
-missing fields) are dropped with a ``bad_message`` warning and counted. A handler that raises
-replies ``internal`` and ends that session (its KV cache may be half-written); the agent lives on.
+Every error goes back as a ``wire.Error``: to the message's reply subject if it has one, else,
+about a session, on that session's slice subject. Messages that name no usable session (not
+msgpack, unknown type, another protocol version, missing fields) and have no reply subject are
+logged and counted by their endpoint. A handler that raises replies ``internal`` and ends that
+session (its KV cache may be half-written); the agent lives on.
 
 Model calls (sessions and scores alike) run one at a time in a worker thread, so the event loop
 keeps heartbeating; the messages of one session are handled in arrival order by that session's
@@ -39,7 +40,8 @@ own task, and scores wait their turn for the model with them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -49,7 +51,6 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from moe2.agents.backends import Backend, PrefixCache, TopK, load_backend
 from moe2.agents.backends.base import common_prefix
@@ -59,17 +60,16 @@ from moe2.agents.expert_score import run_score, score_refusal
 from moe2.agents.expert_warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.agents.models import resolve_model
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.endpoint import Endpoint, ErrorRoute, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.lifecycle import cancel_on_signals
-from moe2.runtime.subjects import Subjects, check_token
+from moe2.runtime.subjects import Subjects, valid_token
 
 log = structlog.get_logger("moe2.expert")
 
 DEFAULT_CONTEXT: Final = 4096
 _INBOX_SIZE: Final = 16  # messages queued per session; a fusion agent keeps one step in flight
-_VERBS: Final = {wire.Open: "open", wire.Step: "step", wire.Close: "close"}
-_SCORE_VERB: Final = "score"
 _T = TypeVar("_T")
 
 __all__ = ["DEFAULT_CONTEXT", "ExpertAgent", "ExpertConfig", "ExpertStats", "serve_expert"]
@@ -113,7 +113,49 @@ class ExpertAgent:
         self._log = log.bind(expert=config.expert_id)
         self._context_head: PrefixCache | None = None
         self.context_tokens = 0  # the head every prompt shares: template start and context
-        self.scores_pending = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        me = config.expert_id
+        routed = self._error_route
+        self.endpoints = (
+            self._endpoint("open", self.subjects.expert_open(me), wire.Open, routed),
+            self._endpoint("step", self.subjects.expert_step(me), wire.Step, routed),
+            self._endpoint("close", self.subjects.expert_close(me), wire.Close, None),
+            Endpoint(
+                nc,
+                "score",
+                self.subjects.expert_score(me),
+                wire.Score,
+                self._on_score,
+                agent=me,
+                concurrency=config.max_pending_scores,
+            ),
+        )
+        self._open_ep, self._step_ep, _, self._score_ep = self.endpoints
+
+    def _endpoint(
+        self,
+        verb: str,
+        subject: str,
+        expects: type[SessionMessage],
+        route: Callable[[SessionMessage], ErrorRoute | None] | None,
+    ) -> Endpoint[Any]:
+        return Endpoint(
+            self._nc,
+            verb,
+            subject,
+            expects,
+            self._on_session_message,
+            agent=self.config.expert_id,
+            route_errors=route,
+        )
+
+    def _error_route(self, message: SessionMessage) -> ErrorRoute | None:
+        """Errors about an Open or Step go to its session's slice subject (if it names one)."""
+        if isinstance(message, wire.Close) or not valid_token(message.session):
+            return None
+        step = message.step if isinstance(message, wire.Step) else 0
+        subject = self.subjects.slice(message.session, self.config.expert_id)
+        return ErrorRoute(subject, message.session, step)
 
     @property
     def model_label(self) -> str:
@@ -125,6 +167,14 @@ class ExpertAgent:
     def sessions(self) -> int:
         return len(self._sessions)
 
+    @property
+    def scores_pending(self) -> int:
+        return self._score_ep.in_flight
+
+    def error_counts(self) -> Counter[str]:
+        """Errors answered or logged by every endpoint of this expert, by code."""
+        return sum((ep.stats.errors for ep in self.endpoints), Counter[str]())
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
@@ -132,28 +182,22 @@ class ExpertAgent:
             await self._in_worker(partial(self._prepare_context))
         if self.config.warmup:
             await self._in_worker(partial(self._warm_up))
-        sub = await self._nc.subscribe(self.subjects.expert_inbox(self.config.expert_id))
-        try:
-            await flush_subscriptions(self._nc)  # a request sent once we are started finds us
-            async with anyio.create_task_group() as tg:
-                await self._heartbeat()
-                tg.start_soon(self._heartbeat_loop)
-                self._log.info(
-                    "expert_ready",
-                    model=self.model_label,
-                    max_context=self.max_context,
-                    context_tokens=self.context_tokens,
-                    energy_source=self.meter.source,
-                    decode_s=self.stats.decode_s,
-                    prefill_s_per_token=self.stats.prefill_s_per_token,
-                )
-                task_status.started()
-                async for msg in sub.messages:
-                    await self._receive(tg, msg)
-                self._log.warning("expert_inbox_closed")  # the connection was closed under us
-                tg.cancel_scope.cancel()
-        finally:
-            await self._unsubscribe(sub)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for endpoint in self.endpoints:
+                await tg.start(endpoint.serve)
+            await self._heartbeat()
+            tg.start_soon(self._heartbeat_loop)
+            self._log.info(
+                "expert_ready",
+                model=self.model_label,
+                max_context=self.max_context,
+                context_tokens=self.context_tokens,
+                energy_source=self.meter.source,
+                decode_s=self.stats.decode_s,
+                prefill_s_per_token=self.stats.prefill_s_per_token,
+            )
+            task_status.started()
 
     def _prepare_context(self) -> None:
         """Worker thread: check that the context fits, and keep its KV cache if configured."""
@@ -181,73 +225,30 @@ class ExpertAgent:
         """The ids of the expert's context and then ``messages``, in the model's chat template."""
         return self._backend.encode_chat([*self.config.context, *messages])
 
-    async def _unsubscribe(self, sub: Any) -> None:
-        with anyio.move_on_after(1, shield=True):
-            try:
-                await sub.unsubscribe()
-            except Exception:  # the connection is already closed: nothing left to undo
-                self._log.debug("unsubscribe_failed", exc_info=True)
+    # --- receiving: the endpoints' handlers route session messages to the session's task -------
 
-    # --- receiving: decode, validate, route to the session's task -----------------------------
+    async def _on_session_message(self, request: Request[SessionMessage]) -> None:
+        message = request.message
+        if not valid_token(message.session):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
+        if isinstance(message, wire.Open):
+            self._admit(message)
+        else:
+            self._forward(message)
 
-    async def _receive(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
-        try:
-            if self.subjects.verb_of_expert_subject(msg.subject) == _SCORE_VERB:
-                await self._receive_score(tg, msg)
-                return
-            message = self._parse(msg)
-            if message is None:
-                return
-            if self.subjects.verb_of_expert_subject(msg.subject) != _VERBS[type(message)]:
-                await self._reply_misrouted(message, msg.subject)
-            elif isinstance(message, wire.Open):
-                await self._admit(tg, message)
-            else:
-                await self._forward(message)
-        except Exception:  # never let one message end the agent
-            self.stats.internal_errors += 1
-            self._log.exception("receive_failed", subject=msg.subject)
-
-    def _parse(self, msg: Msg) -> SessionMessage | None:
-        """The message, or None after logging why it was dropped."""
-        try:
-            message = wire.decode(msg.data)
-        except Moe2Error as exc:
-            self._drop(exc.code, msg.subject)
-            return None
-        if not isinstance(message, wire.Open | wire.Step | wire.Close):
-            self._drop(ErrorCode.UNKNOWN_TYPE, msg.subject)
-            return None
-        try:
-            check_token("session", message.session)
-        except ValueError:
-            self._drop(ErrorCode.INVALID_FIELD, msg.subject)
-            return None
-        return message
-
-    def _drop(self, code: ErrorCode, subject: str, why: str = "") -> None:
-        self.stats.bad_messages += 1
-        self._log.warning("bad_message", code=str(code), subject=subject, why=why)
-
-    async def _reply_misrouted(self, message: SessionMessage, subject: str) -> None:
-        step = message.step if isinstance(message, wire.Step) else 0
-        verb = _VERBS[type(message)]
-        wrong = Moe2Error(ErrorCode.INVALID_FIELD, f"a {verb} message arrived on {subject}")
-        await self._reply_error(wrong, message.session, step)
-
-    async def _admit(self, tg: anyio.abc.TaskGroup, open_: wire.Open) -> None:
+    def _admit(self, open_: wire.Open) -> None:
         refusal = self._refusal(open_)
         if refusal is not None:
-            await self._reply_error(refusal, open_.session, 0)
-            return
+            raise refusal
+        assert self._tg is not None, "endpoints serve inside run()"
         send, receive = anyio.create_memory_object_stream[SessionMessage](_INBOX_SIZE)
         session = _Session(id=open_.session, inbox=send, top_k=self._top_k(open_.top_k))
         self._sessions[session.id] = session
         send.send_nowait(open_)
-        tg.start_soon(self._serve_session, session, receive)
+        self._tg.start_soon(self._serve_session, session, receive)
 
     def _refusal(self, open_: wire.Open) -> Moe2Error | None:
-        if not any(m.content for m in open_.messages):
+        if not wire.has_content(open_.messages):
             return Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no message with content")
         if open_.top_k < 0:
             return Moe2Error(ErrorCode.INVALID_FIELD, f"top_k must be >= 0, got {open_.top_k}")
@@ -262,19 +263,16 @@ class ExpertAgent:
         wanted = requested or self.config.top_k
         return min(wanted, self.config.max_top_k, self.info.vocab_size)
 
-    async def _forward(self, message: wire.Step | wire.Close) -> None:
+    def _forward(self, message: wire.Step | wire.Close) -> None:
         session = self._sessions.get(message.session)
         if session is None:
             if isinstance(message, wire.Step):
-                unknown = Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no session {message.session}")
-                await self._reply_error(unknown, message.session, message.step)
-            return
+                raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no session {message.session}")
+            return  # a Close for a session that is gone: nothing to do
         try:
             session.inbox.send_nowait(message)
         except anyio.WouldBlock:
-            step = message.step if isinstance(message, wire.Step) else -1
-            busy = Moe2Error(ErrorCode.BUSY, f"more than {_INBOX_SIZE} messages queued")
-            await self._reply_error(busy, session.id, step)
+            raise Moe2Error(ErrorCode.BUSY, f"more than {_INBOX_SIZE} messages queued") from None
 
     # --- one task per session ------------------------------------------------------------------
 
@@ -333,7 +331,6 @@ class ExpertAgent:
             await self._reply_error(exc, session.id, step)
             return session.next_step > 0  # a refused open ends the session
         except Exception:
-            self.stats.internal_errors += 1
             self._log.exception("handler_failed", session=session.id, step=step)
             failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this message")
             await self._reply_error(failed, session.id, step)
@@ -395,45 +392,18 @@ class ExpertAgent:
 
     # --- Score: request/reply, no session --------------------------------------------------------
 
-    async def _receive_score(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
-        if not msg.reply:
-            self._drop(ErrorCode.INVALID_FIELD, msg.subject, "a score needs a reply subject")
-            return
-        try:
-            score = self._admit_score(msg)
-        except Moe2Error as exc:
-            await self._reply_request_error(msg.reply, exc)
-            return
-        self.scores_pending += 1
-        tg.start_soon(self._serve_score, msg.reply, score)
-
-    def _admit_score(self, msg: Msg) -> wire.Score:
-        """The request, or the Moe2Error to answer it with."""
-        score = wire.decode(msg.data)
-        if not isinstance(score, wire.Score):
-            tag = score.__struct_config__.tag
-            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{tag} arrived on {msg.subject}")
-        refusal = score_refusal(score)
+    async def _on_score(self, request: Request[wire.Score]) -> wire.Scored:
+        """Score the targets, after every request queued before (the endpoint runs up to
+        ``max_pending_scores`` of these at once and refuses more with ``busy``)."""
+        if not request.reply:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a score needs a reply subject")
+        refusal = score_refusal(request.message)
         if refusal is not None:
             raise refusal
-        if self.scores_pending >= self.config.max_pending_scores:
-            limit = self.config.max_pending_scores
-            raise Moe2Error(ErrorCode.BUSY, f"this expert queues at most {limit} score requests")
-        return score
-
-    async def _serve_score(self, reply: str, score: wire.Score) -> None:
-        try:
-            scored = await self._in_worker(partial(self._score, score))
-            await self._reply_scored(reply, scored)
-        except Moe2Error as exc:
-            await self._reply_request_error(reply, exc)
-        except Exception:
-            self.stats.internal_errors += 1
-            self._log.exception("score_failed", targets=len(score.targets))
-            failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this score request")
-            await self._reply_request_error(reply, failed)
-        finally:
-            self.scores_pending -= 1
+        scored = await self._in_worker(partial(self._score, request.message), abandon=True)
+        self._check_fits(scored)
+        self.stats.scores += 1
+        return scored
 
     def _score(self, score: wire.Score) -> wire.Scored:
         """Runs in the worker thread."""
@@ -450,27 +420,21 @@ class ExpertAgent:
             prefix=self._context_head,
         )
 
-    async def _reply_scored(self, reply: str, scored: wire.Scored) -> None:
-        data = wire.encode(scored)
-        limit = self._nc.max_payload
-        if limit and len(data) > limit:
+    def _check_fits(self, scored: wire.Scored) -> None:
+        size, limit = len(wire.encode(scored)), self._nc.max_payload
+        if limit and size > limit:
             raise Moe2Error(
                 ErrorCode.PAYLOAD_TOO_LARGE,
-                f"the reply takes {len(data)} bytes, over the server's max_payload of {limit}; "
+                f"the reply takes {size} bytes, over the server's max_payload of {limit}; "
                 "ask for a smaller top_k or fewer targets",
             )
-        self.stats.scores += 1
-        await self._publish_bytes(reply, data)
 
-    async def _reply_request_error(self, reply: str, exc: Moe2Error) -> None:
-        self.stats.errors[str(exc.code)] += 1
-        self._log.info("score_error_reply", code=str(exc.code), error=exc.message)
-        message = wire.error_from(exc, expert=self.config.expert_id)
-        await self._publish(reply, message)
-
-    async def _in_worker(self, call: partial[_T]) -> _T:
-        """Model calls: one at a time, off the event loop."""
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+    async def _in_worker(self, call: partial[_T], *, abandon: bool = False) -> _T:
+        """Model calls: one at a time, off the event loop. ``abandon``: on cancellation (the
+        agent stopping) return at once and drop the result instead of waiting for the call."""
+        return await anyio.to_thread.run_sync(
+            call, limiter=self._limiter, abandon_on_cancel=abandon
+        )
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -493,11 +457,10 @@ class ExpertAgent:
         await self._publish(self.subjects.slice(session.id, self.config.expert_id), message)
 
     async def _reply_error(self, exc: Moe2Error, session: str, step: int) -> None:
-        self.stats.errors[str(exc.code)] += 1
-        self._log.info("error_reply", code=str(exc.code), session=session, step=step)
-        expert = self.config.expert_id
-        message = wire.error_from(exc, session=session, expert=expert, step=step)
-        await self._publish(self.subjects.slice(session, expert), message)
+        """An error found while serving a session, counted by the endpoint of its message."""
+        endpoint = self._open_ep if step == 0 else self._step_ep
+        route = ErrorRoute(self.subjects.slice(session, self.config.expert_id), session, step)
+        await endpoint.reply_error("", exc, route)
 
     async def _publish(self, subject: str, message: wire.Message) -> None:
         await self._publish_bytes(subject, wire.encode(message))
@@ -543,16 +506,18 @@ class ExpertAgent:
         )
         await self._publish(self.subjects.member(self.config.expert_id), message)
 
-    def _device(self) -> dict[str, Any]:
-        measured: dict[str, Any] = {
-            "decode_s": round(self.stats.decode_s, 6),
-            "prefill_s_per_token": round(self.stats.prefill_s_per_token, 7),
-            "max_context": self.max_context,
-        }
-        if self.config.context:
-            measured["context"] = self.config.context_label
-            measured["context_tokens"] = self.context_tokens
-        return {**self.config.device, **measured}
+    def _device(self) -> wire.DeviceProfile:
+        """The declared device with what this expert has measured (docs/protocol.md §4)."""
+        declared = self.config.declared
+        return wire.DeviceProfile(
+            name=declared.name,
+            power_w=declared.power_w,
+            decode_s=round(self.stats.decode_s, 6),
+            prefill_s_per_token=round(self.stats.prefill_s_per_token, 7),
+            max_context=self.max_context,
+            context=self.config.context_label,
+            context_tokens=self.context_tokens if self.config.context else 0,
+        )
 
 
 async def serve_expert(url: str, config: ExpertConfig) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+import msgspec
 
 from moe2.agents.contexts import check_context, context_label
 from moe2.agents.energy import SOURCES
 from moe2.agents.models import DEFAULT_MODEL
+from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
 from moe2.runtime.wire import ChatMessage
 
@@ -20,9 +24,38 @@ def _default_device() -> dict[str, Any]:
     return {"name": "cpu", "power_w": 15.0}
 
 
+class DeclaredDevice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The device profile an expert is given (``moe2 expert --device-name --power-w``).
+
+    ``name`` and ``power_w`` go into every heartbeat's ``device``; ``gpu_index`` picks the GPU
+    whose NVML counter measures energy.
+    """
+
+    name: str
+    power_w: float
+    gpu_index: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.power_w) and self.power_w >= 0):
+            raise ValueError("power_w must be finite and >= 0")
+        if self.gpu_index < 0:
+            raise ValueError("gpu_index must be >= 0")
+
+
+def declared_device(device: Mapping[str, Any]) -> DeclaredDevice:
+    """``device`` checked: an unknown key, a missing one or a wrong type is ``invalid_field``."""
+    try:
+        return msgspec.convert(device, DeclaredDevice, strict=True)
+    except msgspec.ValidationError as exc:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"device profile: {exc}") from None
+
+
 @dataclass(frozen=True)
 class ExpertConfig:
     """How one expert runs. ``device`` is its declared profile (``power_w`` prices energy).
+
+    An unknown key, a missing or mistyped one in ``device`` is refused (``invalid_field``): the
+    expert does not start with a profile its heartbeats could not announce.
 
     ``context``: messages put before every conversation the expert serves, sessions and scores
     alike (e.g. a system prompt and worked examples); ``context_name`` names them in heartbeats.
@@ -52,9 +85,11 @@ class ExpertConfig:
     energy_source: str | None = None
     warmup: bool = True
     remeasure_idle_s: float | None = 30.0  # idle this long: warm up again (None: never)
+    declared: DeclaredDevice = field(init=False, repr=False, compare=False)  # ``device``, checked
 
     def __post_init__(self) -> None:
         check_token("expert id", self.expert_id)
+        object.__setattr__(self, "declared", declared_device(self.device))
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")
         for name in ("max_sessions", "max_pending_scores", "idle_timeout_s", "heartbeat_s"):
@@ -70,7 +105,7 @@ class ExpertConfig:
 
     @property
     def power_w(self) -> float:
-        return float(self.device.get("power_w", 0.0))
+        return self.declared.power_w
 
     @property
     def context_label(self) -> str:
@@ -84,9 +119,6 @@ class ExpertStats:
 
     slices: int = 0
     scores: int = 0  # Scored replies sent
-    bad_messages: int = 0  # dropped: nobody to answer
-    errors: Counter[str] = field(default_factory=Counter)  # replies sent, by code
-    internal_errors: int = 0
     decode_s: float = 0.0  # moving average of one decode step's compute time
     prefill_s_per_token: float = 0.0  # moving average of prefill compute time per token computed
     measured_at: float = 0.0  # time.monotonic() of the last measurement

@@ -17,7 +17,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 
 def score_refusal(score: wire.Score) -> Moe2Error | None:
     """Why a Score cannot be served, judged from the request alone; None if it can be tried."""
-    if not any(m.content for m in score.messages):
+    if not wire.has_content(score.messages):
         return Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no message with content")
     if not score.targets:
         return Moe2Error(ErrorCode.INVALID_FIELD, "a Score needs at least one target")

@@ -22,6 +22,11 @@ def check_token(kind: str, value: str) -> str:
     return value
 
 
+def valid_token(value: str) -> bool:
+    """True if ``value`` may stand as one subject token (an expert or session id)."""
+    return bool(_TOKEN.match(value))
+
+
 @dataclass(frozen=True, slots=True)
 class Subjects:
     """Subject builders under one prefix (default ``moe2``)."""
@@ -59,6 +64,10 @@ class Subjects:
 
     def session_slices(self, session: str) -> str:
         return f"{self.root}.session.{session}.slice.*"
+
+    def cancel(self, session: str) -> str:
+        """Where a client cancels a session; the fusion agent running it listens."""
+        return f"{self.root}.session.{session}.cancel"
 
     def member(self, expert: str) -> str:
         return f"{self.root}.members.{expert}"

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.mixture import rest_mass
 
 PROTOCOL_VERSION = 1
 _TAG = re.compile(r"^moe2\.v(\d+)\.[a-z_]+$")
@@ -28,6 +29,11 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 class ChatMessage(msgspec.Struct, frozen=True):
     role: str
     content: str
+
+
+def has_content(messages: list[ChatMessage]) -> bool:
+    """A prompt needs at least one message whose content is not blank (else ``empty_prompt``)."""
+    return any(m.content.strip() for m in messages)
 
 
 class Prompt(_Message, frozen=True, tag="moe2.v1.prompt"):
@@ -64,6 +70,14 @@ class Close(_Message, frozen=True, tag="moe2.v1.close"):
     reason: str = "done"
 
 
+class Cancel(_Message, frozen=True, tag="moe2.v1.cancel"):
+    """Client -> the fusion agent running ``session``, on ``<prefix>.v1.session.<sid>.cancel``:
+    stop generating; the agent closes the experts and answers nothing more."""
+
+    session: str
+    reason: str = "client"
+
+
 class Slice(_Message, frozen=True, tag="moe2.v1.slice"):
     """Expert -> fusion: the top-k of one expert's next-token distribution at one step."""
 
@@ -85,16 +99,48 @@ class Slice(_Message, frozen=True, tag="moe2.v1.slice"):
         return np.frombuffer(self.logprobs, dtype="<f4")
 
 
+DEVICE_PROFILE_VERSION = 1
+
+
+class DeviceProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A heartbeat's ``device``: what the expert runs on and what its compute costs, measured.
+
+    ``profile`` is this map's own version. A receiver refuses (``invalid_field``) a missing field,
+    one of the wrong type, a negative or non-finite figure, and a profile other than 1, so a
+    renamed key is an error, never an expert silently left uncosted. Unknown keys are ignored.
+    """
+
+    profile: int = DEVICE_PROFILE_VERSION
+    name: str  # the box, as declared
+    power_w: float  # declared draw while computing
+    decode_s: float  # moving average of one decode step's compute; 0: not measured yet
+    prefill_s_per_token: float  # moving average of prefill compute per token; 0: not measured
+    max_context: int  # the most tokens a prompt and its answer may take together
+    context: str = ""  # ``<name>@<hash>`` of the expert's context; "" without one
+    context_tokens: int = 0  # the shared head of every prompt (template start and context)
+
+    def __post_init__(self) -> None:
+        if self.profile != DEVICE_PROFILE_VERSION:
+            raise ValueError(
+                f"device profile v{self.profile}; this agent reads v{DEVICE_PROFILE_VERSION}"
+            )
+        figures = ("power_w", "decode_s", "prefill_s_per_token", "max_context", "context_tokens")
+        values = {f: getattr(self, f) for f in figures}
+        bad = [f for f, x in values.items() if not (math.isfinite(x) and x >= 0)]
+        if bad:
+            raise ValueError(f"device {', '.join(bad)} must be finite and >= 0")
+
+
 class Heartbeat(_Message, frozen=True, tag="moe2.v1.heartbeat"):
     """Expert -> everyone, every ``interval_s``: who it is, what it serves, what it costs."""
 
     expert: str
     model: str
-    tokenizer: str  # identity: name and a hash of the vocabulary
+    tokenizer: str  # identity: name and a hash of the token bytes (backends.tokenizer_identity)
     backend: str
     vocab_size: int
     eos_ids: list[int]
-    device: dict[str, Any] = {}
+    device: DeviceProfile | None = None  # None: no profile, so never costed from heartbeats
     energy_source: str = "declared"
     sessions: int = 0
     interval_s: float = 1.0
@@ -212,6 +258,7 @@ Message: TypeAlias = (
     | Open
     | Step
     | Close
+    | Cancel
     | Slice
     | Heartbeat
     | Chunk
@@ -228,6 +275,7 @@ KNOWN_TYPES = frozenset(
         Open,
         Step,
         Close,
+        Cancel,
         Slice,
         Heartbeat,
         Chunk,
@@ -247,21 +295,38 @@ def encode(message: Message) -> bytes:
     return _encoder.encode(message)
 
 
+class _Envelope(msgspec.Struct):
+    """What any message must have, read when the full decode fails: its ``type``."""
+
+    type: Any = None
+
+
+_envelope: msgspec.msgpack.Decoder[_Envelope] = msgspec.msgpack.Decoder(_Envelope)
+# What a hostile body can make msgspec raise besides DecodeError: deep nesting, bad UTF-8 in a
+# str, numbers beyond what a field holds.
+_UNREADABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError, ValueError, OverflowError)
+
+
 def decode(data: bytes) -> Message:
-    """Decode one message, or raise Moe2Error with the code that says what is wrong."""
+    """Decode one message, or raise Moe2Error with the code that says what is wrong.
+
+    Never raises anything else, whatever the bytes (docs/protocol.md §12 gives the order).
+    """
     try:
         return _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise _classify(data, exc) from None
-    except msgspec.DecodeError as exc:
+    except _UNREADABLE as exc:
         raise Moe2Error(ErrorCode.MALFORMED, f"not a msgpack message: {exc}") from None
 
 
 def _classify(data: bytes, exc: msgspec.ValidationError) -> Moe2Error:
-    raw = msgspec.msgpack.decode(data)
-    if not isinstance(raw, dict):
-        return Moe2Error(ErrorCode.MALFORMED, f"a message must be a map, got {type(raw).__name__}")
-    tag = raw.get("type")
+    try:
+        tag = _envelope.decode(data).type
+    except msgspec.ValidationError as why:
+        return Moe2Error(ErrorCode.MALFORMED, f"a message must be a map: {why}")
+    except _UNREADABLE as why:
+        return Moe2Error(ErrorCode.MALFORMED, f"not a msgpack message: {why}")
     if not isinstance(tag, str):
         return Moe2Error(ErrorCode.INVALID_FIELD, "missing string field 'type'")
     match = _TAG.match(tag)
@@ -271,7 +336,7 @@ def _classify(data: bytes, exc: msgspec.ValidationError) -> Moe2Error:
             f"{tag!r} is protocol v{match.group(1)}; this agent speaks v{PROTOCOL_VERSION}",
         )
     if tag not in KNOWN_TYPES:
-        return Moe2Error(ErrorCode.UNKNOWN_TYPE, f"unknown message type {tag!r}")
+        return Moe2Error(ErrorCode.UNKNOWN_TYPE, f"unknown message type {tag[:64]!r}")
     return Moe2Error(ErrorCode.INVALID_FIELD, f"{tag}: {exc}")
 
 
@@ -289,7 +354,7 @@ def make_slice(
 ) -> Slice:
     """Pack a top-k slice; ``rest`` is computed from the log-probabilities."""
     lp = np.ascontiguousarray(logprobs, dtype="<f4")
-    rest = max(0.0, 1.0 - float(np.exp(lp.astype(np.float64)).sum()))
+    rest = rest_mass(np.exp(lp.astype(np.float64)))
     return Slice(
         session=session,
         expert=expert,

@@ -192,7 +192,8 @@ async def test_heartbeats_announce_the_model_and_the_declared_device(
     assert (first.expert, first.model, first.backend) == (EXPERT, info.model, "transformers")
     assert first.tokenizer == info.tokenizer and first.tokenizer.startswith("SmolLM2")
     assert (first.vocab_size, first.eos_ids) == (49152, [2])
-    assert first.device["name"] == "pi5" and first.device["power_w"] == 7.5
+    assert first.device is not None
+    assert (first.device.name, first.device.power_w, first.device.profile) == ("pi5", 7.5, 1)
     assert first.energy_source == "declared"
     assert (first.sessions, first.interval_s) == (0, 0.05)
     assert (first.seq, second.seq) == (1, 2)
@@ -230,12 +231,12 @@ async def test_a_warmed_up_expert_announces_measured_speeds_in_its_first_heartbe
 ) -> None:
     async with expert_on_bus(backend, nats_url, warmup=True) as bus:
         first = await bus.heartbeat()
-        assert first.seq == 1
-        assert 0 < first.device["decode_s"] < 5
-        assert 0 < first.device["prefill_s_per_token"] < first.device["decode_s"]
+        assert first.seq == 1 and first.device is not None
+        assert 0 < first.device.decode_s < 5
+        assert 0 < first.device.prefill_s_per_token < first.device.decode_s
         sub = await bus.open("p", [wire.ChatMessage("user", "the sea and the sky " * 50)])
         slice_of(await bus.reply(sub), 0)
-    assert bus.agent.stats.prefill_s_per_token != first.device["prefill_s_per_token"]
+    assert bus.agent.stats.prefill_s_per_token != first.device.prefill_s_per_token
 
 
 async def test_an_idle_expert_measures_itself_again(backend: Backend, nats_url: str) -> None:
@@ -247,7 +248,8 @@ async def test_an_idle_expert_measures_itself_again(backend: Backend, nats_url: 
                 await bus.heartbeat()
         assert bus.agent.stats.measured_at > measured
         later = await bus.heartbeat()
-    assert later.device["decode_s"] > 0 and first.device["decode_s"] > 0
+    assert later.device is not None and first.device is not None
+    assert later.device.decode_s > 0 and first.device.decode_s > 0
 
 
 async def test_without_warm_up_the_first_heartbeat_has_measured_nothing(
@@ -255,7 +257,8 @@ async def test_without_warm_up_the_first_heartbeat_has_measured_nothing(
 ) -> None:
     async with expert_on_bus(backend, nats_url) as bus:
         first = await bus.heartbeat()
-    assert (first.device["decode_s"], first.device["prefill_s_per_token"]) == (0.0, 0.0)
+    assert first.device is not None
+    assert (first.device.decode_s, first.device.prefill_s_per_token) == (0.0, 0.0)
 
 
 async def test_heartbeats_continue_while_a_long_prompt_prefills(
@@ -400,7 +403,15 @@ async def test_a_message_on_the_wrong_verb_subject_is_refused(
     async with expert_on_bus(backend, nats_url) as bus:
         sub = await bus.listen("s")
         await bus.send("step", wire.Open(session="s", messages=HELLO))
-        error_of(await bus.reply(sub), "invalid_field", 0)
+        reply = await bus.nc.request(
+            bus.s.expert_step(EXPERT), wire.encode(wire.Open(session="s", messages=HELLO))
+        )
+        assert (
+            "carries moe2.v1.step" in error_of(wire.decode(reply.data), "unknown_type", -1).message
+        )
+        with pytest.raises(nats.errors.TimeoutError):  # no session was opened or answered
+            await sub.next_msg(timeout=0.2)
+        assert bus.agent.error_counts() == {"unknown_type": 2} and bus.agent.sessions == 0
 
 
 async def test_the_session_limit_answers_busy(backend: Backend, nats_url: str) -> None:
@@ -458,10 +469,10 @@ async def test_bad_messages_are_dropped_logged_and_counted(
             await greedy_over_bus(bus, "after", 2)  # handled after the bad one, in order
             with pytest.raises(nats.errors.TimeoutError):
                 await bad.next_msg(timeout=0.2)
-            assert bus.agent.stats.bad_messages == 1
-    warnings = [e for e in logs if e["event"] == "bad_message"]
-    assert [(e["log_level"], e["code"]) for e in warnings] == [("warning", code)]
-    assert warnings[0]["subject"].endswith(f".expert.{EXPERT}.{verb}")
+            assert bus.agent.error_counts() == {code: 1}
+    dropped = [e for e in logs if e["event"] == "message_dropped"]
+    assert [e["code"] for e in dropped] == [code]
+    assert dropped[0]["subject"].endswith(f".expert.{EXPERT}.{verb}")
 
 
 class FailingDecode:
@@ -507,7 +518,7 @@ async def test_a_failing_model_call_answers_internal_and_the_agent_lives_on(
             error_of(await bus.reply(sub), "unknown_session", 1)  # the session was ended
             again = await bus.open("t")
             slice_of(await bus.reply(again), 0)
-            assert bus.agent.stats.internal_errors == 1
+            assert bus.agent.error_counts() == {"internal": 1, "unknown_session": 1}
     assert any(e["event"] == "handler_failed" and e["exc_info"] for e in logs)
 
 

@@ -118,6 +118,7 @@ _score = {"type": "moe2.v1.score", "messages": [{"role": "user", "content": "x"}
     [
         (wire.Score([], ["a"]), "empty_prompt", "no message with content"),
         (wire.Score([wire.ChatMessage("user", "")], ["a"]), "empty_prompt", "no message"),
+        (wire.Score([wire.ChatMessage("user", " \n\t")], ["a"]), "empty_prompt", "no message"),
         (wire.Score(CLOZE, []), "invalid_field", "at least one target"),
         (wire.Score(CLOZE, ["Venus", ""]), "invalid_field", "target 1 is empty"),
         (wire.Score(CLOZE, ["Venus"], top_k=-1), "invalid_field", "top_k"),
@@ -126,13 +127,14 @@ _score = {"type": "moe2.v1.score", "messages": [{"role": "user", "content": "x"}
         (msgspec.msgpack.encode({**_score, "targets": "a"}), "invalid_field", "targets"),
         (
             wire.encode(wire.Open(session="s", messages=CLOZE)),
-            "invalid_field",
-            "moe2.v1.open arrived",
+            "unknown_type",
+            "carries moe2.v1.score, not moe2.v1.open",
         ),
     ],
     ids=[
         "no-messages",
         "blank",
+        "whitespace",
         "no-targets",
         "empty-target",
         "top-k",
@@ -147,7 +149,7 @@ async def test_a_bad_score_request_gets_an_error_and_the_agent_serves_on(
 ) -> None:
     async with expert_on_bus(backend, nats_url) as bus:
         assert words in error_of(await request(bus, data), code).message
-        assert bus.agent.stats.errors[code] == 1
+        assert bus.agent.error_counts() == {code: 1}
         await greedy_over_bus(bus, "after", 2)
         scored_of(await request(bus, wire.Score(CLOZE, ["Venus"])), 1)
 
@@ -186,10 +188,11 @@ async def test_a_score_without_a_reply_subject_is_dropped_logged_and_counted(
         async with expert_on_bus(backend, nats_url) as bus:
             await bus.nc.publish(bus.s.expert_score(EXPERT), wire.encode(wire.Score(CLOZE, ["a"])))
             await greedy_over_bus(bus, "after", 2)  # handled after the score, in order
-            assert bus.agent.stats.bad_messages == 1 and bus.agent.stats.scores == 0
+            assert bus.agent.error_counts() == {"invalid_field": 1}
+            assert bus.agent.stats.scores == 0
             scored_of(await request(bus, wire.Score(CLOZE, ["Venus"])), 1)
-    warnings = [e for e in logs if e["event"] == "bad_message"]
-    assert [(e["code"], e["why"]) for e in warnings] == [
+    dropped = [e for e in logs if e["event"] == "message_dropped"]
+    assert [(e["code"], e["error"]) for e in dropped] == [
         ("invalid_field", "a score needs a reply subject")
     ]
 
@@ -225,8 +228,8 @@ async def test_a_failing_score_answers_internal_and_the_agent_lives_on(
             error_of(await request(bus, wire.Score(CLOZE, OPTIONS)), "internal")
             sub = await bus.open("s")
             assert isinstance(await bus.reply(sub), wire.Slice)
-            assert bus.agent.stats.internal_errors == 1
-    assert any(e["event"] == "score_failed" and e["exc_info"] for e in logs)
+            assert bus.agent.error_counts() == {"internal": 1}
+    assert any(e["event"] == "handler_failed" and e["exc_info"] for e in logs)
 
 
 async def test_nobody_answers_a_score_on_another_experts_subject(
