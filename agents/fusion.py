@@ -9,15 +9,15 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from moe2.agents.fusion_config import FusionConfig
 from moe2.agents.fusion_session import FusionSession, SessionPlan
 from moe2.agents.membership import Membership, same_tokenizer
 from moe2.agents.reselection import Reselector
-from moe2.gating import Gate, UniformGate, top_k_weights
+from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.endpoint import Endpoint, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
@@ -47,42 +47,38 @@ class FusionAgent:
         self.sessions = 0
         self.served = 0
         self._members_changed = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self.prompt_endpoint = Endpoint(
+            nc, "prompt", self.subjects.prompt, wire.Prompt, self._on_prompt, queue=FUSION_QUEUE
+        )
+        self.members_endpoint = Endpoint(
+            nc,
+            "members",
+            self.subjects.members,
+            wire.Heartbeat,
+            self._on_heartbeat,
+            identity=publisher_named_by("expert"),
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        prompts = await self.nc.subscribe(self.subjects.prompt, queue=FUSION_QUEUE)
-        members = await self.nc.subscribe(self.subjects.members)
-        await flush_subscriptions(self.nc)
-        log.info("fusion_ready", prompt=self.subjects.prompt)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch_members, members)
-                if self.live_selection is not None:
-                    reselector = Reselector(
-                        self.nc, self.subjects, self.membership, self.live_selection, self.agent_id
-                    )
-                    await tg.start(reselector.run)
-                task_status.started()
-                async for msg in prompts.messages:
-                    self._dispatch(tg, msg)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await prompts.unsubscribe()
-                await members.unsubscribe()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self.members_endpoint.serve)
+            if self.live_selection is not None:
+                reselector = Reselector(
+                    self.nc, self.subjects, self.membership, self.live_selection, self.agent_id
+                )
+                await tg.start(reselector.run)
+            await tg.start(self.prompt_endpoint.serve)
+            log.info("fusion_ready", prompt=self.subjects.prompt)
+            task_status.started()
 
-    async def _watch_members(self, sub: object) -> None:
-        async for msg in sub.messages:  # type: ignore[attr-defined]  # nats Subscription
-            try:
-                hb = wire.decode(msg.data)
-            except Moe2Error as exc:
-                log.warning("bad_heartbeat", subject=msg.subject, code=str(exc.code))
-                continue
-            if not isinstance(hb, wire.Heartbeat) or msg.subject != self.subjects.member(hb.expert):
-                log.warning("bad_heartbeat", subject=msg.subject, code="subject_mismatch")
-                continue
-            if self.membership.seen(hb, time.monotonic()):
-                log.info("expert_joined", expert=hb.expert, model=hb.model, backend=hb.backend)
-                self._members_changed.set()
-                self._members_changed = anyio.Event()
+    async def _on_heartbeat(self, request: Request[wire.Heartbeat]) -> None:
+        hb = request.message
+        if self.membership.seen(hb, time.monotonic()):
+            log.info("expert_joined", expert=hb.expert, model=hb.model, backend=hb.backend)
+            self._members_changed.set()
+            self._members_changed = anyio.Event()
 
     async def wait_for_experts(self, n: int, limit_s: float) -> list[str]:
         """Wait until at least ``n`` experts are live (for the demo and tests)."""
@@ -91,43 +87,28 @@ class FusionAgent:
                 await self._members_changed.wait()
         return sorted(live)
 
-    def _dispatch(self, tg: TaskGroup, msg: Msg) -> None:
+    async def _on_prompt(self, request: Request[wire.Prompt]) -> None:
+        """Check the prompt and start its session; a refusal is the client's Error."""
         started = time.monotonic()
-        if not msg.reply:
-            log.warning(
-                "prompt_refused", code=str(ErrorCode.INVALID_FIELD), error="no reply subject"
-            )
-            return
-        try:
-            prompt = self._read_prompt(msg)
-            if self.sessions >= self.config.max_sessions:
-                raise Moe2Error(
-                    ErrorCode.BUSY, f"at the limit of {self.config.max_sessions} sessions"
-                )
-        except Moe2Error as exc:
-            log.warning("prompt_refused", code=str(exc.code), error=exc.message)
-            tg.start_soon(self._refuse, msg.reply, exc)
-            return
+        if not request.reply:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a prompt needs a reply subject")
+        check_prompt(request.message, self.config)
+        if self.sessions >= self.config.max_sessions:
+            raise Moe2Error(ErrorCode.BUSY, f"at the limit of {self.config.max_sessions} sessions")
+        assert self._tg is not None, "the endpoints serve inside run()"
         self.sessions += 1
-        tg.start_soon(self._serve, prompt, msg.reply, started)
-
-    def _read_prompt(self, msg: Msg) -> wire.Prompt:
-        prompt = wire.decode(msg.data)
-        if not isinstance(prompt, wire.Prompt):
-            raise Moe2Error(
-                ErrorCode.UNKNOWN_TYPE, f"expected a prompt, got {type(prompt).__name__}"
-            )
-        check_prompt(prompt, self.config)
-        return prompt
+        self._tg.start_soon(self._serve, request.message, request.reply, started)
 
     async def _refuse(self, reply: str, exc: Moe2Error) -> None:
-        if reply:
-            await self.nc.publish(reply, wire.encode(wire.error_from(exc)))
+        await self.prompt_endpoint.reply_error(reply, exc)
 
     async def _serve(self, prompt: wire.Prompt, reply: str, started: float) -> None:
         try:
-            plan = await self._plan(prompt, reply)
-            await FusionSession(self.nc, self.subjects, self.config, plan).run(started)
+            plan = await self._plan(prompt)
+            observe = self.live_selection.observe if self.live_selection is not None else None
+            await FusionSession(
+                self.nc, self.subjects, self.config, plan, reply, started, observe
+            ).run()
         except Moe2Error as exc:
             await self._refuse(reply, exc)
         except Exception as exc:  # a handler's bug becomes an error reply, never a dead agent
@@ -137,7 +118,7 @@ class FusionAgent:
             self.sessions -= 1
             self.served += 1
 
-    async def _plan(self, prompt: wire.Prompt, reply: str) -> SessionPlan:
+    async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
         live = await self._live_experts()
         allowed = same_tokenizer(live, self.selector.select(sorted(live)))
         if not allowed:
@@ -150,18 +131,15 @@ class FusionAgent:
         if not gated:
             raise Moe2Error(ErrorCode.NO_EXPERTS, "the gating gives no live expert any weight")
         k = prompt.experts or self.config.experts_per_prompt
-        experts, weights = top_k_weights([e for e, _ in gated], [v for _, v in gated], k)
+        experts, weights = top_k_experts([e for e, _ in gated], [v for _, v in gated], k)
         first = live[experts[0]]
-        observe = self.live_selection.observe if self.live_selection is not None else None
         return SessionPlan(
             session=uuid.uuid4().hex,
             prompt=prompt,
-            reply=reply,
             experts=experts,
             weights=weights,
             vocab_size=first.vocab_size,
             eos_ids=frozenset(first.eos_ids),
-            observe=observe,
         )
 
     async def _live_experts(self) -> dict[str, wire.Heartbeat]:
@@ -177,11 +155,12 @@ def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
     """Refuse prompts no expert should see, with the code that says why."""
     if not prompt.messages or not any(m.content.strip() for m in prompt.messages):
         raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
-    chars = sum(len(m.content) for m in prompt.messages)
+    chars = sum(len(m.content) for m in prompt.messages) + sum(len(s) for s in prompt.stop)
     if chars > config.max_prompt_chars:
         raise Moe2Error(
             ErrorCode.PROMPT_TOO_LONG,
-            f"the prompt has {chars} characters; the limit is {config.max_prompt_chars}",
+            f"the prompt has {chars} characters (messages and stop strings); "
+            f"the limit is {config.max_prompt_chars}",
         )
     if not 1 <= prompt.max_tokens <= config.max_tokens_limit:
         raise Moe2Error(
@@ -191,8 +170,12 @@ def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "temperature must be a finite number >= 0")
     if not 0 < prompt.top_p <= 1:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "top_p must be in (0, 1]")
-    if prompt.seed is not None and not 0 <= prompt.seed < 2**63:
-        raise Moe2Error(ErrorCode.INVALID_FIELD, "seed must be in 0..2**63-1")
+    if prompt.seed is not None and prompt.seed < 0:  # msgpack caps it at 2**64-1
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "seed must be in 0..2**64-1")
+    if len(prompt.stop) > config.max_stop_strings:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD, f"at most {config.max_stop_strings} stop strings are allowed"
+        )
     if prompt.experts is not None and prompt.experts < 1:
         raise Moe2Error(ErrorCode.INVALID_FIELD, "experts must be >= 1")
 

@@ -8,17 +8,18 @@ step. Anything the trace did not see is answered with ``trace_diverged``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from moe2.agents.recorded import (
     OpenKey,
@@ -29,9 +30,10 @@ from moe2.agents.recorded import (
     open_key,
 )
 from moe2.runtime import wire
-from moe2.runtime.connection import flush_subscriptions, nats_connection
+from moe2.runtime.connection import nats_connection
+from moe2.runtime.endpoint import Endpoint, ErrorRoute, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
-from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
+from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects, valid_token
 
 log = structlog.get_logger("moe2.replay")
 
@@ -76,23 +78,24 @@ class ReplayExpert:
         hb = recorded.heartbeat
         self.heartbeat_s = heartbeat_s or (hb.interval_s if hb else 1.0)
         self.live: dict[str, RecordedSession] = {}
-        self.errors: dict[str, int] = {}
+        self._tg: TaskGroup | None = None
+        self.endpoints = (
+            self._endpoint("open", subjects.expert_open, wire.Open, self._on_open),
+            self._endpoint("step", subjects.expert_step, wire.Step, self._on_step),
+            self._endpoint("close", subjects.expert_close, wire.Close, self._on_close),
+            self._endpoint("score", subjects.expert_score, wire.Score, self._on_score),
+        )
         self._cursor: dict[OpenKey, int] = {}
         self._seq = hb.seq if hb else 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        sub = await self.nc.subscribe(self.subjects.expert_inbox(self.expert))
-        try:
-            async with anyio.create_task_group() as tg:
-                await self._heartbeat()
-                tg.start_soon(self._heartbeats)
-                await flush_subscriptions(self.nc)
-                task_status.started()
-                async for msg in sub.messages:
-                    await self._handle(msg, tg)
-        finally:
-            with anyio.move_on_after(1, shield=True):
-                await sub.unsubscribe()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for endpoint in self.endpoints:
+                await tg.start(endpoint.serve)
+            await self._heartbeat()
+            tg.start_soon(self._heartbeats)
+            task_status.started()
 
     async def _heartbeats(self) -> None:
         while True:
@@ -111,29 +114,53 @@ class ReplayExpert:
         )
         await self.nc.publish(self.subjects.member(self.expert), wire.encode(beat))
 
-    async def _handle(self, msg: Msg, tg: TaskGroup) -> None:
-        try:
-            message = wire.decode(msg.data)
-        except Moe2Error as exc:
-            self._count(exc.code)
-            return
-        try:
-            await self._dispatch(message, tg)
-        except Exception as exc:  # a handler's failure is an error reply, never a dead expert
-            log.warning("replay_handler_failed", expert=self.expert, exc_info=True)
-            session = getattr(message, "session", "")
-            if session:
-                await self._error(session, -1, ErrorCode.INTERNAL, repr(exc))
+    def _endpoint(
+        self, verb: str, subject: Callable[[str], str], expects: type[Any], handler: Any
+    ) -> Endpoint[Any]:
+        return Endpoint(
+            self.nc,
+            verb,
+            subject(self.expert),
+            expects,
+            handler,
+            agent=self.expert,
+            route_errors=self._route,
+        )
 
-    async def _dispatch(self, message: wire.Message, tg: TaskGroup) -> None:
-        if isinstance(message, wire.Open):
-            await self._open(message, tg)
-        elif isinstance(message, wire.Step):
-            await self._step(message, tg)
-        elif isinstance(message, wire.Close):
-            self.live.pop(message.session, None)
+    def _route(self, message: wire.Message) -> ErrorRoute | None:
+        session = getattr(message, "session", "")
+        if not isinstance(message, wire.Open | wire.Step) or not valid_token(session):
+            return None
+        step = message.step if isinstance(message, wire.Step) else 0
+        return ErrorRoute(self.subjects.slice(session, self.expert), session, step)
+
+    @property
+    def errors(self) -> Counter[str]:
+        """Errors answered or logged by this replay expert's endpoints, by code."""
+        return sum((ep.stats.errors for ep in self.endpoints), Counter[str]())
+
+    async def _on_open(self, request: Request[wire.Open]) -> None:
+        await self._open(request.message, self._task_group())
+
+    async def _on_step(self, request: Request[wire.Step]) -> None:
+        await self._step(request.message, self._task_group())
+
+    async def _on_close(self, request: Request[wire.Close]) -> None:
+        self.live.pop(request.message.session, None)
+
+    async def _on_score(self, request: Request[wire.Score]) -> None:
+        raise Moe2Error(
+            ErrorCode.TRACE_DIVERGED,
+            f"replay of {self.expert} answers sessions only: a trace holds no Score to replay",
+        )
+
+    def _task_group(self) -> TaskGroup:
+        assert self._tg is not None, "the endpoints serve inside run()"
+        return self._tg
 
     async def _open(self, message: wire.Open, tg: TaskGroup) -> None:
+        if not valid_token(message.session):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
         key = open_key(message)
         recordings = self.recorded.sessions.get(key)
         if not recordings:
@@ -152,6 +179,8 @@ class ReplayExpert:
             self.live.pop(next(iter(self.live)))
 
     async def _step(self, message: wire.Step, tg: TaskGroup) -> None:
+        if not valid_token(message.session):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
         recording = self.live.get(message.session)
         if recording is None:
             await self._error(message.session, message.step, ErrorCode.UNKNOWN_SESSION, "")
@@ -180,19 +209,11 @@ class ReplayExpert:
         await self.nc.publish(subject, data)
 
     async def _error(self, session: str, step: int, code: ErrorCode, detail: str) -> None:
-        self._count(code)
         log.debug("replay_error", expert=self.expert, session=session, step=step, code=code)
-        error = wire.Error(
-            code=str(code),
-            message=f"replay of {self.expert} at step {step}: {code} {detail}".rstrip(),
-            session=session,
-            expert=self.expert,
-            step=step,
-        )
-        await self.nc.publish(self.subjects.slice(session, self.expert), wire.encode(error))
-
-    def _count(self, code: ErrorCode) -> None:
-        self.errors[str(code)] = self.errors.get(str(code), 0) + 1
+        why = Moe2Error(code, f"replay of {self.expert} at step {step}: {code} {detail}".rstrip())
+        endpoint = self.endpoints[0] if step == 0 else self.endpoints[1]
+        route = ErrorRoute(self.subjects.slice(session, self.expert), session, step)
+        await endpoint.reply_error("", why, route)
 
 
 async def serve_replay_experts(

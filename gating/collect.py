@@ -22,7 +22,6 @@ import msgspec
 import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from tqdm import tqdm
 
 from moe2.gating.data import (
@@ -44,6 +43,7 @@ from moe2.gating.store import (
 )
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
+from moe2.runtime.endpoint import Endpoint, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 from moe2.runtime.trace import TraceRecord, read_trace
@@ -158,16 +158,12 @@ class _Heard:
         self.seen: dict[str, wire.Heartbeat] = {}
         self.changed, self.joined = anyio.Event(), anyio.Event()
 
-    async def on_beat(self, msg: Msg) -> None:
-        try:
-            hb = wire.decode(msg.data)
-        except Moe2Error:
-            return
-        if isinstance(hb, wire.Heartbeat) and msg.subject == self.subjects.member(hb.expert):
-            if hb.expert not in self.seen:
-                self.joined.set()
-            self.seen[hb.expert] = hb
-            self.changed.set()
+    async def on_beat(self, request: Request[wire.Heartbeat]) -> None:
+        hb = request.message
+        if hb.expert not in self.seen:
+            self.joined.set()
+        self.seen[hb.expert] = hb
+        self.changed.set()
 
     async def until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -191,7 +187,15 @@ async def discover_experts(
     """The experts heard by heartbeat: all of ``wanted`` (within ``wait_s``), or, without it,
     everyone heard until no new expert has appeared for ``settle_s``."""
     heard = _Heard(subjects)
-    sub = await nc.subscribe(subjects.members, cb=heard.on_beat)
+    members = Endpoint(
+        nc,
+        "members",
+        subjects.members,
+        wire.Heartbeat,
+        heard.on_beat,
+        identity=publisher_named_by("expert"),
+    )
+    sub = await members.subscribe()
     try:
         with anyio.move_on_after(wait_s):
             await heard.until(

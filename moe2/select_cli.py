@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
+import anyio
 import typer
 
 from moe2.cli_support import fail
@@ -17,6 +18,8 @@ from moe2.runtime import wire
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
 from moe2.selection.problem import Candidate, Selection
+
+_HEARD_BUFFER = 64  # announcements waiting for the printer
 
 METHODS = ("smo", "brute", "greedy", "random")
 
@@ -164,27 +167,36 @@ def watch(
 async def announcements(
     url: str, prefix: str, wait_s: float | None
 ) -> AsyncIterator[wire.Selection]:
-    """The ``Selection`` messages on ``<prefix>.v1.selection``, as they arrive."""
+    """The ``Selection`` messages on ``<prefix>.v1.selection``, as they arrive (anything else
+    there is answered or logged by the endpoint and skipped)."""
     from moe2.runtime.connection import close_nats, connect_nats
+    from moe2.runtime.endpoint import Endpoint, Request
     from moe2.runtime.errors import ErrorCode
     from moe2.runtime.subjects import Subjects
 
+    send, heard = anyio.create_memory_object_stream[wire.Selection](_HEARD_BUFFER)
+
+    async def on_selection(request: Request[wire.Selection]) -> None:
+        try:
+            send.send_nowait(request.message)
+        except anyio.WouldBlock:  # a printer this far behind: keep the older announcements
+            raise Moe2Error(ErrorCode.BUSY, "the watcher is behind; announcement dropped") from None
+
     nc = await connect_nats(url, name="moe2-selection-watch")
     try:
-        sub = await nc.subscribe(Subjects(prefix).selection)
+        watch = Endpoint(nc, "selection", Subjects(prefix).selection, wire.Selection, on_selection)
+        await watch.subscribe()
         while True:
-            try:
-                msg = await sub.next_msg(timeout=wait_s if wait_s is not None else 3600.0)
-            except TimeoutError:
-                if wait_s is None:
-                    continue
+            with anyio.move_on_after(wait_s if wait_s is not None else math.inf) as waited:
+                message = await heard.receive()
+            if waited.cancelled_caught:
                 raise Moe2Error(
                     ErrorCode.TIMEOUT, f"no fusion agent announced a selection in {wait_s:g} s"
-                ) from None
-            message = wire.decode(msg.data)
-            if isinstance(message, wire.Selection):
-                yield message
+                )
+            yield message
     finally:
+        send.close()
+        heard.close()
         await close_nats(nc)
 
 

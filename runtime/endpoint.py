@@ -31,6 +31,7 @@ import anyio.abc
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from moe2.runtime import wire
 from moe2.runtime.connection import flush_subscriptions
@@ -165,6 +166,13 @@ class Endpoint(Generic[M]):
                     await sub.unsubscribe()
                 except Exception:  # the connection is already closed: nothing to undo
                     self._log.debug("unsubscribe_failed", exc_info=True)
+
+    async def subscribe(self) -> Subscription:
+        """Subscribe with :meth:`handle` as the callback, for a caller that owns the lifetime
+        (a watcher that unsubscribes when it has heard enough); live on the server on return."""
+        sub = await self._nc.subscribe(self.subject, queue=self.queue, cb=self.handle)
+        await flush_subscriptions(self._nc)
+        return sub
 
     async def _take(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
         if self.concurrency is None:

@@ -6,14 +6,15 @@ Its tokenizer is bytes: token id = byte value, 0 = EOS, so answers are easy to r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import numpy as np
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
 from moe2.runtime import wire
-from moe2.runtime.connection import flush_subscriptions
+from moe2.runtime.endpoint import Endpoint, Request
 from moe2.runtime.subjects import Subjects
 
 VOCAB = 256
@@ -38,15 +39,25 @@ class ScriptedExpert:
     def __init__(self, nc: NATS, expert: str, script: Script, prefix: str = "moe2") -> None:
         self.nc, self.expert, self.script, self.s = nc, expert, script, Subjects(prefix)
         self.gone = False
+        self._tg: TaskGroup | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        sub = await self.nc.subscribe(self.s.expert_inbox(self.expert))
         async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for verb, subject, expects in (
+                ("open", self.s.expert_open(self.expert), wire.Open),
+                ("step", self.s.expert_step(self.expert), wire.Step),
+            ):
+                endpoint = Endpoint[Any](
+                    self.nc, verb, subject, expects, self._on_message, agent=self.expert
+                )
+                await tg.start(endpoint.serve)
             tg.start_soon(self._heartbeat)
-            await flush_subscriptions(self.nc)
             task_status.started()
-            async for msg in sub.messages:
-                tg.start_soon(self._answer, wire.decode(msg.data))
+
+    async def _on_message(self, request: Request[Any]) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(self._answer, request.message)
 
     async def _heartbeat(self) -> None:
         seq = 0

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from moe2.agents.recorder import Recorder
 from moe2.gating.collect import (
@@ -45,7 +44,8 @@ from moe2.gating.store import (
     examples_digest,
 )
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
+from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.endpoint import Endpoint, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects
 from moe2.runtime.trace import object_end
@@ -148,13 +148,14 @@ class ScoringExpert:
         self.nc, self.expert, self.script, self.s = nc, expert, script, Subjects(prefix)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        subject = self.s.expert_score(self.expert)
+        scores = Endpoint(
+            self.nc, "score", subject, wire.Score, self._answer, agent=self.expert, concurrency=64
+        )
         async with anyio.create_task_group() as tg:
-            sub = await self.nc.subscribe(self.s.expert_score(self.expert))
+            await tg.start(scores.serve)
             tg.start_soon(self._heartbeats)
-            await flush_subscriptions(self.nc)
             task_status.started()
-            async for msg in sub.messages:
-                tg.start_soon(self._answer, msg)
 
     async def _heartbeats(self) -> None:
         for seq in itertools.count():
@@ -171,25 +172,20 @@ class ScoringExpert:
             await self.nc.publish(self.s.member(self.expert), wire.encode(hb))
             await anyio.sleep(0.2)
 
-    async def _answer(self, msg: Msg) -> None:
-        score = wire.decode(msg.data)
-        assert isinstance(score, wire.Score)
+    async def _answer(self, request: Request[wire.Score]) -> wire.Scored | None:
+        score = request.message
         question = score.messages[-1].content
         self.script.asked.append(question)
         await anyio.sleep(self.script.delay_s)
         if any(q in question for q in self.script.silent):
-            return
-        if any(q in question for q in self.script.refuse):
-            reply: wire.Message = wire.Error(
-                code=str(ErrorCode.PROMPT_TOO_LONG), message="too long", expert=self.expert
-            )
-        else:
-            targets = [scripted_target(self.expert, t, score.top_k) for t in score.targets]
-            reply = wire.Scored(expert=self.expert, prompt_tokens=len(question), targets=targets)
-        await self.nc.publish(msg.reply, wire.encode(reply))
+            return None
         self.script.answered += 1
         if self.script.tally is not None:
             self.script.tally.add()
+        if any(q in question for q in self.script.refuse):
+            raise Moe2Error(ErrorCode.PROMPT_TOO_LONG, "too long")
+        targets = [scripted_target(self.expert, t, score.top_k) for t in score.targets]
+        return wire.Scored(expert=self.expert, prompt_tokens=len(question), targets=targets)
 
 
 @asynccontextmanager
