@@ -17,9 +17,12 @@ class FusionConfig:
     slice_k: int = 32  # K: ids per expert slice
     step_deadline_s: float = 2.0  # a decode step's slices must arrive within this
     prefill_deadline_s: float = 60.0  # the step-0 slices (prefill) within this
+    # once the first step-0 slice is in after e s, the others get max(step_deadline_s, this × e)
+    prefill_grace: float = 2.0
     max_consecutive_late: int = 3  # this many late steps in a row drops an expert
     max_sessions: int = 64  # concurrent sessions per fusion agent; more get "busy"
-    max_prompt_chars: int = 100_000
+    max_prompt_chars: int = 100_000  # the messages' content and the stop strings, together
+    max_stop_strings: int = 16
     max_tokens_limit: int = 4096
     missed_heartbeats: int = 2  # an expert this many of its heartbeat intervals silent is gone
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long

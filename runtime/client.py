@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import nats.errors
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -18,6 +19,8 @@ from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
+
+log = structlog.get_logger("moe2.client")
 
 NO_RESPONDER_RETRIES = 3
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
@@ -31,7 +34,11 @@ def to_messages(prompt: PromptInput) -> list[wire.ChatMessage]:
 
 
 class Answer:
-    """The stream of one answer: iterate for chunks; ``final`` holds the summary afterwards."""
+    """The stream of one answer: iterate for chunks; ``final`` holds the summary afterwards.
+
+    Leaving the iteration early (``break``, an exception, ``aclose()``) cancels the session: the
+    client publishes a ``Cancel`` for it, and the fusion agent closes every expert.
+    """
 
     def __init__(self, client: Client, prompt: wire.Prompt, timeout: float) -> None:
         self._client = client
@@ -39,6 +46,8 @@ class Answer:
         self._timeout = timeout
         self.final: wire.Final | None = None
         self.chunks: list[wire.Chunk] = []
+        self.session = ""  # fixed by the first message that names one
+        self._ended = False  # a Final or an Error came: nothing left to cancel
 
     @property
     def text(self) -> str:
@@ -73,9 +82,24 @@ class Answer:
                     yield item
         finally:
             with anyio.CancelScope(shield=True):
+                if not self._ended:
+                    await self._cancel()
                 await sub.unsubscribe()
                 send.close()
                 inbox.close()
+
+    async def _cancel(self) -> None:
+        """Tell the session's fusion agent to stop; before its id is known, the agent learns it
+        from the server's no-responders answer to its next Chunk."""
+        if not self.session:
+            return
+        cancel = wire.Cancel(session=self.session)
+        try:
+            await self._client.nc.publish(
+                self._client.subjects.cancel(self.session), wire.encode(cancel)
+            )
+        except Exception as exc:  # the connection is gone: the agent sees no inbox either
+            log.debug("cancel_not_sent", session=self.session, error=str(exc))
 
     async def _next(self, inbox: MemoryObjectReceiveStream[Msg]) -> Msg:
         with anyio.move_on_after(self._timeout):
@@ -86,14 +110,35 @@ class Answer:
         if _no_responders(msg):
             raise Moe2Error(ErrorCode.NO_FUSION_AGENT, "no fusion agent listens on the bus")
         item = wire.decode(msg.data)
+        if not isinstance(item, wire.Error | wire.Final | wire.Chunk):
+            raise Moe2Error(
+                ErrorCode.UNKNOWN_TYPE, f"unexpected {type(item).__name__} in an answer"
+            )
+        if not self._ours(item):
+            return None
         if isinstance(item, wire.Error):
+            self._ended = True
             raise Moe2Error(error_code(item.code), item.message)
         if isinstance(item, wire.Final):
+            self._ended = True
             self.final = item
             return None
-        if isinstance(item, wire.Chunk):
-            return item
-        raise Moe2Error(ErrorCode.UNKNOWN_TYPE, f"unexpected {type(item).__name__} in an answer")
+        return item
+
+    def _ours(self, item: wire.Error | wire.Final | wire.Chunk) -> bool:
+        """The first message that names a session fixes it; one of another session is ignored."""
+        if not self.session:
+            self.session = item.session
+            return True
+        if item.session == self.session:
+            return True
+        log.warning(
+            "foreign_message_ignored",
+            type=type(item).__name__,
+            session=item.session,
+            expected=self.session,
+        )
+        return False
 
     async def collect(self) -> wire.Final:
         async for _ in self:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from moe2.runtime.fusion import FusedDistribution
 
@@ -36,12 +37,20 @@ class TokenSampler:
         """The position in ``dist`` of the chosen token."""
         if self.params.temperature == 0:
             return int(np.argmax(dist.probs))  # ties go to the lowest id
-        logits = np.log(np.maximum(dist.probs, 1e-300)) / self.params.temperature
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        p = tempered(dist.probs, self.params.temperature)
         order = np.argsort(-p, kind="stable")
         if self.params.top_p < 1:
             cutoff = int(np.searchsorted(np.cumsum(p[order]), self.params.top_p)) + 1
             order = order[:cutoff]
         kept = p[order] / p[order].sum()
         return int(order[int(self._rng.choice(len(order), p=kept))])
+
+
+def tempered(probs: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.float64]:
+    """``q ∝ exp(ln F / T)``, normalised; ``(ln F - max ln F) / T`` is divided last, so any
+    ``T > 0`` is safe: a subnormal T sends every id below the best to ``exp(-inf) = 0``."""
+    log_f = np.log(np.maximum(probs, 1e-300))
+    with np.errstate(over="ignore"):  # a tiny T overflows to -inf, which is what it means
+        q: npt.NDArray[np.float64] = np.exp((log_f - log_f.max()) / temperature)
+    q /= q.sum()  # the best id is exp(0) = 1, so the sum is >= 1
+    return q

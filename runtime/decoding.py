@@ -1,0 +1,389 @@
+"""One prompt's decode loop (Algorithm 3 of the MoE² paper) as a pure state machine.
+
+``Decoding`` is fed events with the clock's value — a slice or an expert's error arrived, the
+clock moved on, the client cancelled — and answers each with actions: messages for experts
+(``Open``, ``Step``, ``Close``) and for the client (``Chunk``, then ``Final`` or ``Error``). Its
+``deadline`` says when it next needs a ``Tick``. No bus, no event loop, no clock of its own:
+``agents/fusion_session.py`` is the I/O around it. docs/protocol.md §5–§9 describe what it does.
+
+    machine = Decoding(plan, settings, started=now())
+    send(machine.start(now()))
+    while not machine.finished:
+        event = next event, or Tick() once machine.deadline has passed
+        send(machine.apply(event, now()))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from moe2.runtime import wire
+from moe2.runtime.deadline import LateTracker
+from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
+from moe2.runtime.fusion import ExpertSlice, fuse
+from moe2.runtime.sampling import SamplingParams, TokenSampler
+from moe2.runtime.text import TextAssembler
+
+log = structlog.get_logger("moe2.fusion")
+
+# a refused slice names one of these; the session reports the first if no slice is accepted
+REFUSALS = frozenset({ErrorCode.WRONG_STEP, ErrorCode.INVALID_FIELD, ErrorCode.BAD_LOGPROBS})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPlan:
+    """Who answers this prompt, with which weights, and what their tokenizer knows."""
+
+    session: str
+    prompt: wire.Prompt
+    experts: list[str]  # highest gating weight first
+    weights: list[float]
+    vocab_size: int
+    eos_ids: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSettings:
+    slice_k: int = 32  # K, sent in every Open
+    step_deadline_s: float = 2.0
+    prefill_deadline_s: float = 60.0
+    # once the first step-0 slice is in after e seconds, the others get max(step deadline, this × e)
+    prefill_grace: float = 2.0
+    max_consecutive_late: int = 3
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Arrived:
+    """A message on the session's slice subject, decoded; ``sender``: the subject's last token."""
+
+    sender: str
+    message: wire.Message
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The clock moved on; the machine compares ``now`` with its own deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """The client is gone or asked to stop: close every expert, answer nothing more."""
+
+    reason: str
+
+
+Event = Arrived | Tick | Cancelled
+
+
+# --- actions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ToExpert:
+    expert: str
+    message: wire.Open | wire.Step | wire.Close
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    message: wire.Chunk | wire.Final | wire.Error
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A slice fused into its step (for whoever watches costs, e.g. live selection)."""
+
+    slice: wire.Slice
+
+
+Action = ToExpert | ToClient | Accepted
+
+
+@dataclass(slots=True)
+class StepWait:
+    """What one step is waiting for, and what it has got."""
+
+    step: int
+    opened_at: float
+    deadline: float
+    waiting: set[str]
+    slices: dict[str, wire.Slice] = field(default_factory=dict)
+    errors: dict[str, wire.Error] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # expert -> its first refusal's code
+
+
+class _ContextFull(Exception):
+    """Every expert left has run out of context: the answer ends with finish "length"."""
+
+
+class Decoding:
+    """One session from the Opens to its Final, Error or cancellation."""
+
+    def __init__(self, plan: SessionPlan, settings: DecodeSettings, started: float) -> None:
+        self.plan, self.settings, self.started = plan, settings, started
+        self.weight = dict(zip(plan.experts, plan.weights, strict=True))
+        self.active = list(plan.experts)
+        self.tracker = LateTracker(settings.max_consecutive_late)
+        self.dropped: list[str] = []
+        p = plan.prompt
+        self.sampler = TokenSampler(SamplingParams(p.temperature, p.top_p, p.seed))
+        self.text = TextAssembler(p.stop)
+        self.tokens: list[int] = []
+        self.step_ms: list[float] = []  # per decode step: token chosen -> next step's slices in
+        self.prompt_tokens = 0
+        self.ttft = 0.0
+        self.finished = False
+        self.outcome = ""  # the finish reason, the error code, or "cancelled"
+        self._wait = StepWait(0, started, started + settings.prefill_deadline_s, set())
+        self._pending: list[int] = []  # chosen ids whose text has not gone out yet
+        self._chunks = 0
+        self._chosen_at = started
+        self.log = log.bind(session=plan.session)
+
+    @property
+    def step(self) -> int:
+        return self._wait.step
+
+    @property
+    def deadline(self) -> float | None:
+        """When the current step stops waiting; None once the session is over."""
+        return None if self.finished else self._wait.deadline
+
+    def start(self, now: float) -> list[Action]:
+        """Open every expert; call once the slice subject is subscribed."""
+        p = self.plan
+        self.log.info("session_started", experts=p.experts, weights=p.weights)
+        self._wait = StepWait(0, now, now + self.settings.prefill_deadline_s, set(self.active))
+        open_ = wire.Open(
+            session=p.session,
+            messages=p.prompt.messages,
+            top_k=self.settings.slice_k,
+            max_tokens=p.prompt.max_tokens,
+        )
+        return [ToExpert(e, open_) for e in self.active]
+
+    def apply(self, event: Event, now: float) -> list[Action]:
+        out: list[Action] = []
+        if self.finished:
+            return out
+        if isinstance(event, Cancelled):
+            self._cancel(event.reason, out)
+            return out
+        if now >= self._wait.deadline:
+            self._end_step(now, out)
+        if isinstance(event, Arrived) and not self.finished:
+            self._arrive(event, now, out)
+            if not self._wait.waiting:
+                self._end_step(now, out)
+        return out
+
+    def abort(self, error: Moe2Error) -> list[Action]:
+        """End the session with ``error`` (the I/O layer's own failure)."""
+        out: list[Action] = []
+        if not self.finished:
+            self._fail(error, out)
+        return out
+
+    # --- arrivals (docs/protocol.md §6, "Validation of an arriving message") ---------------------
+
+    def _arrive(self, event: Arrived, now: float, out: list[Action]) -> None:
+        w, sender, m = self._wait, event.sender, event.message
+        if isinstance(m, wire.Error):
+            if sender in w.waiting:
+                self.log.warning("expert_error", expert=sender, code=m.code, error=m.message)
+                w.errors[sender] = m
+                w.waiting.discard(sender)
+            else:
+                self.log.info("error_dropped", expert=sender, code=m.code, step=m.step)
+            return
+        if not isinstance(m, wire.Slice):
+            self.log.warning("bad_slice", code=str(ErrorCode.UNKNOWN_TYPE), expert=sender)
+            return
+        problem = self._problem(m, sender)
+        if problem is not None:
+            self.log.warning("slice_dropped", expert=sender, step=m.step, at=w.step, why=problem)
+            if problem in REFUSALS and sender in w.waiting:
+                w.refused.setdefault(sender, problem)  # not an answer: keep waiting
+            return
+        w.slices[sender] = m
+        w.waiting.discard(sender)
+        out.append(Accepted(m))
+        if w.step == 0 and len(w.slices) == 1:
+            grace = max(
+                self.settings.step_deadline_s, self.settings.prefill_grace * (now - w.opened_at)
+            )
+            w.deadline = min(w.deadline, now + grace)
+
+    def _problem(self, s: wire.Slice, sender: str) -> str | None:
+        w = self._wait
+        if s.expert != sender:
+            return "subject_mismatch"
+        if sender not in self.weight:
+            return str(ErrorCode.NOT_IN_SESSION)
+        if s.step < w.step:
+            return "late"
+        if s.step > w.step or sender not in w.waiting:
+            return str(ErrorCode.WRONG_STEP)
+        try:
+            wire.check_slice(s, self.plan.vocab_size)
+        except Moe2Error as exc:
+            return str(exc.code)
+        return None
+
+    # --- the end of a step: account, fuse, sample, emit ------------------------------------------
+
+    def _end_step(self, now: float, out: list[Action]) -> None:
+        w = self._wait
+        try:
+            self._account(w, out)
+        except _ContextFull:
+            self._finish("length", now, out)
+            return
+        except Moe2Error as exc:
+            self._fail(exc, out)
+            return
+        if w.step == 0:
+            self.prompt_tokens = max(s.prompt_tokens for s in w.slices.values())
+        else:
+            self.step_ms.append((now - self._chosen_at) * 1000)
+        self._advance(w, now, out)
+
+    def _account(self, w: StepWait, out: list[Action]) -> None:
+        """Drop failed experts and experts late too often; raise if no slice was accepted."""
+        failed = [e for e in self.active if e in w.errors]
+        late = [e for e in self.active if e not in w.slices and e not in w.errors]
+        for expert in late:
+            self.log.info("slice_late", expert=expert, step=w.step, refused=w.refused.get(expert))
+        to_drop = failed + self.tracker.record(
+            [e for e in self.active if e not in failed], w.slices
+        )
+        if to_drop:
+            self.active = [e for e in self.active if e not in to_drop]
+            self.dropped += [e for e in to_drop if e not in failed]
+            self._close(to_drop, "dropped", out)
+        if not w.slices:
+            raise self._no_slice(w, late)
+
+    def _no_slice(self, w: StepWait, late: list[str]) -> Exception:
+        codes = {e.code for e in w.errors.values()}
+        if w.step > 0 and not late and codes == {ErrorCode.PROMPT_TOO_LONG}:
+            return _ContextFull()
+        if w.errors and not late:
+            expert, first = next(iter(w.errors.items()))
+            return Moe2Error(error_code(first.code), f"expert {expert}: {first.message}")
+        if w.refused:
+            expert, why = next(iter(w.refused.items()))
+            return Moe2Error(
+                error_code(why), f"every slice of step {w.step} refused ({expert}: {why})"
+            )
+        return Moe2Error(
+            ErrorCode.NO_SLICES,
+            f"no slice arrived for step {w.step} within {w.deadline - w.opened_at:.3g}s "
+            f"(experts: {', '.join([*w.errors, *late]) or 'none left'})",
+        )
+
+    def _advance(self, w: StepWait, now: float, out: list[Action]) -> None:
+        token, piece = self._choose(w)
+        self.tokens.append(token)
+        self._chosen_at = now
+        if token in self.plan.eos_ids:
+            self._finish("eos", now, out)
+            return
+        self._pending.append(token)
+        if delta := self.text.push(piece):
+            self._chunk(delta, now, out)
+        if self.text.stopped:
+            self._finish("stop", now, out)
+        elif len(self.tokens) == self.plan.prompt.max_tokens:
+            self._finish("length", now, out)
+        else:
+            step = wire.Step(session=self.plan.session, step=w.step + 1, token=token)
+            out += [ToExpert(e, step) for e in self.active]
+            deadline = now + self.settings.step_deadline_s
+            self._wait = StepWait(w.step + 1, now, deadline, set(self.active))
+
+    def _choose(self, w: StepWait) -> tuple[int, bytes]:
+        """Fuse this step's slices (eq. 28-29), sample an id, and take its bytes from the first
+        expert of the session that lists it."""
+        slices = [w.slices[e] for e in self.plan.experts if e in w.slices]
+        dist = fuse(
+            [ExpertSlice(s.ids_array(), s.logprobs_array(), s.rest) for s in slices],
+            [self.weight[s.expert] for s in slices],
+            self.plan.vocab_size,
+        )
+        at = self.sampler.choose_index(dist)
+        first = int(dist.source[at])
+        for s in slices:
+            if first < len(s.pieces):
+                return int(dist.ids[at]), s.pieces[first]
+            first -= len(s.pieces)
+        raise AssertionError("a fused id always comes from some slice")
+
+    # --- endings ----------------------------------------------------------------------------------
+
+    def _chunk(self, text: str, now: float, out: list[Action]) -> None:
+        self.ttft = self.ttft or now - self.started
+        chunk = wire.Chunk(
+            session=self.plan.session, index=self._chunks, text=text, tokens=self._pending
+        )
+        out.append(ToClient(chunk))
+        self._chunks += 1
+        self._pending = []
+
+    def _finish(self, reason: str, now: float, out: list[Action]) -> None:
+        tail = self.text.finish()
+        if tail or self._pending:
+            self._chunk(tail, now, out)
+        out.append(ToClient(self._final(reason, now)))
+        self._close(self.active, "done", out)
+        self._end(reason)
+        self.log.info(
+            "session_done", tokens=len(self.tokens), finish=reason, late=self.tracker.late
+        )
+
+    def _final(self, reason: str, now: float) -> wire.Final:
+        total = now - self.started
+        steps = np.asarray(self.step_ms or [0.0])
+        n = len(self.tokens)
+        return wire.Final(
+            session=self.plan.session,
+            text=self.text.text,
+            finish_reason=reason,
+            usage=wire.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=n),
+            timings=wire.Timings(
+                ttft_s=self.ttft,
+                total_s=total,
+                tokens_per_s=n / total if total > 0 else 0.0,
+                step_p50_ms=float(np.percentile(steps, 50)),
+                step_p99_ms=float(np.percentile(steps, 99)),
+            ),
+            experts=list(self.plan.experts),
+            weights=list(self.plan.weights),
+            late=dict(self.tracker.late),
+            dropped=list(self.dropped),
+        )
+
+    def _fail(self, error: Moe2Error, out: list[Action]) -> None:
+        self.log.info("session_failed", code=str(error.code), message=error.message)
+        out.append(ToClient(wire.error_from(error, session=self.plan.session)))
+        self._close(self.active, "done", out)
+        self._end(str(error.code))
+
+    def _cancel(self, reason: str, out: list[Action]) -> None:
+        self.log.info("session_cancelled", reason=reason, step=self._wait.step)
+        self._close(self.active, "cancelled", out)
+        self._end("cancelled")
+
+    def _close(self, experts: list[str], reason: str, out: list[Action]) -> None:
+        close = wire.Close(session=self.plan.session, reason=reason)
+        out += [ToExpert(e, close) for e in experts]
+
+    def _end(self, outcome: str) -> None:
+        self.finished, self.outcome = True, outcome
+        self._wait.waiting = set()
