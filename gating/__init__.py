@@ -7,13 +7,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from moe2.gating.base import Gate, UniformGate, top_k_weights
+from moe2.gating.base import Gate, UniformGate, top_k_experts
 from moe2.gating.data import McExample, load_examples
 from moe2.gating.dataset import GatingData
 from moe2.gating.embed import Embedder, load_embedder
 
 if TYPE_CHECKING:
-    from moe2.gating.artifact import GatingArtifact, LearnedGate, renormalised
+    from moe2.gating.artifact import GatingArtifact, LearnedGate
     from moe2.gating.model import GatingMLP, TrainConfig, mixture_nll
     from moe2.gating.theorem import theorem1_check
     from moe2.gating.train import train_gating
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 _LAZY = {
     "GatingArtifact": "artifact",
     "LearnedGate": "artifact",
-    "renormalised": "artifact",
     "GatingMLP": "model",
     "TrainConfig": "model",
     "mixture_nll": "model",
@@ -42,9 +41,8 @@ __all__ = [
     "load_embedder",
     "load_examples",
     "mixture_nll",
-    "renormalised",
     "theorem1_check",
-    "top_k_weights",
+    "top_k_experts",
     "train_gating",
 ]
 

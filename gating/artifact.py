@@ -1,5 +1,6 @@
-"""A trained gating network on disk (safetensors + JSON), top-k renormalisation (eq. 2, eq. 28,
-Algorithm 3), and ``LearnedGate``: the ``Gate`` that the fusion agent calls once per prompt."""
+"""A trained gating network on disk (safetensors + JSON) and ``LearnedGate``: the ``Gate`` that
+the fusion agent calls once per prompt. Its values are renormalised on S by
+``moe2.runtime.mixture`` (eq. 2, eq. 28, Algorithm 3)."""
 
 from __future__ import annotations
 
@@ -142,33 +143,6 @@ def _check_identity(
         raise _invalid(
             f"gating artifact {folder} was trained on {name!r} embeddings, not {embedder!r}"
         )
-
-
-def renormalised(values: np.ndarray, allowed: Sequence[int], k: int | None) -> np.ndarray:
-    """Eq. 2 / eq. 28 with Algorithm 3: keep, per row, the ``k`` largest gating values among the
-    expert indices ``allowed`` (all of them when ``k`` is None, 0 or >= ``len(allowed)``), zero the
-    rest, and divide by the sum kept. Ties keep the order of ``allowed``. Rows (E, N) or one (N,);
-    a row whose kept values sum to zero gets equal weights over the kept experts. float64 out."""
-    v = np.atleast_2d(np.asarray(values, dtype=np.float64))
-    idx = _allowed_indices(allowed, v.shape[1])
-    if k is not None and k < 0:
-        raise _invalid(f"k must be >= 0 or None, got {k}")
-    keep = idx.size if not k or k >= idx.size else k
-    order = np.argsort(-v[:, idx], axis=1, kind="stable")[:, :keep]
-    chosen = idx[order]
-    kept = np.take_along_axis(v, chosen, axis=1)
-    total = kept.sum(axis=1, keepdims=True)
-    kept = np.where(total > 0, kept / np.where(total > 0, total, 1.0), 1.0 / keep)
-    out = np.zeros_like(v)
-    np.put_along_axis(out, chosen, kept, axis=1)
-    return out[0] if np.ndim(values) == 1 else out
-
-
-def _allowed_indices(allowed: Sequence[int], n: int) -> np.ndarray:
-    idx = np.asarray(allowed, dtype=np.int64).reshape(-1)
-    if idx.size == 0 or len(set(idx.tolist())) != idx.size or idx.min() < 0 or idx.max() >= n:
-        raise _invalid(f"allowed experts {list(allowed)} must be distinct indices in 0..{n - 1}")
-    return idx
 
 
 def prompt_text(messages: Sequence[ChatMessage]) -> str:

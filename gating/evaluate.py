@@ -1,7 +1,8 @@
 """Offline evaluation of expert weightings on collected outputs: pure functions of arrays.
 
 For E examples and N experts, a weighting is an (E, N) array of non-negative weights, each row
-summing to one. Every metric fuses the experts per token as ``log sum_n w_n f_n(y_t)`` (eq. 3):
+summing to one. Every metric fuses the experts per token as ``log sum_n w_n f_n(y_t)`` (eq. 3,
+``moe2.runtime.mixture.fused_log_likelihood``):
 
 - NLL per token of the gold answer text under the cloze prompt (the training loss, eq. 13);
 - letter accuracy: argmax over options of ``sum_n w_n P_n(letter)``;
@@ -26,9 +27,14 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from moe2.gating.base import top_k_weights
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.fusion import ExpertSlice, fuse
+from moe2.runtime.mixture import (
+    fused_log_likelihood,
+    renormalise_on_subset,
+    rest_mass,
+    top_k_weights,
+)
 
 F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
@@ -108,18 +114,6 @@ class MethodResult:
 # Fusion per token.
 
 
-def mixture_logprobs(logprobs: npt.ArrayLike, weights: npt.ArrayLike) -> F64:
-    """``log sum_n w_n exp(logprobs[n, t])`` for (N, T) log-probs and (N,) weights: (T,)."""
-    lp = np.asarray(logprobs, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        terms = lp + np.log(w)[:, None]
-    top = terms.max(axis=0)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    out: F64 = safe + np.log(np.exp(terms - safe).sum(axis=0))
-    return out
-
-
 def letter_choice(letter: npt.ArrayLike, weights: npt.ArrayLike) -> int:
     """The option with the largest fused probability of its letter."""
     p = np.exp(np.asarray(letter, dtype=np.float64))
@@ -128,7 +122,7 @@ def letter_choice(letter: npt.ArrayLike, weights: npt.ArrayLike) -> int:
 
 def cloze_choice(cloze: Sequence[npt.ArrayLike], weights: npt.ArrayLike) -> int:
     """The option with the largest length-normalised fused log-likelihood of its text."""
-    scores = [float(mixture_logprobs(lp, weights).mean()) for lp in cloze]
+    scores = [float(fused_log_likelihood(lp, weights).mean()) for lp in cloze]
     return int(np.argmax(scores))
 
 
@@ -151,7 +145,7 @@ def fused_top1(
 
 def _slice(ids: npt.NDArray[np.integer], logprobs: npt.NDArray[np.floating]) -> ExpertSlice:
     lp = np.asarray(logprobs, dtype=np.float32)
-    rest = max(0.0, 1.0 - float(np.exp(lp.astype(np.float64)).sum()))
+    rest = rest_mass(np.exp(lp.astype(np.float64)))
     return ExpertSlice(ids=np.asarray(ids, dtype=np.uint32), logprobs=lp, rest=rest)
 
 
@@ -169,20 +163,6 @@ def equal_weights(n_examples: int, n_experts: int) -> F64:
     return np.full((n_examples, n_experts), 1.0 / n_experts, dtype=np.float64)
 
 
-def top_k_rows(values: npt.ArrayLike, k: int) -> F64:
-    """Algorithm 3 / eq. 28 per row: keep the k largest gating values, renormalised.
-
-    The same rule as the fusion agent (``moe2.gating.top_k_weights``; ties keep expert order).
-    """
-    v = np.asarray(values, dtype=np.float64)
-    out = np.zeros_like(v)
-    names = [str(i) for i in range(v.shape[1])]
-    for row in range(v.shape[0]):
-        chosen, weights = top_k_weights(names, v[row].tolist(), k)
-        out[row, [int(c) for c in chosen]] = weights
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Metrics.
 
@@ -196,7 +176,7 @@ def per_example(arrays: ScoreArrays, weights: npt.ArrayLike) -> PerExample:
     hits = np.zeros(e, dtype=np.int64)
     top_k = arrays.has_top_k
     for i, ex in enumerate(arrays.examples):
-        nll[i] = -float(mixture_logprobs(ex.gold, w[i]).sum())
+        nll[i] = -float(fused_log_likelihood(ex.gold, w[i]).sum())
         tokens[i] = ex.gold.shape[1]
         letter_ok[i] = letter_choice(ex.letter, w[i]) == ex.answer
         cloze_ok[i] = cloze_choice(ex.cloze, w[i]) == ex.answer
@@ -266,11 +246,11 @@ def evaluate_all(arrays: ScoreArrays, gate_values: npt.ArrayLike | None) -> list
     rows.append(aggregate("equal weights", per_example(arrays, equal_weights(e, n)), top_k=top_k))
     if gate_values is not None:
         g = np.asarray(gate_values, dtype=np.float64)
-        full = g / g.sum(axis=1, keepdims=True)  # eq. 2 with S = every expert
+        full = renormalise_on_subset(g)  # eq. 2 with S = every expert
         rows.append(aggregate("MoE² gating (all)", per_example(arrays, full), top_k=top_k))
         for k in range(1, n + 1):
             rows.append(
-                aggregate(f"MoE² top-{k}", per_example(arrays, top_k_rows(g, k)), top_k=top_k)
+                aggregate(f"MoE² top-{k}", per_example(arrays, top_k_weights(g, k)), top_k=top_k)
             )
     rows.append(aggregate("oracle (per example)", oracle(singles), top_k=top_k))
     return rows

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 
 def token_nll(log_gates: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Per-token loss ``-log sum_n w_n f_{n,y_t}`` (B, T), zero at padding.
+    """Per-token loss ``-log sum_n w_n f_{n,y_t}`` (B, T), zero at padding: the torch twin of
+    ``moe2.runtime.mixture.fused_log_likelihood`` (eq. 13's term), held equal to it in the tests.
 
     ``log_gates`` (B, N) are ``log w_n`` (``-inf`` for experts outside S), ``logprobs`` (B, N, T)
     are ``log f_{n,y_t}``; the sum over experts is a logsumexp, so it never underflows.
@@ -23,7 +24,8 @@ def token_nll(log_gates: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
 def mixture_nll(gates: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
     """Eq. 13, ``-sum_t log sum_{n in S} w_n f_{n,y_t}``, averaged over the examples.
 
-    ``gates`` (B, N) are weights summing to one over S (zero outside it). Per-token figures:
+    ``gates`` (B, N) are weights summing to one over S, zero outside it (eq. 2, as
+    ``moe2.runtime.mixture.renormalise_on_subset`` gives). Per-token figures:
     ``per_token_nll``. Training goes through ``mixture_nll_from_logits`` (no log of a softmax).
     """
     return token_nll(torch.log(gates), logprobs, mask).sum(dim=1).mean()

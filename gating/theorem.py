@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from moe2.gating.artifact import renormalised
 from moe2.gating.dataset import GatingData, split_indices
 from moe2.gating.embed import Embedder
 from moe2.gating.model import GatingMLP, TrainConfig, gating_values
 from moe2.gating.train import Batch, embed_all, fit, loss_report
+from moe2.runtime.mixture import renormalise_on_subset
 
 QUICK = TrainConfig(max_epochs=150, early_stop_patience=30, plateau_patience=20)
 COLUMNS = ("subset", "size", "full_renormalised", "retrained", "gap", "gap_per_token")
@@ -112,7 +112,7 @@ def _compare(
 ) -> dict[str, Any]:
     _, held = split.batches(subset)
     allowed = [split.data.expert_ids.index(e) for e in subset]
-    renorm = loss_report(renormalised(full, allowed, None)[:, allowed], held)
+    renorm = loss_report(renormalise_on_subset(full, allowed)[:, allowed], held)
     own = _retrained_values(split, subset, config)
     retrained = loss_report(own, held)
     return {

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from moe2.runtime.mixture import renormalise_on_subset, rest_mass
+
 
 @dataclass(frozen=True, slots=True)
 class ExpertSlice:
@@ -38,23 +40,14 @@ class FusedDistribution:
     @property
     def tail(self) -> float:
         """Fused mass of all tokens outside the union."""
-        return max(0.0, 1.0 - float(self.probs.sum()))
-
-
-def renormalise(weights: Sequence[float]) -> npt.NDArray[np.float64]:
-    """Weights over the experts present, scaled to sum to one (eq. 2 / 28)."""
-    w = np.asarray(weights, dtype=np.float64)
-    total = float(w.sum())
-    if not np.isfinite(total) or total <= 0:
-        return np.full(len(w), 1.0 / max(len(w), 1), dtype=np.float64)
-    scaled: npt.NDArray[np.float64] = w / total
-    return scaled
+        return rest_mass(self.probs)
 
 
 def fuse(
     slices: Sequence[ExpertSlice], weights: Sequence[float], vocab_size: int
 ) -> FusedDistribution:
-    """Weighted mixture of the experts' distributions over the union of their top-k ids.
+    """Weighted mixture of the experts' distributions over the union of their top-k ids, the
+    weights renormalised over the slices present (eq. 28, ``renormalise_on_subset``).
 
     One pass: every union id starts at the weighted unlisted values ``sum_n w_n r_n / (V - K_n)``;
     each listed (expert, id) pair then adds ``w_n (p_n(id) - unlisted_n)``. An expert lists an id
@@ -62,7 +55,7 @@ def fuse(
     """
     if not slices:
         raise ValueError("fuse needs at least one slice")
-    w = renormalise(weights)
+    w = renormalise_on_subset(weights)
     all_ids = np.concatenate([s.ids for s in slices])
     union, source, inverse = np.unique(all_ids, return_index=True, return_inverse=True)
     unlisted = np.array([s.rest / max(vocab_size - len(s.ids), 1) for s in slices])
@@ -79,5 +72,5 @@ def fuse_full(
     distributions: npt.NDArray[np.float64], weights: Sequence[float]
 ) -> npt.NDArray[np.float64]:
     """Reference fusion over the whole vocabulary: ``distributions`` is (N, V)."""
-    fused: npt.NDArray[np.float64] = renormalise(weights) @ distributions
+    fused: npt.NDArray[np.float64] = renormalise_on_subset(weights) @ distributions
     return fused

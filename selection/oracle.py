@@ -6,7 +6,9 @@ gating, renormalised on S, is the one to use) and gold tokens y_1..y_T teacher-f
     L(θ*, S) = -(1/#tokens) Σ_x Σ_t log( Σ_{n∈S} g_n(x) f_{n,y_t} / Σ_{n∈S} g_n(x) )  (eq. 2, 3, 13)
 
 which is two matrix products per batch of subsets: ``A @ m`` and ``G @ m`` with ``A[t, n] =
-g_n(x_t) f_{n,y_t}``, ``G[t, n] = g_n(x_t)`` and ``m`` a subset's 0/1 column. Results are cached
+g_n(x_t) f_{n,y_t}``, ``G[t, n] = g_n(x_t)`` and ``m`` a subset's 0/1 column
+(``moe2.runtime.mixture.fused_log_likelihood_on_subsets``; an S with no gate weight gets equal
+weights, the zero-sum rule of ``moe2.runtime.mixture``). Results are cached
 per subset; ``calls`` counts the subsets actually evaluated (cache misses), ``requests`` every
 lookup.
 """
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+
+from moe2.runtime.mixture import floor_gates, fused_log_likelihood_on_subsets
 
 F64 = npt.NDArray[np.float64]
 
@@ -47,16 +51,14 @@ class LossOracle:
         g = np.asarray(gate_values, dtype=np.float64)
         if g.ndim != 2 or g.shape != (len(gold_logprobs), len(expert_ids)):
             raise ValueError(f"gate values {g.shape} != (examples, experts)")
-        if not np.all(np.isfinite(g)) or (g < 0).any():
-            raise ValueError("gate values must be finite and >= 0")
+        floored = floor_gates(g)  # finite and >= 0, or ValueError
         lp = [np.asarray(x, dtype=np.float64) for x in gold_logprobs]
         if any(x.ndim != 2 or x.shape[0] != len(expert_ids) for x in lp):
             raise ValueError("each example's gold log-probabilities must be (experts, tokens)")
         rows = np.repeat(np.arange(len(lp)), [x.shape[1] for x in lp])
         if rows.size == 0:
             raise ValueError("the oracle needs at least one gold token")
-        # floor each gate value so that a renormalised weight is never exactly 0/0
-        gates = np.maximum(g[rows], 1e-300)
+        gates = floored[rows]
         self._adopt(expert_ids, gates, gates * np.exp(np.concatenate(lp, axis=1).T))
 
     def _adopt(self, expert_ids: Sequence[str], gates: F64, joint: F64) -> None:
@@ -93,12 +95,8 @@ class LossOracle:
 
     def evaluate(self, masks: npt.NDArray[np.bool_]) -> F64:
         """Uncached: the loss of each boolean row of ``masks`` (B, N)."""
-        m = masks.astype(np.float64).T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            nll = np.log(self.gates @ m) - np.log(self.joint @ m)
-            out = nll.mean(axis=0)
-        out[~masks.any(axis=1)] = np.inf
-        return np.asarray(out, dtype=np.float64)
+        likelihoods = fused_log_likelihood_on_subsets(self.gates, self.joint, masks)
+        return np.asarray(-likelihoods.mean(axis=0), dtype=np.float64)
 
     def restricted(self, expert_ids: Sequence[str]) -> LossOracle:
         """The same loss over the experts ``expert_ids`` only (the gating renormalised on them,

@@ -12,9 +12,10 @@ import moe2
 from moe2.agents.fusion import FusionAgent, load_gate
 from moe2.agents.fusion_config import FusionConfig
 from moe2.gating import UniformGate
-from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text, renormalised
+from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text
 from moe2.gating.model import GatingMLP
 from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.mixture import top_k_weights
 from moe2.runtime.wire import ChatMessage
 from tests.scripted import Script, ScriptedExpert
 from tests.test_gating_model import FakeEmbedder
@@ -38,7 +39,7 @@ async def test_the_fusion_agent_uses_the_learned_gating_values(nats_url: str) ->
     art = favouring_b(embedder.dim, embedder.name)
     question = "Which expert knows?"
     values = art.values(embedder.embed([prompt_text([ChatMessage("user", question)])]))[0]
-    expected = renormalised(values, [0, 1, 2], 2)
+    expected = top_k_weights(values, 2)
     scripts = {e: Script(text=f"{e}{e}{e}".encode()) for e in [*EXPERTS, "unknown"]}
     nc = await connect_nats(nats_url, name="test-gate")
     try:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe2.gating import top_k_weights
+from moe2.gating import top_k_experts
 from moe2.runtime.deadline import LateTracker
 from moe2.runtime.fusion import ExpertSlice, fuse, fuse_full
 from moe2.runtime.sampling import SamplingParams, TokenSampler
@@ -94,6 +94,14 @@ def test_weights_are_renormalised_over_the_slices_present() -> None:
     assert fused.probs.tolist() == pytest.approx([1.0])
 
 
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [float("nan"), 1.0], [-1.0, 2.0]])
+def test_weights_that_break_the_zero_sum_rule_fuse_as_equal_weights(weights: list[float]) -> None:
+    a = ExpertSlice(np.array([1, 2], np.uint32), np.log(np.array([0.6, 0.2], np.float32)), 0.2)
+    b = ExpertSlice(np.array([3, 1], np.uint32), np.log(np.array([0.5, 0.3], np.float32)), 0.2)
+    fused = fuse([a, b], weights, vocab_size=12)
+    np.testing.assert_allclose(fused.probs, fuse([a, b], [1, 1], vocab_size=12).probs)
+
+
 def test_seeded_sampling_repeats_and_follows_the_distribution() -> None:
     s = ExpertSlice(
         np.array([0, 1, 2], np.uint32), np.log(np.array([0.5, 0.3, 0.2], np.float32)), 0.0
@@ -152,8 +160,8 @@ def test_late_tracker_drops_after_consecutive_misses_only() -> None:
     assert tracker.late == {"b": 3}
 
 
-def test_top_k_weights_keep_the_largest_and_renormalise() -> None:
-    experts, weights = top_k_weights(["a", "b", "c", "d"], [0.1, 0.4, 0.2, 0.3], 2)
+def test_top_k_experts_keep_the_largest_and_renormalise() -> None:
+    experts, weights = top_k_experts(["a", "b", "c", "d"], [0.1, 0.4, 0.2, 0.3], 2)
     assert experts == ["b", "d"]
     assert weights == pytest.approx([4 / 7, 3 / 7])
-    assert top_k_weights(["a", "b"], [1, 1], None) == (["a", "b"], [0.5, 0.5])
+    assert top_k_experts(["a", "b"], [1, 1], None) == (["a", "b"], [0.5, 0.5])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -17,24 +15,11 @@ from moe2.gating.evaluate import (
     fused_top1,
     letter_choice,
     markdown_table,
-    mixture_logprobs,
     oracle,
     per_example,
-    top_k_rows,
 )
 
 log = np.log
-
-
-def test_the_mixture_of_token_probabilities_is_weighted_in_probability_space() -> None:
-    lp = log([[0.2, 0.5], [0.6, 0.1]])  # 2 experts x 2 tokens
-    got = mixture_logprobs(lp, [0.5, 0.5])
-    np.testing.assert_allclose(got, log([0.4, 0.3]))
-    np.testing.assert_allclose(mixture_logprobs(lp, [1.0, 0.0]), log([0.2, 0.5]))
-    very_small = np.array([[-1000.0], [-1001.0]])  # no underflow to -inf
-    np.testing.assert_allclose(
-        mixture_logprobs(very_small, [0.5, 0.5]), [-1000 + log(0.5 * (1 + math.exp(-1)))]
-    )
 
 
 def test_the_letter_choice_is_the_argmax_of_the_fused_letter_probabilities() -> None:
@@ -117,11 +102,7 @@ def test_gating_rows_top_n_is_the_full_gating_and_top_1_the_argmax() -> None:
     ]
 
 
-def test_top_k_rows_keep_the_k_largest_renormalised_ties_in_expert_order() -> None:
-    values = np.array([[0.5, 0.3, 0.2], [0.25, 0.5, 0.25]])
-    np.testing.assert_allclose(top_k_rows(values, 3), values)
-    np.testing.assert_allclose(top_k_rows(values, 2), [[0.625, 0.375, 0], [1 / 3, 2 / 3, 0]])
-    np.testing.assert_allclose(top_k_rows(values, 1), [[1, 0, 0], [0, 1, 0]])
+def test_equal_weights_are_the_majority_vote() -> None:
     np.testing.assert_allclose(equal_weights(2, 4), np.full((2, 4), 0.25))
 
 

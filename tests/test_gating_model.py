@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text, renormalised
-from moe2.gating.base import top_k_weights
+from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text
+from moe2.gating.base import top_k_experts
 from moe2.gating.embed import SentenceEmbedder, load_embedder
 from moe2.gating.model import (
     GatingMLP,
@@ -26,6 +28,7 @@ from moe2.gating.model import (
     token_nll,
 )
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.mixture import fused_log_likelihood, renormalise_on_subset, top_k_weights
 from moe2.runtime.wire import ChatMessage
 
 
@@ -98,10 +101,26 @@ def test_logsumexp_keeps_tiny_probabilities_finite() -> None:
     assert per_token_nll(gates, logprobs, mask).item() == pytest.approx(2000.0)
 
 
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_the_torch_loss_is_the_numpy_fused_log_likelihood(seed: int, data: st.DataObject) -> None:
+    """token_nll (training, torch) is -fused_log_likelihood (evaluation and selection, numpy),
+    weights renormalised on a random S (zero outside it), padding aside."""
+    rng = np.random.default_rng(seed)
+    b, n, t = (data.draw(st.integers(1, 5)) for _ in range(3))
+    subset = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    w = renormalise_on_subset(rng.random((b, n)) * (rng.random((b, n)) > 0.3), subset)
+    lp = np.log(rng.dirichlet(np.ones(n + 3), size=(b, t))[..., :n]).transpose(0, 2, 1)
+    mask = rng.random((b, t)) > 0.2
+    got = token_nll(torch.log(torch.from_numpy(w)), torch.from_numpy(lp), torch.from_numpy(mask))
+    want = np.stack([-fused_log_likelihood(lp[i], w[i]) for i in range(b)])
+    np.testing.assert_allclose(got.numpy(), np.where(mask, want, 0.0), rtol=1e-12, atol=1e-12)
+
+
 def test_renormalised_on_s_is_eq_2_and_zero_gates_give_zero_weight() -> None:
     logits, logprobs, mask = tiny()
     gates = torch.softmax(logits, dim=1)
-    w = torch.from_numpy(renormalised(gates.numpy(), [0, 2], None))
+    w = torch.from_numpy(renormalise_on_subset(gates.numpy(), [0, 2]))
     assert torch.allclose(w[:, [0, 2]], gates[:, [0, 2]] / gates[:, [0, 2]].sum(1, keepdim=True))
     assert (w[:, 1] == 0).all()
     only_s = mixture_nll(w[:, [0, 2]], logprobs[:, [0, 2]], mask)
@@ -151,41 +170,33 @@ def test_train_config_defaults_are_table_vi_and_bad_values_are_refused() -> None
         TrainConfig(holdout=1.0)
 
 
-# --- renormalised (eq. 28, Algorithm 3) ---------------------------------------------------------
+# --- eq. 28 on named experts (the fusion agent's top-k) -------------------------------------------
 
 
-def test_renormalised_keeps_the_top_k_of_s() -> None:
-    values = np.array([0.1, 0.4, 0.2, 0.3])
-    assert renormalised(values, [0, 2, 3], 2) == pytest.approx([0.0, 0.0, 0.4, 0.6])
-    assert renormalised(values, [0, 1, 2, 3], None) == pytest.approx(values)
-    assert renormalised(values, [0, 1, 2, 3], 0) == pytest.approx(values)
-    assert renormalised(values, [1], 3) == pytest.approx([0, 1, 0, 0])
-
-
-def test_renormalised_rows_ties_and_zero_rows() -> None:
-    values = np.array([[0.25, 0.25, 0.5], [0.0, 0.0, 0.0]])
-    out = renormalised(values, [0, 1], 1)
-    assert out.tolist() == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]  # ties keep the order of S
-    assert renormalised(values, [1, 0], 1)[0].tolist() == [0.0, 1.0, 0.0]
-    assert renormalised(values[1:], [0, 2], None).tolist() == [[0.5, 0.0, 0.5]]
-
-
-def test_renormalised_agrees_with_the_fusion_agents_top_k() -> None:
+def test_top_k_experts_are_the_top_k_weights_by_name() -> None:
     rng = np.random.default_rng(1)
     experts = ["a", "b", "c", "d", "e"]
     for _ in range(20):
-        values = rng.random(5)
-        chosen, weights = top_k_weights(experts, values.tolist(), 3)
-        out = renormalised(values, range(5), 3)
+        values = rng.random(5) * (rng.random(5) > 0.3)
+        chosen, weights = top_k_experts(experts, values.tolist(), 3)
+        out = top_k_weights(values, 3)
+        assert weights == sorted(weights, reverse=True)
         assert {e: w for e, w in zip(chosen, weights, strict=True)} == pytest.approx(
             {experts[i]: out[i] for i in np.flatnonzero(out)}
         )
 
 
-@pytest.mark.parametrize(("allowed", "k"), [([], None), ([0, 0], None), ([5], None), ([0], -1)])
-def test_renormalised_refuses_bad_arguments(allowed: list[int], k: int | None) -> None:
-    with pytest.raises(Moe2Error):
-        renormalised(np.ones(3), allowed, k)
+def test_top_k_experts_leave_out_zero_weights_and_refuse_a_negative_k() -> None:
+    chosen, weights = top_k_experts(["a", "b", "c"], [0.0, 0.3, 0.1], 2)
+    assert chosen == ["b", "c"] and weights == pytest.approx([0.75, 0.25])
+    assert top_k_experts(["a", "b", "c"], [0.0, 0.3, 0.0], 2) == (["b"], [1.0])
+    assert top_k_experts(["a", "b"], [0.0, 0.0], 1) == (["a"], [1.0])  # zero-sum rule: equal
+    assert top_k_experts([], [], 2) == ([], [])
+    with pytest.raises(Moe2Error) as err:
+        top_k_experts(["a"], [1.0], -1)
+    assert err.value.code == ErrorCode.INVALID_FIELD
+    with pytest.raises(ValueError, match="one gating value per expert"):
+        top_k_experts(["a", "b"], [1.0], 1)
 
 
 # --- the artifact ---------------------------------------------------------------------------------

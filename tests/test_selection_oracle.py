@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe2.runtime.mixture import fused_log_likelihood, renormalise_on_subset
 from moe2.selection.oracle import (
     EnvelopeOracle,
     LossOracle,
@@ -61,6 +62,24 @@ def test_losses_are_the_renormalised_mixture_nll_per_gold_token(
     want = [naive_loss(gates, gold, s) for s in subsets]
     np.testing.assert_allclose(oracle.losses(subsets), want, rtol=1e-9)
     assert oracle.tokens == sum(lp.shape[1] for lp in gold)
+
+
+def test_losses_come_from_the_mixture_home_with_its_zero_sum_rule() -> None:
+    """Per subset, the oracle's loss is -mean_t fused_log_likelihood with the gating renormalised
+    on S (eq. 2): the same functions as evaluation, even where S has no gate weight at all."""
+    rng = np.random.default_rng(3)
+    gates, gold = random_data(rng, 4, 5)
+    gates[0, :2] = 0.0  # example 0: S = {e0, e1} has no gate weight, so equal weights
+    oracle = LossOracle([f"e{i}" for i in range(4)], gates, gold)
+    for s in range(1, 16):
+        subset = [i for i in range(4) if s >> i & 1]
+        per_token = np.concatenate(
+            [
+                fused_log_likelihood(lp, renormalise_on_subset(g, subset))
+                for g, lp in zip(gates, gold, strict=True)
+            ]
+        )
+        assert oracle.loss(s) == pytest.approx(-per_token.mean(), rel=1e-12)
 
 
 def test_the_cache_counts_distinct_subsets_as_calls_and_every_lookup_as_a_request() -> None:
