@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from moe2.cli_support import fail, run_async
+from moe2.cli_support import exit_dropping_abandoned_work, fail, run_async
 from moe2.gating_cli import app as gating_app
 from moe2.profile_cli import profile as profile_command
 from moe2.runtime.errors import Moe2Error
@@ -118,6 +118,7 @@ def expert(
     except ValueError as exc:
         fail("invalid_field", str(exc), status=2)
     run_async(lambda: serve_expert(nats_url, config))
+    exit_dropping_abandoned_work()
 
 
 @app.command()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import NoReturn, TypeVar
 
 import anyio
+import structlog
 import typer
 
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.lifecycle import until_signalled
 
 T = TypeVar("T")
+log = structlog.get_logger("moe2.cli")
 
 
 def fail(code: str, message: str, status: int = 1) -> NoReturn:
@@ -33,6 +38,18 @@ def run_async(main: Callable[[], Awaitable[T]]) -> T | None:
         fail(first.code, first.message)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+def exit_dropping_abandoned_work() -> None:
+    """Exit now if a worker thread is still inside a model call that the stopped agent has
+    abandoned (a forward pass cannot be interrupted, and the interpreter would wait for it):
+    nobody is waiting for its result, so stopping stays bounded."""
+    busy = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if busy:
+        log.info("abandoned_work_dropped", threads=len(busy))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _first_moe2_error(group: BaseExceptionGroup[BaseException]) -> Moe2Error | None:

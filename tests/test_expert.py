@@ -552,6 +552,42 @@ async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
     assert b"expert_stopped" in output
 
 
+async def test_sigterm_while_busy_with_abandoned_scores_stops_within_seconds(
+    nats_url: str,
+) -> None:
+    """32 long Score requests whose requester has given up (nobody reads the replies): SIGTERM
+    drops the queued ones and the one on the model, and the process exits within seconds."""
+    command = [sys.executable, "-m", "moe2", "expert", "--id", "busy", "--prefix", "busy"]
+    command += ["--no-warmup", "--nats", nats_url]
+    nc = await connect_nats(nats_url, name="test-requester")
+    beats = await nc.subscribe(Subjects("busy").member("busy"))
+    await nc.flush()
+    long_target = "the sea and the sky and the land " * 40
+    request = wire.Score([wire.ChatMessage("user", "Describe the world.")], [long_target] * 4)
+    output = bytearray()
+    try:
+        with anyio.fail_after(120):
+            async with (
+                await anyio.open_process(command, stderr=subprocess.STDOUT) as proc,
+                anyio.create_task_group() as tg,
+            ):
+                assert proc.stdout is not None
+                tg.start_soon(collect, proc.stdout, output)
+                await beats.next_msg(timeout=110)
+                for _ in range(32):  # replies go to an inbox nobody listens on
+                    subject = Subjects("busy").expert_score("busy")
+                    await nc.publish(subject, wire.encode(request), reply=nc.new_inbox())
+                await nc.flush()
+                await anyio.sleep(1.0)  # the first score is on the model, 31 are queued
+                stopped_at = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
+                took = time.monotonic() - stopped_at
+    finally:
+        await nc.close()
+    assert took < 5.0, f"stopping took {took:.1f} s: " + output.decode(errors="replace")[-3000:]
+
+
 async def collect(stream: Any, into: bytearray) -> None:
     async for chunk in stream:
         into.extend(chunk)
