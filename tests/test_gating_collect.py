@@ -172,20 +172,25 @@ class ScoringExpert:
             await self.nc.publish(self.s.member(self.expert), wire.encode(hb))
             await anyio.sleep(0.2)
 
-    async def _answer(self, request: Request[wire.Score]) -> wire.Scored | None:
+    async def _answer(self, request: Request[wire.Score]) -> None:
+        """Publishes its own reply, so that the tally counts answers already sent."""
         score = request.message
         question = score.messages[-1].content
         self.script.asked.append(question)
         await anyio.sleep(self.script.delay_s)
         if any(q in question for q in self.script.silent):
-            return None
+            return
+        if any(q in question for q in self.script.refuse):
+            reply: wire.Message = wire.Error(
+                code=str(ErrorCode.PROMPT_TOO_LONG), message="too long", expert=self.expert
+            )
+        else:
+            targets = [scripted_target(self.expert, t, score.top_k) for t in score.targets]
+            reply = wire.Scored(expert=self.expert, prompt_tokens=len(question), targets=targets)
+        await self.nc.publish(request.reply, wire.encode(reply))
         self.script.answered += 1
         if self.script.tally is not None:
             self.script.tally.add()
-        if any(q in question for q in self.script.refuse):
-            raise Moe2Error(ErrorCode.PROMPT_TOO_LONG, "too long")
-        targets = [scripted_target(self.expert, t, score.top_k) for t in score.targets]
-        return wire.Scored(expert=self.expert, prompt_tokens=len(question), targets=targets)
 
 
 @asynccontextmanager
