@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
 import moe2
 from moe2.agents.backends.transformers_backend import TransformersBackend
@@ -19,8 +20,10 @@ from moe2.agents.fusion import FusionAgent
 from moe2.agents.fusion_config import FusionConfig
 from moe2.agents.recorder import Recorder
 from moe2.agents.replay import serve_replay_experts
+from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.server import NatsServer
+from moe2.runtime.subjects import Subjects
 from moe2.runtime.wire import ChatMessage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.model]
@@ -135,6 +138,54 @@ async def test_a_recorded_live_run_replays_to_the_same_tokens(
     assert again.final is not None
     assert replayed_tokens == live_tokens
     assert again.final.text == live.final.text
+
+
+async def test_a_client_that_stops_reading_frees_the_session_on_every_expert(
+    live_experts: str,
+) -> None:
+    """Break out after 5 chunks of a 500-token answer: the Cancel reaches the fusion agent, which
+    closes the session on every expert (their heartbeats count it gone) within a second or two."""
+    sessions: dict[str, tuple[float, int]] = {}  # expert -> (arrival, sessions) of its heartbeat
+    changed = anyio.Event()
+
+    async def heartbeat(msg: Msg) -> None:
+        nonlocal changed
+        hb = wire.decode(msg.data)
+        if isinstance(hb, wire.Heartbeat):
+            sessions[hb.expert] = (anyio.current_time(), hb.sessions)
+            changed.set()
+            changed = anyio.Event()
+
+    nc = await connect_nats(live_experts, name="e2e-cancel")
+    watcher = await connect_nats(live_experts, name="e2e-heartbeats")
+    try:
+        await watcher.subscribe(Subjects().members, cb=heartbeat)
+        async with anyio.create_task_group() as tg, moe2.connect(live_experts) as client:
+            agent = FusionAgent(nc, FusionConfig(step_deadline_s=30, prefill_deadline_s=60))
+            await tg.start(agent.run)
+            await agent.wait_for_experts(3, limit_s=180)
+            with anyio.fail_after(180):
+                answer = client.ask("Count from 1 to 1000, separated by commas.", max_tokens=500)
+                got = 0
+                async for _ in answer:
+                    got += 1
+                    if got == 5:
+                        break
+                stopped = anyio.current_time()
+                assert agent.sessions <= 1
+                while not (
+                    len(sessions) == 3
+                    and all(at > stopped and n == 0 for at, n in sessions.values())
+                ):
+                    await changed.wait()
+                freed = max(at for at, _ in sessions.values()) - stopped
+                assert agent.sessions == 0  # it ended right after sending its Closes
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(watcher)
+        await close_nats(nc)
+    assert answer.final is None
+    assert freed < 3.0  # the next heartbeat of each (1 s apart) already counts it gone
 
 
 def test_the_demo_streams_an_answer_and_leaves_no_process_behind() -> None:

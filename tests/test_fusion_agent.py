@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import msgspec
+import numpy as np
 import pytest
 
 import moe2
@@ -202,6 +208,16 @@ async def test_bad_prompts_get_clear_errors_and_the_agent_keeps_serving(
                 wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], seed=-1)),
                 ErrorCode.INVALID_FIELD,
             ),
+            (  # the stop strings count toward max_prompt_chars
+                wire.encode(
+                    wire.Prompt(messages=[wire.ChatMessage("user", "x")], stop=["y" * 1000])
+                ),
+                ErrorCode.PROMPT_TOO_LONG,
+            ),
+            (
+                wire.encode(wire.Prompt(messages=[wire.ChatMessage("user", "x")], stop=["y"] * 17)),
+                ErrorCode.INVALID_FIELD,
+            ),
         ]
         with anyio.fail_after(10):
             for data, code in cases:
@@ -298,3 +314,157 @@ async def test_agents_reconnect_when_the_server_comes_back() -> None:
             assert final.text == "again"
     finally:
         server.stop()
+
+
+# --- fixes of issue 8: missing experts, refusals, seeds, stop strings, tiny temperatures ---------
+
+
+async def test_an_expert_gone_before_the_open_holds_the_answer_back_for_a_grace_only(
+    nats_url: str,
+) -> None:
+    """c still counts as a member but never answers its Open (as if killed just before)."""
+    scripts = {"a": Script(), "b": Script(), "c": Script(vanish_at=0)}
+    async with bus(nats_url, scripts, step_deadline_s=0.5) as (client, agents):
+        began = anyio.current_time()
+        with anyio.fail_after(10):  # the prefill deadline is 60 s
+            final = await client.ask("x", max_tokens=64).collect()
+        elapsed = anyio.current_time() - began
+        assert agents[0].sessions == 0
+    assert final.text == "Hello from the bus."
+    assert final.late == {"c": 3} and final.dropped == ["c"]
+    assert final.timings.ttft_s < 1.5  # step 0 waited max(0.5 s, 2 x the first prefill) for c
+    assert elapsed < 4.0  # three late steps of at most 0.5 s each, then the rest at full speed
+
+
+@pytest.fixture
+def killable_experts(nats_url: str) -> Iterator[tuple[str, dict[str, subprocess.Popen[bytes]]]]:
+    """Scripted experts a, b, c in processes of their own (1 s heartbeats), under a new prefix."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    prefix = next(_prefixes)
+    procs = {
+        e: subprocess.Popen(
+            [sys.executable, "-c", KILLABLE, nats_url, e, prefix],
+            cwd=root,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
+        for e in ("a", "b", "c")
+    }
+    yield prefix, procs
+    for p in procs.values():
+        p.kill()
+        p.wait(5)
+
+
+async def test_a_killed_expert_process_does_not_hold_the_next_answer(
+    nats_url: str, killable_experts: tuple[str, dict[str, subprocess.Popen[bytes]]]
+) -> None:
+    """One of three expert processes is killed and a question asked 0.2 s later."""
+    prefix, procs = killable_experts
+    nc = await connect_nats(nats_url, name="test-killed")
+    try:
+        async with anyio.create_task_group() as tg, moe2.connect(nats_url, prefix=prefix) as client:
+            agent = FusionAgent(nc, FusionConfig(prefix=prefix, step_deadline_s=0.5))
+            await tg.start(agent.run)
+            await agent.wait_for_experts(3, limit_s=60)
+            procs["c"].kill()
+            await anyio.sleep(0.2)  # the question of the issue: 0.2 s after the kill
+            assert "c" in agent.membership.live(time.monotonic())  # still counted as a member
+            with anyio.fail_after(10):
+                final = await client.ask("x", max_tokens=64, timeout=10).collect()
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+    assert final.text == "Hello from the bus."
+    assert final.experts == ["a", "b", "c"] and final.dropped == ["c"]
+    assert final.timings.ttft_s < 1.5
+
+
+# A scripted expert in a process of its own, under a given prefix, with a 1 s heartbeat.
+KILLABLE = """
+import sys, anyio
+from moe2.runtime.connection import connect_nats
+from tests.scripted import Script, ScriptedExpert
+async def main(url, expert, prefix):
+    nc = await connect_nats(url, name=expert)
+    await ScriptedExpert(nc, expert, Script(heartbeat_s=1.0), prefix).run()
+anyio.run(main, *sys.argv[1:])
+"""
+
+
+class AheadExpert(ScriptedExpert):
+    """Answers every Step with a slice numbered five steps ahead, and nothing else."""
+
+    async def _slice(self, session: str, step: int) -> None:
+        if step == 0:
+            return await super()._slice(session, step)
+        ahead = wire.make_slice(
+            session=session,
+            expert=self.expert,
+            step=step + 5,
+            ids=np.array([ord("a")]),
+            logprobs=np.zeros(1),
+            pieces=[b"a"],
+        )
+        await self.nc.publish(self.s.slice(session, self.expert), wire.encode(ahead))
+
+
+async def test_slices_only_for_a_later_step_end_the_session_with_wrong_step(
+    nats_url: str,
+) -> None:
+    prefix = next(_prefixes)
+    nc = await connect_nats(nats_url, name="test-ahead")
+    try:
+        async with anyio.create_task_group() as tg, moe2.connect(nats_url, prefix=prefix) as client:
+            await tg.start(AheadExpert(nc, "a", Script(), prefix).run)
+            agent = FusionAgent(nc, FusionConfig(prefix=prefix, step_deadline_s=0.3))
+            await tg.start(agent.run)
+            await agent.wait_for_experts(1, limit_s=5)
+            with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
+                await client.ask("x").collect()
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+    assert caught.value.code == ErrorCode.WRONG_STEP  # not no_slices (§6)
+    assert "step 1" in caught.value.message
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 1])
+async def test_seeds_up_to_2_64_minus_1_are_served(nats_url: str, seed: int) -> None:
+    async with bus(nats_url, {"a": Script(confidence=0.4)}) as (client, _):
+        with anyio.fail_after(10):
+            one = await client.ask("x", temperature=1.0, seed=seed, max_tokens=12).collect()
+            two = await client.ask("x", temperature=1.0, seed=seed, max_tokens=12).collect()
+    assert one.text == two.text and one.usage.completion_tokens >= 1
+
+
+async def test_a_subnormal_temperature_answers_as_greedy(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(), "b": Script()}) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", temperature=5e-324, max_tokens=64).collect()
+    assert (final.text, final.finish_reason) == ("Hello from the bus.", "eos")
+
+
+async def test_max_tokens_inside_a_character_ends_in_u_fffd(nats_url: str) -> None:
+    async with bus(nats_url, {"a": Script(text="€uro".encode())}) as (client, _):
+        with anyio.fail_after(10):
+            answer = client.ask("x", max_tokens=2)
+            chunks = [c async for c in answer]
+    assert answer.final is not None
+    assert (answer.final.text, answer.final.finish_reason) == ("\ufffd", "length")
+    assert [(c.text, c.tokens) for c in chunks] == [("\ufffd", [0xE2, 0x82])]
+
+
+async def test_many_stop_strings_are_refused_at_once_and_sixteen_long_ones_are_cheap(
+    nats_url: str,
+) -> None:
+    async with bus(nats_url, {"a": Script()}) as (client, agents):
+        with anyio.fail_after(10):
+            with pytest.raises(Moe2Error) as caught:
+                await client.ask("x", stop=["z"] * 75_000).collect()
+            assert caught.value.code == ErrorCode.INVALID_FIELD
+            long_stops = ["Hello from the bux" + chr(0x4E00 + i) * 3000 for i in range(16)]
+            final = await client.ask("x", stop=long_stops, max_tokens=64).collect()
+        assert final.text == "Hello from the bus."
+        assert agents[0].sessions == 0
