@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from moe2.runtime import wire
 from moe2.runtime.connection import flush_subscriptions, nats_connection
+from moe2.runtime.endpoint import Endpoint, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 from moe2.selection.profiling import ExpertProfile, StepSample, fit_profile
@@ -109,16 +110,31 @@ class Profiler:
             f"expert {expert!r} sent no heartbeat within {wait_s:g} s "
             f"(is it running, with prefix {self.config.prefix!r}?)",
         )
-        sub = await self.nc.subscribe(self.subjects.member(expert))
+        heard: list[wire.Heartbeat] = []
+        arrived = anyio.Event()
+
+        async def on_heartbeat(request: Request[wire.Heartbeat]) -> None:
+            heard.append(request.message)
+            arrived.set()
+
+        member = self.subjects.member(expert)
+        watch = Endpoint(
+            self.nc,
+            "members",
+            member,
+            wire.Heartbeat,
+            on_heartbeat,
+            identity=publisher_named_by("expert"),
+        )
+        sub = await watch.subscribe()
         try:
-            await flush_subscriptions(self.nc)
-            msg = await _next_msg(sub, wait_s, silent)
+            with anyio.move_on_after(wait_s):
+                await arrived.wait()
         finally:
             await sub.unsubscribe()
-        heartbeat = wire.decode(msg.data)
-        if not isinstance(heartbeat, wire.Heartbeat):
-            raise Moe2Error(ErrorCode.UNKNOWN_TYPE, f"not a heartbeat on {msg.subject}")
-        return heartbeat
+        if not heard:
+            raise silent
+        return heard[0]
 
     async def calibrate(self) -> PromptScale:
         """Two probe sessions (prefill only) measure the template overhead and tokens per word."""
@@ -241,7 +257,7 @@ async def profile_expert(url: str, config: ProfilerConfig, note: Note) -> Expert
         expert=config.expert,
         model=heartbeat.model,
         backend=heartbeat.backend,
-        device=str(heartbeat.device.get("name", "unknown")),
+        device=heartbeat.device.name if heartbeat.device else "unknown",
         energy_source=heartbeat.energy_source,
         host=socket.gethostname(),
         measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -252,17 +268,19 @@ async def profile_expert(url: str, config: ProfilerConfig, note: Note) -> Expert
 
 def _introduction(heartbeat: wire.Heartbeat) -> str:
     device = heartbeat.device
+    where = "an undeclared device"
+    if device is not None:
+        where = f"{device.name}, max context {device.max_context} tokens"
     return (
-        f"expert {heartbeat.expert}: {heartbeat.model} ({heartbeat.backend}) on "
-        f"{device.get('name', 'an unnamed device')}, max context {device.get('max_context', '?')}"
-        f" tokens; energy source: {heartbeat.energy_source}"
+        f"expert {heartbeat.expert}: {heartbeat.model} ({heartbeat.backend}) on {where}; "
+        f"energy source: {heartbeat.energy_source}"
     )
 
 
 def _lengths(config: ProfilerConfig, heartbeat: wire.Heartbeat, note: Note) -> list[int]:
-    max_context = heartbeat.device.get("max_context")
-    if not isinstance(max_context, int):
-        note("the expert announces no max_context: prompt lengths are not clipped")
+    max_context = heartbeat.device.max_context if heartbeat.device else None
+    if max_context is None:
+        note("the expert announces no device profile: prompt lengths are not clipped")
         lengths = sorted(set(config.lengths))
     else:
         lengths = clip_lengths(config.lengths, max_context, config.decode_steps)

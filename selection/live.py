@@ -81,15 +81,15 @@ def default_profiles() -> Profiles:
 def heartbeat_cost(hb: Heartbeat) -> ExpertCost | None:
     """What an expert's own measurements say it costs (None before it has measured any)."""
     device = hb.device
-    decode = _announced_decode_s(hb)
-    if decode <= 0:
+    if device is None or device.decode_s <= 0:
         return None
+    decode = device.decode_s
     fit = ComputeFit(
         prefill_base_s=0.0,
-        prefill_per_token_s=float(device.get("prefill_s_per_token", 0.0) or decode / 8),
+        prefill_per_token_s=device.prefill_s_per_token or decode / 8,
         decode_base_s=decode,
         decode_per_context_token_s=0.0,
-        power_w=float(device.get("power_w", 0.0) or 0.0),
+        power_w=device.power_w,
         energy_source=hb.energy_source,
     )
     return ExpertCost(hb.expert, fit, Link(), source="heartbeat")
@@ -328,7 +328,8 @@ def _choice(base: Choice, result: Selection) -> Choice:
 
 
 def _announced_decode_s(hb: Heartbeat | None) -> float:
-    return float(hb.device.get("decode_s", 0.0) or 0.0) if hb is not None else 0.0
+    device = hb.device if hb is not None else None
+    return device.decode_s if device is not None else 0.0
 
 
 def as_wire_fields(choice: Choice) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import structlog
@@ -27,6 +29,10 @@ from moe2.agents.models import BUILTIN_MODELS, BuiltinModel, resolve_model
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "protocol.md"
+SMOLLM2_IDENTITY = "SmolLM2-135M-Instruct:c064be545cb64b07"  # as protocol.md §10 gives it
+CONTROL = 3  # gguf's token type of special tokens
 PROMPT = [ChatMessage("user", "Write one line about the sea with an emoji and the word café.")]
 
 
@@ -53,10 +59,20 @@ def test_common_prefix_counts_the_shared_head() -> None:
     assert common_prefix([], [1]) == common_prefix([2], [1]) == 0
 
 
-def test_tokenizer_identity_changes_with_the_vocabulary_only() -> None:
-    a = tokenizer_identity("m", {"a": 0, "b": 1})
-    assert a == tokenizer_identity("m", {"b": 1, "a": 0})
-    assert a != tokenizer_identity("m", {"a": 1, "b": 0})
+def test_tokenizer_identity_hashes_length_prefixed_token_bytes_in_id_order() -> None:
+    table = [b"", b"a", "é".encode(), b" the"]  # id 0 is a special token
+    serialised = bytes.fromhex("00000000 01000000 61 02000000 c3a9 04000000 20746865")
+    expected = f"demo:{hashlib.sha256(serialised).hexdigest()[:16]}"
+    assert tokenizer_identity("demo", table) == expected == "demo:61d780cd444acf77"
+    assert expected in DOC.read_text(encoding="utf-8")  # the worked example of protocol.md §10
+
+
+def test_tokenizer_identity_changes_with_the_token_bytes_only() -> None:
+    a = tokenizer_identity("m", [b"a", b"b"])
+    assert a == tokenizer_identity("m", (b"a", b"b"))
+    assert a != tokenizer_identity("m", [b"b", b"a"])  # ids swapped
+    assert a != tokenizer_identity("m", [b"a", b"b", b""])  # one more logit row
+    assert tokenizer_identity("m", [b"ab", b""]) != tokenizer_identity("m", [b"a", b"b"])
     assert a.startswith("m:") and len(a.split(":")[1]) == 16
 
 
@@ -127,7 +143,27 @@ def test_info_describes_smollm2(backend: TransformersBackend) -> None:
         49152,
     )
     assert info.eos_ids == (2,) and info.max_context == 8192
-    assert info.tokenizer.startswith("SmolLM2-135M-Instruct:")
+    assert info.tokenizer == SMOLLM2_IDENTITY
+
+
+@pytest.mark.model
+def test_the_identity_is_the_hash_of_the_gguf_files_own_token_table(
+    backend: TransformersBackend,
+) -> None:
+    """Computed with no transformers: the GGUF's token strings, GPT-2's byte map written out
+    here, and ``b""`` for the control (special) tokens."""
+    reader = gguf.GGUFReader(str(resolve_model().path))
+    tokens, types = (reader.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "token_type"))
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    stand_in = {chr(b): b for b in printable}
+    stand_in |= {chr(0x100 + n): b for n, b in enumerate(sorted(set(range(256)) - set(printable)))}
+    digest = hashlib.sha256()
+    for i, kind in zip(tokens.data, types.data, strict=True):
+        text = bytes(tokens.parts[i]).decode()
+        piece = b"" if int(types.parts[kind][0]) == CONTROL else bytes(stand_in[c] for c in text)
+        digest.update(len(piece).to_bytes(4, "little") + piece)
+    assert backend.info.vocab_size == len(tokens.data)
+    assert backend.info.tokenizer == f"SmolLM2-135M-Instruct:{digest.hexdigest()[:16]}"
 
 
 @pytest.mark.model

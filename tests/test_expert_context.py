@@ -118,9 +118,9 @@ async def test_heartbeats_name_the_context(backend: Backend, nats_url: str) -> N
         tokens = bus.agent.context_tokens
     label = f"geo@{context_digest(GEOGRAPHY)}"
     assert beat.model == f"{backend.info.model}+ctx:{label}"
-    assert beat.device["context"] == label
+    assert beat.device is not None and beat.device.context == label
     assert len(backend.encode_chat(GEOGRAPHY[:1])) < tokens < len(backend.encode_chat(GEOGRAPHY))
-    assert beat.device["context_tokens"] == tokens
+    assert beat.device.context_tokens == tokens
     assert beat.tokenizer == backend.info.tokenizer  # still fusable with any SmolLM2 expert
 
 

@@ -15,10 +15,16 @@ FIT = ComputeFit(0.01, 1e-4, 0.02, 0.0, power_w=10.0)
 CHAT = Application("chat", 32, 16)
 
 
-def heartbeat(expert: str, **device: float) -> wire.Heartbeat:
+def heartbeat(
+    expert: str, decode_s: float = 0.0, prefill_s_per_token: float = 0.0
+) -> wire.Heartbeat:
+    device = wire.DeviceProfile(
+        name="d", power_w=0.0, decode_s=decode_s, prefill_s_per_token=prefill_s_per_token,
+        max_context=64,
+    )  # fmt: skip
     return wire.Heartbeat(
         expert=expert, model="m", tokenizer="t", backend="b", vocab_size=8, eos_ids=[0],
-        device=dict(device),
+        device=device,
     )  # fmt: skip
 
 

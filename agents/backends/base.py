@@ -9,8 +9,7 @@ lets prompts that start with the same head be computed from a copy of it.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Final, Literal, NamedTuple, Protocol
@@ -29,7 +28,7 @@ class BackendInfo:
     """What an expert announces about its model in every heartbeat."""
 
     model: str
-    tokenizer: str  # identity: "<name>:<sha256 of the vocabulary, 16 hex digits>"
+    tokenizer: str  # identity: "<name>:<16 hex digits>" (``tokenizer_identity``)
     backend: str
     vocab_size: int  # the width of the logits, so every id in a slice is below it
     eos_ids: tuple[int, ...]
@@ -141,11 +140,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def tokenizer_identity(name: str, vocab: Mapping[str, int]) -> str:
-    """``name:hash``; two tokenizers with equal hashes map every id to the same token."""
-    ordered = sorted(vocab.items(), key=lambda item: item[1])
-    digest = hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode()).hexdigest()
-    return f"{name}:{digest[:16]}"
+def tokenizer_identity(name: str, token_bytes: Sequence[bytes]) -> str:
+    """``<name>:<16 hex digits>``, the first of the SHA-256 of the token-bytes table.
+
+    The table is hashed in id order, 0 … V-1: each id's byte length as a uint32 little-endian,
+    then its bytes (what a slice's ``pieces`` carries for it: ``b""`` for special tokens and
+    for logit rows with no token). Equal hashes mean every id decodes to the same bytes, so
+    experts can be fused by token id. docs/protocol.md §10 has a worked example.
+    """
+    digest = hashlib.sha256()
+    for piece in token_bytes:
+        digest.update(len(piece).to_bytes(4, "little"))
+        digest.update(piece)
+    return f"{name}:{digest.hexdigest()[:16]}"
 
 
 @cache

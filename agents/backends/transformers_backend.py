@@ -59,7 +59,7 @@ class TransformersBackend:
         self._token_bytes = build_token_bytes(tokenizer, vocab_size)
         self._info = BackendInfo(
             model=name,
-            tokenizer=tokenizer_identity(name, tokenizer.get_vocab()),
+            tokenizer=tokenizer_identity(name, self._token_bytes),
             backend=NAME,
             vocab_size=vocab_size,
             eos_ids=eos_ids(model, tokenizer),
