@@ -29,17 +29,20 @@ from moe2.runtime.decoding import (
     DecodeSettings,
     Decoding,
     Event,
+    Refused,
     SessionPlan,
     Tick,
     ToClient,
     ToExpert,
 )
+from moe2.runtime.endpoint import Endpoint, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects
 
 log = structlog.get_logger("moe2.fusion")
 
 QUEUED_EVENTS = 1024  # per session; beyond it new ones are dropped and logged (§6)
+Queued = tuple[Event, str]  # an event and the reply subject of the message it came in (or "")
 
 __all__ = ["FusionSession", "SessionPlan", "decode_settings"]
 
@@ -72,7 +75,7 @@ class FusionSession:
         self.machine = Decoding(plan, decode_settings(config), started)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
         self.log = log.bind(session=plan.session)
-        self._events: MemoryObjectSendStream[Event]
+        self._events: MemoryObjectSendStream[Queued]
         self._cancel: Cancelled | None = None  # kept aside: a full queue must not lose it
         self._expert_subject = {
             wire.Open: subjects.expert_open,
@@ -85,19 +88,22 @@ class FusionSession:
         return self.machine.step_ms
 
     async def run(self) -> None:
-        self._events, events = anyio.create_memory_object_stream[Event](QUEUED_EVENTS)
-        s = self.subjects
+        self._events, events = anyio.create_memory_object_stream[Queued](QUEUED_EVENTS)
+        sid = self.plan.session
+        cancel = Endpoint(
+            self.nc, "cancel", self.subjects.cancel(sid), wire.Cancel, self._on_cancel
+        )
         subs = [
-            await self.nc.subscribe(s.session_slices(self.plan.session), cb=self._on_slice),
-            await self.nc.subscribe(s.cancel(self.plan.session), cb=self._on_cancel),
+            await self.nc.subscribe(self.subjects.session_slices(sid), cb=self._on_slice),
+            await cancel.subscribe(),
             await self.nc.subscribe(self.inbox, cb=self._on_inbox),
         ]
         await flush_subscriptions(self.nc)  # before any Open: slice 0 must find the subscription
         try:
             await self._act(self.machine.start(time.monotonic()))
             while not self.machine.finished:
-                event = await self._next(events)
-                await self._act(self.machine.apply(event, time.monotonic()))
+                event, reply = await self._next(events)
+                await self._act(self.machine.apply(event, time.monotonic()), reply)
         except Exception as exc:  # a bug here still ends the session with an error and Closes
             self.log.exception("session_crashed")
             error = Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -112,20 +118,21 @@ class FusionSession:
                 self._events.close()
                 events.close()
 
-    async def _next(self, events: MemoryObjectReceiveStream[Event]) -> Event:
-        """The next event, or a Tick once the machine's deadline has passed."""
+    async def _next(self, events: MemoryObjectReceiveStream[Queued]) -> Queued:
+        """The next event and its reply subject, or a Tick once the deadline has passed."""
         try:
-            event = events.receive_nowait()  # no timer for what is queued (the machine is strict)
+            queued = events.receive_nowait()  # no timer for what is queued (the machine is strict)
         except anyio.WouldBlock:
             deadline = self.machine.deadline
             assert deadline is not None, "a running session always has a deadline"
+            queued = (Tick(), "")
             with anyio.move_on_after(deadline - time.monotonic()):
-                event = await events.receive()
-                return self._cancel or event
-            return self._cancel or Tick()
-        return self._cancel or event
+                queued = await events.receive()
+        return (self._cancel, "") if self._cancel else queued
 
-    async def _act(self, actions: list[Action]) -> None:
+    async def _act(self, actions: list[Action], reply: str = "") -> None:
+        """Publish what the machine decided; ``reply``: where the event came from asks for an
+        answer (an Error if the machine did not take it)."""
         data: tuple[object, bytes] | None = None  # one Step or Close goes to many experts
         for action in actions:
             if isinstance(action, ToExpert):
@@ -140,6 +147,12 @@ class FusionSession:
                     await self._reply(action.message)
             elif isinstance(action, Accepted) and self.observe is not None:
                 self.observe(action.slice)
+            elif isinstance(action, Refused) and reply:
+                await self._refuse(reply, Moe2Error(action.code, action.reason))
+
+    async def _refuse(self, reply: str, error: Moe2Error) -> None:
+        message = wire.error_from(error, session=self.plan.session, step=self.machine.step)
+        await self.nc.publish(reply, wire.encode(message))
 
     async def _final(self, final: wire.Final) -> None:
         await self._reply(final)
@@ -156,21 +169,21 @@ class FusionSession:
         sender = self.subjects.expert_of_slice(msg.subject)
         try:
             message = wire.decode(msg.data)
-        except Moe2Error as exc:  # rule 1 of §6: logged and dropped
+        except Moe2Error as exc:  # rule 1 of §6: logged and dropped (answered if asked)
             self.log.warning("bad_slice", code=str(exc.code), expert=sender, error=exc.message)
+            if msg.reply:
+                await self._refuse(msg.reply, exc)
             return
-        self._queue(Arrived(sender, message))
+        self._queue((Arrived(sender, message), msg.reply or ""))
 
-    async def _on_cancel(self, msg: Msg) -> None:
-        try:
-            message = wire.decode(msg.data)
-        except Moe2Error as exc:
-            self.log.warning("bad_cancel", code=str(exc.code), error=exc.message)
-            return
-        if not isinstance(message, wire.Cancel) or message.session != self.plan.session:
-            self.log.warning("bad_cancel", code=str(ErrorCode.INVALID_FIELD))
-            return
-        self._cancelled(f"Cancel: {message.reason}")
+    async def _on_cancel(self, request: Request[wire.Cancel]) -> None:
+        cancel = request.message
+        if cancel.session != self.plan.session:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"session {cancel.session!r} is not the one {request.subject} names",
+            )
+        self._cancelled(f"Cancel: {cancel.reason}")
 
     async def _on_inbox(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get("Status") == "503":
@@ -178,13 +191,13 @@ class FusionSession:
 
     def _cancelled(self, reason: str) -> None:
         self._cancel = self._cancel or Cancelled(reason)
-        self._queue(Tick())  # wake the loop (if the queue is full, it is awake anyway)
+        self._queue((Tick(), ""))  # wake the loop (if the queue is full, it is awake anyway)
 
-    def _queue(self, event: Event) -> None:
+    def _queue(self, queued: Queued) -> None:
         try:
-            self._events.send_nowait(event)
+            self._events.send_nowait(queued)
         except anyio.WouldBlock:
-            if not isinstance(event, Tick):
+            if not isinstance(queued[0], Tick):
                 self.log.warning("event_dropped", why="queue full", queued=QUEUED_EVENTS)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # the session has ended

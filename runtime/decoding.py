@@ -102,7 +102,23 @@ class Accepted:
     slice: wire.Slice
 
 
-Action = ToExpert | ToClient | Accepted
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The arrival just applied was not taken (dropped or refused, §6), with a code and why:
+    what its sender is told when it asked for an answer (a reply subject)."""
+
+    code: ErrorCode
+    reason: str
+
+
+Action = ToExpert | ToClient | Accepted | Refused
+
+# why a slice was not taken -> the code its sender is told
+_PROBLEM_CODES = {
+    "subject_mismatch": ErrorCode.INVALID_FIELD,
+    "session_mismatch": ErrorCode.INVALID_FIELD,
+    "late": ErrorCode.WRONG_STEP,
+}
 
 
 @dataclass(slots=True)
@@ -201,15 +217,22 @@ class Decoding:
                 w.waiting.discard(sender)
             else:
                 self.log.info("error_dropped", expert=sender, code=m.code, step=m.step)
+                why = f"no answer from {sender!r} is awaited at step {w.step}"
+                out.append(Refused(ErrorCode.WRONG_STEP, why))
             return
         if not isinstance(m, wire.Slice):
             self.log.warning("bad_slice", code=str(ErrorCode.UNKNOWN_TYPE), expert=sender)
+            why = f"a slice subject carries a Slice or an Error, not {type(m).__name__}"
+            out.append(Refused(ErrorCode.UNKNOWN_TYPE, why))
             return
         problem = self._problem(m, sender)
         if problem is not None:
             self.log.warning("slice_dropped", expert=sender, step=m.step, at=w.step, why=problem)
             if problem in REFUSALS and sender in w.waiting:
                 w.refused.setdefault(sender, problem)  # not an answer: keep waiting
+            code = _PROBLEM_CODES.get(problem) or ErrorCode(problem)
+            why = f"slice of {sender!r} for step {m.step} not taken at step {w.step}: {problem}"
+            out.append(Refused(code, why))
             return
         w.slices[sender] = m
         w.waiting.discard(sender)
@@ -224,6 +247,8 @@ class Decoding:
         w = self._wait
         if s.expert != sender:
             return "subject_mismatch"
+        if s.session != self.plan.session:
+            return "session_mismatch"
         if sender not in self.weight:
             return str(ErrorCode.NOT_IN_SESSION)
         if s.step < w.step:

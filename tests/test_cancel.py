@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+import numpy as np
 import pytest
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 import moe2
 from moe2.agents.fusion import FusionAgent
@@ -84,6 +86,17 @@ class Bus:
                 with anyio.move_on_after(0.02):  # the agent's session count has no event
                     await self.seen["a"].changed.wait()
 
+    async def started(self) -> tuple[Subscription, wire.Chunk]:
+        """A 500-token question asked by hand: its inbox, once its first Chunk is in."""
+        nc = self.client.nc
+        inbox = await nc.subscribe(nc.new_inbox())
+        await flush_subscriptions(nc)
+        prompt = wire.Prompt(messages=[wire.ChatMessage("user", "x")], max_tokens=500)
+        await self.client.publish_prompt(prompt, reply=inbox.subject)
+        first = wire.decode((await inbox.next_msg(timeout=5)).data)
+        assert isinstance(first, wire.Chunk)
+        return inbox, first
+
     async def closed(self, reason: str = "cancelled") -> None:
         await self.until(lambda: all(s.closes for s in self.seen.values()))
         assert [[c.reason for c in s.closes] for s in self.seen.values()] == [[reason]] * len(
@@ -133,13 +146,8 @@ async def test_breaking_out_after_5_chunks_closes_every_expert_within_a_step(
 async def test_a_published_cancel_ends_the_session_and_no_final_follows(nats_url: str) -> None:
     async with bus(nats_url) as b:
         nc = b.client.nc
-        inbox = await nc.subscribe(nc.new_inbox())
-        await flush_subscriptions(nc)
-        prompt = wire.Prompt(messages=[wire.ChatMessage("user", "x")], max_tokens=500)
         with anyio.fail_after(10):
-            await b.client.publish_prompt(prompt, reply=inbox.subject)
-            first = wire.decode((await inbox.next_msg(timeout=5)).data)
-            assert isinstance(first, wire.Chunk)
+            inbox, first = await b.started()
             cancel = wire.Cancel(session=first.session, reason="user pressed stop")
             await nc.publish(b.subjects.cancel(first.session), wire.encode(cancel))
             await b.closed("cancelled")
@@ -231,3 +239,52 @@ async def test_the_client_ignores_messages_of_another_session(nats_url: str) -> 
         assert got.session == "mine"
     finally:
         await close_nats(agent)
+
+
+async def test_bad_messages_with_a_reply_subject_on_session_subjects_get_errors(
+    nats_url: str,
+) -> None:
+    """Slices and Cancels are not requests, but one that asks (has a reply subject) and is not
+    taken is told why, like every subject an agent serves (§12)."""
+    async with bus(nats_url) as b:
+        nc = b.client.nc
+        with anyio.fail_after(20):
+            _, first = await b.started()
+            sid, s = first.session, b.subjects
+            forged = _slice(sid, "b", 0)
+            cases: list[tuple[str, bytes, ErrorCode]] = [
+                (s.cancel(sid), b"\xc1", ErrorCode.MALFORMED),
+                (
+                    s.cancel(sid),
+                    wire.encode(wire.Cancel(session="x" * 32)),
+                    ErrorCode.INVALID_FIELD,
+                ),
+                (
+                    s.cancel(sid),
+                    wire.encode(wire.Step(session=sid, step=1, token=1)),
+                    ErrorCode.UNKNOWN_TYPE,
+                ),
+                (s.slice(sid, "a"), b"\xc1", ErrorCode.MALFORMED),
+                (s.slice(sid, "b"), wire.encode(forged), ErrorCode.INVALID_FIELD),
+                (s.slice(sid, "zz"), wire.encode(_slice(sid, "zz", 1)), ErrorCode.NOT_IN_SESSION),
+                (s.slice(sid, "a"), wire.encode(_slice(sid, "a", 0)), ErrorCode.WRONG_STEP),
+            ]
+            for subject, data, code in cases:
+                reply = wire.decode((await nc.request(subject, data, timeout=5)).data)
+                assert isinstance(reply, wire.Error), (subject, data)
+                assert reply.code == code, (subject, data)
+                assert reply.session in (sid, ""), reply  # "" when the cancel did not decode
+            assert not any(s.closes for s in b.seen.values())  # the session runs on
+            await nc.publish(s.cancel(sid), wire.encode(wire.Cancel(session=sid)))
+            await b.closed("cancelled")
+
+
+def _slice(session: str, expert: str, step: int) -> wire.Slice:
+    return wire.make_slice(
+        session=session,
+        expert="a" if expert == "b" else expert,  # on b's subject, a slice naming a: a forgery
+        step=step,
+        ids=np.array([ord("a")]),
+        logprobs=np.zeros(1),
+        pieces=[b"a"],
+    )

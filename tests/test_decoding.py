@@ -20,6 +20,7 @@ from moe2.runtime.decoding import (
     Cancelled,
     DecodeSettings,
     Decoding,
+    Refused,
     SessionPlan,
     Tick,
     ToClient,
@@ -297,15 +298,26 @@ def test_when_every_slice_of_a_step_was_refused_the_first_refusal_is_the_error()
         assert run.machine.tracker.late == {"a": 1}
 
 
-def test_forged_foreign_late_and_duplicate_slices_are_dropped() -> None:
+def test_forged_foreign_late_and_duplicate_slices_are_dropped_and_say_why() -> None:
     run = started(["a", "b"])
-    run.arrive(slice_of("a", 0, b"!!"), 0.05, sender="b")  # a slice naming a, on b's subject
-    run.arrive(slice_of("intruder", 0, b"!!"), 0.06)  # not opened
-    run.arrive(slice_of("a", 0, b"ab"), 0.1)
-    run.arrive(slice_of("a", 0, b"!!"), 0.11)  # a second one for this step
-    run.arrive(slice_of("b", 0, b"ab"), 0.2)
+
+    def refused(out: list[Action]) -> list[str]:
+        return [str(a.code) for a in out if isinstance(a, Refused)]
+
+    other = wire.Slice(**{**_fields(slice_of("a", 0, b"!!")), "session": "t" * 32})
+    assert refused(run.arrive(slice_of("a", 0, b"!!"), 0.05, sender="b")) == ["invalid_field"]
+    assert refused(run.arrive(other, 0.055)) == ["invalid_field"]  # another session's
+    assert refused(run.arrive(slice_of("intruder", 0, b"!!"), 0.06)) == ["not_in_session"]
+    assert refused(run.arrive(slice_of("a", 0, b"ab"), 0.1)) == []
+    assert refused(run.arrive(slice_of("a", 0, b"!!"), 0.11)) == ["wrong_step"]  # a second one
+    assert refused(run.arrive(error_of("a", 0, "busy"), 0.12)) == ["wrong_step"]  # a answered
+    hello = wire.Heartbeat(
+        expert="b", model="m", tokenizer="t", backend="x", vocab_size=256, eos_ids=[0]
+    )
+    assert refused(run.arrive(hello, 0.13)) == ["unknown_type"]
+    assert refused(run.arrive(slice_of("b", 0, b"ab"), 0.2)) == []
     assert run.machine.step == 1
-    run.arrive(slice_of("b", 0, b"!!"), 0.3)  # late: step 0 is over
+    assert refused(run.arrive(slice_of("b", 0, b"!!"), 0.3)) == ["wrong_step"]  # late
     run.arrive(slice_of("a", 1, b"ab"), 0.4)
     run.arrive(slice_of("b", 1, b"ab"), 0.5)
     run.arrive(slice_of("a", 2, b"ab"), 0.6)
