@@ -51,12 +51,12 @@ from nats.aio.msg import Msg
 from tqdm import tqdm
 
 import moe2
-import moe2.agents.fusion as fusion_module
-from moe2.agents.fusion import FusionAgent
-from moe2.agents.fusion_config import FusionConfig
-from moe2.agents.fusion_session import FusionSession
-from moe2.agents.replay import serve_replay_experts
-from moe2.agents.synthetic import synthetic_trace
+import moe2.agents.fusion.agent as fusion_module
+from moe2.agents.fusion.agent import FusionAgent
+from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.fusion.session import FusionSession
+from moe2.agents.traces.replay import serve_replay_experts
+from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.server import NatsServer

@@ -18,8 +18,8 @@ from typing import Final
 
 import msgspec
 
-from moe2.agents.contexts import ExpertContext, save_context
 from moe2.gating.data import LETTERS, McExample, letter_messages
+from moe2.runtime.contexts import ExpertContext, save_context
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 

@@ -94,8 +94,8 @@ def expert(
 ) -> None:
     """Serve one model as an expert agent."""
     configure_logging(log_level, json=json_logs)
-    from moe2.agents.contexts import load_context
-    from moe2.agents.expert import ExpertConfig, serve_expert
+    from moe2.agents.expert.agent import ExpertConfig, serve_expert
+    from moe2.runtime.contexts import load_context
 
     try:
         loaded = load_context(context) if context is not None else None
@@ -144,8 +144,8 @@ def fusion(
 ) -> None:
     """Run a fusion agent (start several for load sharing: they form a queue group)."""
     configure_logging(log_level, json=json_logs)
-    from moe2.agents.fusion import serve_fusion
-    from moe2.agents.fusion_config import FusionConfig
+    from moe2.agents.fusion.agent import serve_fusion
+    from moe2.agents.fusion.config import FusionConfig
     from moe2.select_cli import parse_limits
 
     limits = parse_limits(tau) if tau else None
@@ -226,7 +226,7 @@ def record(
 ) -> None:
     """Record every message on the bus (subject, headers, payload, time) to a trace file."""
     configure_logging("info")
-    from moe2.agents.recorder import record as record_trace
+    from moe2.agents.traces.recorder import record as record_trace
 
     run_async(
         lambda: record_trace(nats_url, out, subjects=tuple(subject or [">"]), duration=duration)
@@ -243,8 +243,8 @@ def replay(
 ) -> None:
     """Re-publish a trace with its timing, or (--experts) answer fusion agents from it."""
     configure_logging("info")
-    from moe2.agents.replay import serve_replay_experts
-    from moe2.agents.republish import republish
+    from moe2.agents.traces.replay import serve_replay_experts
+    from moe2.agents.traces.republish import republish
 
     if experts:
         run_async(lambda: serve_replay_experts(nats_url, trace, delay_s=delay))

@@ -13,8 +13,8 @@ from pathlib import Path
 import anyio
 
 import moe2
-from moe2.agents.fusion import FusionAgent, serve_fusion
-from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.fusion.agent import FusionAgent, serve_fusion
+from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
 

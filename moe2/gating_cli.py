@@ -95,7 +95,12 @@ def collect(
 ) -> None:
     """Ask every live expert to score every example (letter and cloze formats); resumable."""
     configure_logging(log_level)
-    from moe2.gating.collect import CollectConfig, choose_examples, collect_live, store_from_trace
+    from moe2.agents.measure.collect import (
+        CollectConfig,
+        choose_examples,
+        collect_live,
+        store_from_trace,
+    )
     from moe2.gating.data import load_examples
     from moe2.gating.store import DatasetSpec, examples_digest
 

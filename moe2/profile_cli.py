@@ -40,7 +40,7 @@ def profile(
     """Measure a live expert's prefill, decode, energy and transmission against prompt length,
     fit the paper's eq. 4 and write the profile the selection reads."""
     configure_logging("warning")
-    from moe2.agents.profiler import ProfilerConfig, profile_expert
+    from moe2.agents.measure.profiler import ProfilerConfig, profile_expert
 
     try:
         config = ProfilerConfig(

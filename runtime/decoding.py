@@ -4,7 +4,7 @@
 clock moved on, the client cancelled — and answers each with actions: messages for experts
 (``Open``, ``Step``, ``Close``) and for the client (``Chunk``, then ``Final`` or ``Error``). Its
 ``deadline`` says when it next needs a ``Tick``. No bus, no event loop, no clock of its own:
-``agents/fusion_session.py`` is the I/O around it. docs/protocol.md §5–§9 describe what it does.
+``agents/fusion/session.py`` is the I/O around it. docs/protocol.md §5–§9 describe what it does.
 
     machine = Decoding(plan, settings, started=now())
     send(machine.start(now()))

@@ -1,7 +1,7 @@
 """An expert's measured cost profile: raw samples in, the paper's eq. 4 fit and its TOML out.
 
-Pure: no bus, no clock. ``agents/profiler.py`` measures the samples on a live expert; this module
-turns them into per-length points, fits
+Pure: no bus, no clock. ``agents/measure/profiler.py`` measures the samples on a live expert;
+this module turns them into per-length points, fits
 
     prefill(L) = prefill_base_s + prefill_per_token_s * L
     decode(L)  = decode_base_s + decode_per_context_token_s * L

@@ -10,7 +10,7 @@ import pytest
 from moe2.runtime.server import NatsServer
 
 if TYPE_CHECKING:
-    from moe2.agents.backends.transformers_backend import TransformersBackend
+    from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture(scope="session")
 def smollm2() -> Iterator[TransformersBackend]:
     """The real SmolLM2-135M-Instruct, loaded once for the whole run (through the cache)."""
-    from moe2.agents.backends import load_backend
-    from moe2.agents.backends.transformers_backend import TransformersBackend
-    from moe2.agents.models import resolve_model
+    from moe2.agents.expert.backends import load_backend
+    from moe2.agents.expert.backends.transformers_backend import TransformersBackend
+    from moe2.agents.expert.models import resolve_model
 
     loaded = load_backend("transformers", resolve_model())
     assert isinstance(loaded, TransformersBackend)

@@ -12,20 +12,20 @@ import pytest
 import structlog
 import torch
 
-from moe2.agents.backends import load_backend
-from moe2.agents.backends.base import (
+from moe2.agents.expert.backends import load_backend
+from moe2.agents.expert.backends.base import (
     PrefixCache,
     byte_level_bytes,
     common_prefix,
     sentencepiece_bytes,
     tokenizer_identity,
 )
-from moe2.agents.backends.transformers_backend import (
+from moe2.agents.expert.backends.transformers_backend import (
     TransformersBackend,
     conversion_dir,
     load_transformers,
 )
-from moe2.agents.models import BUILTIN_MODELS, BuiltinModel, resolve_model
+from moe2.agents.expert.models import BUILTIN_MODELS, BuiltinModel, resolve_model
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
@@ -264,8 +264,8 @@ def test_experts_converting_together_leave_one_complete_cache(tmp_path: Path) ->
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moe2.agents.backends import transformers_backend as tb
-    from moe2.agents.models import ModelSource
+    from moe2.agents.expert.backends import transformers_backend as tb
+    from moe2.agents.expert.models import ModelSource
 
     config = LlamaConfig(
         vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -353,7 +353,7 @@ def test_many_and_long_targets_score_as_each_alone(
     backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches of targets and chunks of positions change shapes only, never scores."""
-    from moe2.agents.backends import transformers_scoring
+    from moe2.agents.expert.backends import transformers_scoring
 
     prompt = backend.encode_chat(QUESTION)
     targets = [backend.encode(t) for t in [*TARGETS, "Nice, or Paris."]]

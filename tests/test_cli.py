@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 import moe2
-from moe2.agents.fusion_config import FusionConfig
-from moe2.agents.synthetic import synthetic_trace
+from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.server import NatsServer, free_port
 from moe2.runtime.trace import load_trace

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from moe2.agents.expert_config import ExpertConfig
+from moe2.agents.expert.config import ExpertConfig
 from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.selection.live import heartbeat_cost

@@ -15,11 +15,11 @@ import pytest
 from nats.aio.msg import Msg
 
 import moe2
-from moe2.agents.backends.transformers_backend import TransformersBackend
-from moe2.agents.fusion import FusionAgent
-from moe2.agents.fusion_config import FusionConfig
-from moe2.agents.recorder import Recorder
-from moe2.agents.replay import serve_replay_experts
+from moe2.agents.expert.backends.transformers_backend import TransformersBackend
+from moe2.agents.fusion.agent import FusionAgent
+from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.traces.recorder import Recorder
+from moe2.agents.traces.replay import serve_replay_experts
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.server import NatsServer

@@ -8,8 +8,8 @@ from types import ModuleType
 
 import pytest
 
-from moe2.agents import energy
-from moe2.agents.energy import DeclaredMeter, NvmlMeter, RaplMeter, choose_meter
+from moe2.agents.expert import energy
+from moe2.agents.expert.energy import DeclaredMeter, NvmlMeter, RaplMeter, choose_meter
 from moe2.runtime.errors import Moe2Error
 
 MAX_UJ = 262_143_328_850  # a real package's max_energy_range_uj

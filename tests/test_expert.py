@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import structlog
 
-from moe2.agents.backends.base import Backend, BackendInfo, PrefixCache, TopK
-from moe2.agents.energy import CounterMeter, EnergyMeter
-from moe2.agents.expert import ExpertAgent, ExpertConfig
+from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
+from moe2.agents.expert.backends.base import Backend, BackendInfo, PrefixCache, TopK
+from moe2.agents.expert.energy import CounterMeter, EnergyMeter
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.subjects import Subjects
@@ -527,7 +527,7 @@ async def test_a_failing_model_call_answers_internal_and_the_agent_lives_on(
 
 async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
     code = (
-        "import anyio, sys; from moe2.agents.expert import ExpertConfig, serve_expert; "
+        "import anyio, sys; from moe2.agents.expert.agent import ExpertConfig, serve_expert; "
         "anyio.run(serve_expert, sys.argv[1], ExpertConfig('proc', prefix='proc'))"
     )
     nc = await connect_nats(nats_url, name="test-watch")

@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from moe2 import cli
-from moe2.agents.backends.base import Backend
-from moe2.agents.contexts import ExpertContext, context_digest, load_context
-from moe2.agents.expert import ExpertAgent, ExpertConfig
+from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
+from moe2.agents.expert.backends.base import Backend
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.contexts import ExpertContext, context_digest, load_context
 from moe2.runtime.errors import Moe2Error
 from tests.test_expert import EXPERT, HELLO, error_of, expert_on_bus, slice_of
 from tests.test_expert_score import request, scored_of
@@ -209,7 +209,7 @@ def test_a_good_context_file_reaches_the_expert_config(
         started.append(config)
 
     monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
-    monkeypatch.setattr("moe2.agents.expert.serve_expert", serve)
+    monkeypatch.setattr("moe2.agents.expert.agent.serve_expert", serve)
     messages = [{"role": m.role, "content": m.content} for m in POETRY]
     path = write(tmp_path, {"name": "poet", "messages": messages})
     args = ["expert", "--id", "e", "--context", str(path), "--no-context-cache"]

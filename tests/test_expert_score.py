@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import structlog
 
-from moe2.agents.backends.base import Backend
+from moe2.agents.expert.backends.base import Backend
 from moe2.runtime import wire
 from tests.test_expert import (
     EXPERT,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import moe2
-from moe2.agents.fusion import FusionAgent
-from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.fusion.agent import FusionAgent
+from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moe2
-from moe2.agents.fusion import FusionAgent, load_gate
-from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.fusion.agent import FusionAgent, load_gate
+from moe2.agents.fusion.config import FusionConfig
 from moe2.gating import UniformGate
 from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text
 from moe2.gating.model import GatingMLP

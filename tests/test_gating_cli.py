@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moe2.agents.contexts import load_context
-from moe2.agents.synthetic import synthetic_trace
+from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.gating.data import McExample, cloze_targets
 from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES
 from moe2.gating.store import DatasetSpec, ExpertIdentity, OutputStore, ScoreRecord, StoreMeta
 from moe2.gating_cli import app
 from moe2.runtime import wire
+from moe2.runtime.contexts import load_context
 from moe2.runtime.server import free_port
 from moe2.runtime.wire import ChatMessage
 from tests.test_gating_collect import (

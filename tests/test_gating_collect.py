@@ -23,8 +23,7 @@ import pytest
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
-from moe2.agents.recorder import Recorder
-from moe2.gating.collect import (
+from moe2.agents.measure.collect import (
     CollectConfig,
     choose_examples,
     collect_live,
@@ -32,6 +31,7 @@ from moe2.gating.collect import (
     requests_for,
     store_from_trace,
 )
+from moe2.agents.traces.recorder import Recorder
 from moe2.gating.data import McExample, cloze_targets, load_examples
 from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES, build_pool
 from moe2.gating.store import (
@@ -51,7 +51,7 @@ from moe2.runtime.subjects import Subjects
 from moe2.runtime.trace import object_end
 
 if TYPE_CHECKING:
-    from moe2.agents.backends.transformers_backend import TransformersBackend
+    from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 
 _prefixes = (f"g{i}" for i in itertools.count())
 
@@ -540,7 +540,7 @@ async def test_real_smollm2_experts_with_pool_contexts_score_mmlu_examples(
     nats_url: str, mmlu: Path, tmp_path: Path, smollm2: TransformersBackend
 ) -> None:
     """Three MMLU-format examples scored by two SmolLM2 experts holding two pool contexts."""
-    from moe2.agents.expert import ExpertAgent, ExpertConfig
+    from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
 
     pool = build_pool(load_examples(write_mmlu_dev(tmp_path / "dev")))
     examples = load_examples(mmlu)[:3]

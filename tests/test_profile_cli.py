@@ -86,7 +86,7 @@ def test_an_expert_that_counts_no_prompt_tokens_cannot_be_profiled(
 
 @pytest.mark.model
 def test_a_live_smollm2_expert_is_profiled(nats_url: str, smollm2: Any, tmp_path: Path) -> None:
-    from moe2.agents.expert import ExpertAgent, ExpertConfig
+    from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
 
     config = ExpertConfig(expert_id="tiny", prefix="pmodel", max_context=160)
     out, png = tmp_path / "profiles" / "tiny.toml", tmp_path / "tiny.png"
@@ -113,7 +113,7 @@ def test_a_live_smollm2_expert_is_profiled(nats_url: str, smollm2: Any, tmp_path
 
 
 def test_lengths_are_clipped_to_what_fits_the_context_and_prompts_scale_by_words() -> None:
-    from moe2.agents.profiler import PromptScale, clip_lengths
+    from moe2.agents.measure.profiler import PromptScale, clip_lengths
 
     assert clip_lengths([16, 64, 64, 2048, 4096], 1024, 8) == [16, 64, 1008]
     scale = PromptScale(overhead=30.0, per_word=1.25)

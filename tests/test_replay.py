@@ -17,13 +17,13 @@ import pytest
 from nats.aio.client import Client as NATS
 
 import moe2
-from moe2.agents.fusion import FusionAgent
-from moe2.agents.fusion_config import FusionConfig
-from moe2.agents.recorded import recorded_experts
-from moe2.agents.recorder import Recorder
-from moe2.agents.replay import serve_replay_experts
-from moe2.agents.republish import republish, subject_matches
-from moe2.agents.synthetic import synthetic_trace
+from moe2.agents.fusion.agent import FusionAgent
+from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.traces.recorded import recorded_experts
+from moe2.agents.traces.recorder import Recorder
+from moe2.agents.traces.replay import serve_replay_experts
+from moe2.agents.traces.republish import republish, subject_matches
+from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
@@ -324,7 +324,7 @@ def test_synthetic_slices_make_greedy_fusion_pick_the_recorded_tokens(tmp_path: 
 
 
 def test_replay_does_not_import_a_model_runtime() -> None:
-    code = "import sys, moe2.agents.replay; sys.exit('torch' in sys.modules)"
+    code = "import sys, moe2.agents.traces.replay; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe2.agents.recorder import Recorder, record
+from moe2.agents.traces.recorder import Recorder, record
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.trace import (

@@ -21,7 +21,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
-from moe2.agents.recorded import (
+from moe2.agents.traces.recorded import (
     OpenKey,
     RecordedAnswer,
     RecordedExpert,

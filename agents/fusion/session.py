@@ -18,7 +18,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from moe2.agents.fusion_config import FusionConfig
+from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.decoding import (

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from moe2.agents.backends.base import TargetLogprobs
+from moe2.agents.expert.backends.base import TargetLogprobs
 
 MAX_BATCH: Final = 8  # targets per batched pass
 ROW_BUDGET: Final = 256  # positions x batch rows of logits computed at once (≈ 50 MB at V = 49152)

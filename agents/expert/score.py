@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moe2.agents.backends import Backend, PrefixCache, TargetLogprobs
-from moe2.agents.energy import EnergyMeter
+from moe2.agents.expert.backends import Backend, PrefixCache, TargetLogprobs
+from moe2.agents.expert.energy import EnergyMeter
 from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
 

@@ -10,10 +10,10 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
-from moe2.agents.fusion_config import FusionConfig
-from moe2.agents.fusion_session import FusionSession, SessionPlan
-from moe2.agents.membership import Membership, same_tokenizer
-from moe2.agents.reselection import Reselector
+from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.fusion.membership import Membership, same_tokenizer
+from moe2.agents.fusion.reselection import Reselector
+from moe2.agents.fusion.session import FusionSession, SessionPlan
 from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats

@@ -52,13 +52,13 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 
-from moe2.agents.backends import Backend, PrefixCache, TopK, load_backend
-from moe2.agents.backends.base import common_prefix
-from moe2.agents.energy import EnergyMeter, Reading, choose_meter
-from moe2.agents.expert_config import ExpertConfig, ExpertStats
-from moe2.agents.expert_score import run_score, score_refusal
-from moe2.agents.expert_warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
-from moe2.agents.models import resolve_model
+from moe2.agents.expert.backends import Backend, PrefixCache, TopK, load_backend
+from moe2.agents.expert.backends.base import common_prefix
+from moe2.agents.expert.config import ExpertConfig, ExpertStats
+from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
+from moe2.agents.expert.models import resolve_model
+from moe2.agents.expert.score import run_score, score_refusal
+from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.endpoint import Endpoint, ErrorRoute, Request

@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moe2.agents.backends.base import (
+from moe2.agents.expert.backends.base import (
     BackendInfo,
     PrefixCache,
     TargetLogprobs,
@@ -36,8 +36,8 @@ from moe2.agents.backends.base import (
     sentencepiece_bytes,
     tokenizer_identity,
 )
-from moe2.agents.backends.transformers_scoring import copied_cache, reusable, score_targets
-from moe2.agents.models import ModelSource
+from moe2.agents.expert.backends.transformers_scoring import copied_cache, reusable, score_targets
+from moe2.agents.expert.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 

@@ -15,7 +15,7 @@ import structlog
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 
-from moe2.agents.membership import Membership
+from moe2.agents.fusion.membership import Membership
 from moe2.runtime import wire
 from moe2.runtime.subjects import Subjects
 from moe2.selection.live import Choice, LiveSelection, as_wire_fields

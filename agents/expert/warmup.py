@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from moe2.agents.backends import Backend, PrefixCache
-from moe2.agents.backends.base import common_prefix
-from moe2.agents.energy import EnergyMeter
+from moe2.agents.expert.backends import Backend, PrefixCache
+from moe2.agents.expert.backends.base import common_prefix
+from moe2.agents.expert.energy import EnergyMeter
 from moe2.runtime.wire import ChatMessage
 
 WARMUP_SESSION: Final = "moe2-warmup"  # a backend session id; no bus session exists yet

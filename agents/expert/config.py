@@ -10,9 +10,9 @@ from typing import Any, Final
 
 import msgspec
 
-from moe2.agents.contexts import check_context, context_label
-from moe2.agents.energy import SOURCES
-from moe2.agents.models import DEFAULT_MODEL
+from moe2.agents.expert.energy import SOURCES
+from moe2.agents.expert.models import DEFAULT_MODEL
+from moe2.runtime.contexts import check_context, context_label
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
 from moe2.runtime.wire import ChatMessage

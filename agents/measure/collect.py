@@ -48,7 +48,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 from moe2.runtime.trace import TraceRecord, read_trace
 
-log = structlog.get_logger("moe2.gating.collect")
+log = structlog.get_logger("moe2.collect")
 
 RETRIED_CODES = frozenset({ErrorCode.BUSY, ErrorCode.TIMEOUT, ErrorCode.INTERNAL})
 STOP_CODES = frozenset({ErrorCode.BUSY})  # still refused after the retries: stop the run
