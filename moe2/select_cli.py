@@ -17,7 +17,7 @@ from moe2.cli_support import fail
 from moe2.runtime import wire
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
-from moe2.selection.problem import Candidate, Selection
+from moe2.selection.problem import Candidate, Solution
 
 _HEARD_BUFFER = 64  # announcements waiting for the printer
 
@@ -93,13 +93,13 @@ def select(
     for note in notes:
         typer.echo(f"note: {note}", err=True)
     if as_json:
-        typer.echo(json.dumps([selection_dict(r) for r in results], indent=2))
+        typer.echo(json.dumps([solution_dict(r) for r in results], indent=2))
         return
     for result in results:
-        typer.echo(selection_text(result, problem.size))
+        typer.echo(solution_text(result, problem.size))
 
 
-def selection_text(result: Selection, pool: int) -> str:
+def solution_text(result: Solution, pool: int) -> str:
     """What an operator reads: the chosen S, its figures, the runners-up, and the effort."""
     lines = [f"{result.method}: S = {{{', '.join(result.experts)}}}", _figures(result.chosen)]
     effort = f"  {result.oracle_calls} oracle calls of 2^{pool} = {2**pool} subsets"
@@ -126,7 +126,7 @@ def _figures(c: Candidate) -> str:
     return f"  loss {c.loss:.4f} nats/token, delay {delays}, energy {c.energy_j:.2f} J"
 
 
-def selection_dict(result: Selection) -> dict[str, object]:
+def solution_dict(result: Solution) -> dict[str, object]:
     return {
         "method": result.method,
         "chosen": vars(result.chosen),
@@ -166,7 +166,7 @@ def watch(
 
 async def announcements(
     url: str, prefix: str, wait_s: float | None
-) -> AsyncIterator[wire.Selection]:
+) -> AsyncIterator[wire.SubsetAnnouncement]:
     """The ``Selection`` messages on ``<prefix>.v1.selection``, as they arrive (anything else
     there is answered or logged by the endpoint and skipped)."""
     from moe2.runtime.connection import close_nats, connect_nats
@@ -174,9 +174,9 @@ async def announcements(
     from moe2.runtime.errors import ErrorCode
     from moe2.runtime.subjects import Subjects
 
-    send, heard = anyio.create_memory_object_stream[wire.Selection](_HEARD_BUFFER)
+    send, heard = anyio.create_memory_object_stream[wire.SubsetAnnouncement](_HEARD_BUFFER)
 
-    async def on_selection(request: Request[wire.Selection]) -> None:
+    async def on_announcement(request: Request[wire.SubsetAnnouncement]) -> None:
         try:
             send.send_nowait(request.message)
         except anyio.WouldBlock:  # a printer this far behind: keep the older announcements
@@ -184,7 +184,9 @@ async def announcements(
 
     nc = await connect_nats(url, name="moe2-selection-watch")
     try:
-        watch = Endpoint(nc, "selection", Subjects(prefix).selection, wire.Selection, on_selection)
+        watch = Endpoint(
+            nc, "selection", Subjects(prefix).selection, wire.SubsetAnnouncement, on_announcement
+        )
         await watch.subscribe()
         while True:
             with anyio.move_on_after(wait_s if wait_s is not None else math.inf) as waited:
@@ -200,7 +202,7 @@ async def announcements(
         await close_nats(nc)
 
 
-def announcement_text(m: wire.Selection) -> str:
+def announcement_text(m: wire.SubsetAnnouncement) -> str:
     head = f"{m.agent} v{m.version} ({m.reason}): S = {{{', '.join(m.experts)}}}"
     if m.error:
         return f"{head}  error {m.error}"

@@ -228,7 +228,7 @@ class Scored(_Message, frozen=True, tag="moe2.v1.scored"):
     energy_j: float = 0.0
 
 
-class Selection(_Message, frozen=True, tag="moe2.v1.selection"):
+class SubsetAnnouncement(_Message, frozen=True, tag="moe2.v1.selection"):
     """Fusion agent -> operators, on ``<prefix>.v1.selection``: the subset S new sessions use."""
 
     agent: str  # the fusion agent's id (several may share the prompts)
@@ -265,7 +265,7 @@ Message: TypeAlias = (
     | Final
     | Score
     | Scored
-    | Selection
+    | SubsetAnnouncement
     | Error
 )
 KNOWN_TYPES = frozenset(
@@ -282,7 +282,7 @@ KNOWN_TYPES = frozenset(
         Final,
         Score,
         Scored,
-        Selection,
+        SubsetAnnouncement,
         Error,
     )
 )

@@ -4,7 +4,7 @@ SMO (Algorithm 2) and its baselines, and live re-selection. See docs/selection.m
 from moe2.selection.base import AllLive, SubsetSelector
 from moe2.selection.costs import Application, Budgets, Constraints, CostTable, ExpertCost
 from moe2.selection.oracle import LossOracle
-from moe2.selection.problem import Infeasible, Problem, Selection
+from moe2.selection.problem import Infeasible, Problem, Solution
 from moe2.selection.profiles import Profiles, load_profiles
 from moe2.selection.smo import brute_force, greedy, random_subset, smo
 
@@ -19,7 +19,7 @@ __all__ = [
     "LossOracle",
     "Problem",
     "Profiles",
-    "Selection",
+    "Solution",
     "SubsetSelector",
     "brute_force",
     "greedy",

@@ -31,7 +31,7 @@ from moe2.selection.costs import (
     Link,
 )
 from moe2.selection.oracle import LossOracle
-from moe2.selection.problem import Problem, Selection
+from moe2.selection.problem import Problem, Solution
 from moe2.selection.profiles import Profiles
 from moe2.selection.smo import smo
 
@@ -128,7 +128,7 @@ class RunningCost:
             self.power.observe(s.energy_j / s.compute_s, model.power_w)
 
     def drift(self, threshold: float) -> str | None:
-        """What drifted, for the log and the Selection's reason; None if nothing did."""
+        """What drifted, for the log and the Solution's reason; None if nothing did."""
         if self.time.drifted(threshold):
             return f"time x{self.time.value:.2f}"
         if self.power.drifted(threshold):
@@ -317,7 +317,7 @@ def _scaled(cost: ExpertCost, running: RunningCost | None) -> ExpertCost:
     return ExpertCost(cost.expert, compute, cost.link, cost.source)
 
 
-def _choice(base: Choice, result: Selection) -> Choice:
+def _choice(base: Choice, result: Solution) -> Choice:
     base.experts = result.experts
     base.loss = result.loss
     base.delay_s = result.chosen.delay_s

@@ -115,7 +115,7 @@ class Candidate:
 
 
 @dataclass
-class Selection:
+class Solution:
     """A solver's answer: the chosen S, its predicted cost and loss, and how it was found."""
 
     method: str
@@ -166,21 +166,21 @@ class TopFeasible:
         return [s for s, _ in sorted(self.items.items(), key=lambda kv: (kv[1], kv[0]))]
 
 
-def selection(
+def solution_of(
     problem: Problem,
     method: str,
     top: TopFeasible,
     calls_before: int,
     started: float,
     counters: SearchCounters | None = None,
-) -> Selection:
-    """Package ``top``'s best subset and runners-up as a :class:`Selection`."""
+) -> Solution:
+    """Package ``top``'s best subset and runners-up as a :class:`Solution`."""
     ranked = _witnessed(problem.oracle, top.ranked())
     if not ranked:
         problem.check_feasible()
         raise Infeasible("loss", "no feasible subset has a finite loss")
     counters = counters or SearchCounters()
-    return Selection(
+    return Solution(
         method=method,
         chosen=problem.describe(ranked[0]),
         runners_up=[problem.describe(s) for s in ranked[1:]],

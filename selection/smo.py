@@ -35,12 +35,12 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from moe2.selection.problem import Problem, SearchCounters, Selection, TopFeasible, selection
+from moe2.selection.problem import Problem, SearchCounters, Solution, TopFeasible, solution_of
 
 BoundFn = Callable[[int, Sequence[int]], npt.NDArray[np.float64]]
 
 
-def smo(problem: Problem, *, eps: float = 1e-4, keep: int = 4, bound: str = "auto") -> Selection:
+def smo(problem: Problem, *, eps: float = 1e-4, keep: int = 4, bound: str = "auto") -> Solution:
     """Algorithm 2: an ε-optimal feasible subset (exact for ε = 0).
 
     ``bound``: "dm" (the difference-of-monotone bound; needs an oracle with ``lower_bounds``),
@@ -54,7 +54,7 @@ def smo(problem: Problem, *, eps: float = 1e-4, keep: int = 4, bound: str = "aut
     search.run()
     if keep > 1:
         _neighbours(problem, search.top)
-    return selection(problem, f"smo/{search.mode}", search.top, calls, started, search.counters)
+    return solution_of(problem, f"smo/{search.mode}", search.top, calls, started, search.counters)
 
 
 def _neighbours(problem: Problem, top: TopFeasible) -> None:
@@ -198,7 +198,7 @@ def _bits(x: int) -> Iterator[int]:
         i += 1
 
 
-def brute_force(problem: Problem, *, keep: int = 4, chunk: int = 1 << 14) -> Selection:
+def brute_force(problem: Problem, *, keep: int = 4, chunk: int = 1 << 14) -> Solution:
     """Every subset: the exact optimum, for checking SMO (feasible subsets are evaluated)."""
     started, calls = time.perf_counter(), problem.oracle.calls
     problem.check_feasible()
@@ -211,10 +211,10 @@ def brute_force(problem: Problem, *, keep: int = 4, chunk: int = 1 << 14) -> Sel
         losses = problem.oracle.evaluate_subsets(subsets.tolist())
         for j in np.argsort(losses, kind="stable")[:keep]:
             top.offer(int(subsets[j]), float(losses[j]))
-    return selection(problem, "brute_force", top, calls, started)
+    return solution_of(problem, "brute_force", top, calls, started)
 
 
-def greedy(problem: Problem, *, keep: int = 4) -> Selection:
+def greedy(problem: Problem, *, keep: int = 4) -> Solution:
     """Add the expert that lowers the loss most while the subset stays feasible."""
     started, calls = time.perf_counter(), problem.oracle.calls
     problem.check_feasible()
@@ -232,10 +232,10 @@ def greedy(problem: Problem, *, keep: int = 4) -> Selection:
         if losses[j] >= loss:
             break
         subset, loss = options[j], float(losses[j])
-    return selection(problem, "greedy", top, calls, started)
+    return solution_of(problem, "greedy", top, calls, started)
 
 
-def random_subset(problem: Problem, *, seed: int = 0) -> Selection:
+def random_subset(problem: Problem, *, seed: int = 0) -> Solution:
     """A random maximal feasible subset (experts taken in a random order while they fit)."""
     started, calls = time.perf_counter(), problem.oracle.calls
     problem.check_feasible()
@@ -247,4 +247,4 @@ def random_subset(problem: Problem, *, seed: int = 0) -> Selection:
             subset |= 1 << i
     top = TopFeasible(1)
     top.offer(subset, problem.loss(subset))
-    return selection(problem, "random", top, calls, started)
+    return solution_of(problem, "random", top, calls, started)

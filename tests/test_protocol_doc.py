@@ -231,7 +231,7 @@ def test_the_doc_names_every_field_of_every_message() -> None:
     structs = [
         wire.Prompt, wire.Open, wire.Step, wire.Close, wire.Slice, wire.Heartbeat,
         wire.Chunk, wire.Final, wire.Error, wire.ChatMessage, wire.Usage, wire.Timings,
-        wire.Score, wire.TargetScore, wire.Scored, wire.Selection,
+        wire.Score, wire.TargetScore, wire.Scored, wire.SubsetAnnouncement,
     ]  # fmt: skip
     missing = [
         f"{s.__name__}.{f.name}"

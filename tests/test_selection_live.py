@@ -57,13 +57,13 @@ class Watch:
     """Every Selection and first heartbeat on the bus, with the time it arrived."""
 
     def __init__(self) -> None:
-        self.selections: list[tuple[float, wire.Selection]] = []
+        self.selections: list[tuple[float, wire.SubsetAnnouncement]] = []
         self.first_heartbeat: dict[str, float] = {}
         self.changed = anyio.Event()
 
     async def on_message(self, msg: Msg) -> None:
         message = wire.decode(msg.data)
-        if isinstance(message, wire.Selection):
+        if isinstance(message, wire.SubsetAnnouncement):
             self.selections.append((time.monotonic(), message))
         elif isinstance(message, wire.Heartbeat):
             self.first_heartbeat.setdefault(message.expert, time.monotonic())
@@ -71,7 +71,7 @@ class Watch:
         self.changed = anyio.Event()
 
     async def until(
-        self, ok: Callable[[wire.Selection], bool], after: float, limit: float
+        self, ok: Callable[[wire.SubsetAnnouncement], bool], after: float, limit: float
     ) -> float:
         """The arrival time of the first Selection after ``after`` that satisfies ``ok``."""
         with anyio.fail_after(limit):

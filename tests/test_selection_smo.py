@@ -11,7 +11,7 @@ import pytest
 from moe2.runtime.errors import ErrorCode
 from moe2.selection.costs import Budgets, Constraints
 from moe2.selection.oracle import EnvelopeOracle, LossOracle, TableOracle
-from moe2.selection.problem import Infeasible, Problem, Selection
+from moe2.selection.problem import Infeasible, Problem, Solution
 from moe2.selection.smo import brute_force, greedy, random_subset, smo
 from moe2.selection.synthetic import synthetic_problem
 from tests.selection_helpers import (
@@ -24,7 +24,7 @@ from tests.selection_helpers import (
 SIZES = range(2, 13)
 
 
-def assert_same_optimum(found: Selection, best: Selection, context: object) -> None:
+def assert_same_optimum(found: Solution, best: Solution, context: object) -> None:
     assert found.experts == best.experts, context
     assert found.loss == pytest.approx(best.loss, abs=1e-9), context
 

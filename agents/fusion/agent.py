@@ -194,7 +194,7 @@ def load_gate(path: str | None) -> Gate:
     return LearnedGate(artifact, load_embedder(artifact.embedder))
 
 
-def load_selection(config: FusionConfig, gate: Gate | None = None) -> SubsetSelector | None:
+def load_live_selection(config: FusionConfig, gate: Gate | None = None) -> SubsetSelector | None:
     """SMO over the live experts when ``outputs`` is configured, else None (every live expert).
     ``gate``: the agent's loaded gate, whose embedder the loss oracle reuses."""
     if not config.selects or config.outputs is None or config.gate is None:
@@ -223,7 +223,7 @@ async def serve_fusion(
 ) -> None:
     """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
     gate = await anyio.to_thread.run_sync(load_gate, config.gate)
-    selector = await anyio.to_thread.run_sync(load_selection, config, gate)
+    selector = await anyio.to_thread.run_sync(load_live_selection, config, gate)
     nc = await connect_nats(url, name="moe2-fusion")
     try:
         agent = FusionAgent(nc, config, gate=gate, selector=selector)

@@ -61,7 +61,7 @@ class Reselector:
 
     async def publish(self, choice: Choice) -> None:
         self._published = time.monotonic()
-        message = wire.Selection(agent=self.agent_id, **as_wire_fields(choice))
+        message = wire.SubsetAnnouncement(agent=self.agent_id, **as_wire_fields(choice))
         try:
             await self.nc.publish(self.subjects.selection, wire.encode(message))
         except Exception as exc:  # disconnected: the next tick publishes again
