@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +36,7 @@ from nats.aio.subscription import Subscription
 from moe2.runtime import wire
 from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import Subjects, valid_token
 
 log = structlog.get_logger("moe2.endpoint")
 
@@ -111,6 +112,25 @@ def publisher_named_by(field_name: str) -> IdentityCheck[Any]:
             )
 
     return check
+
+
+def session_slice_route(subjects: Subjects, expert: str) -> RouteErrors[Any]:
+    """Where an expert sends an error about an ``Open`` or ``Step`` that came without a reply
+    subject: that session's slice subject, naming the step (0 for ``Open``), docs/protocol.md §5.
+    Other messages, and sessions that are not one subject token, have nowhere to go."""
+
+    def route(message: Any) -> ErrorRoute | None:
+        if not isinstance(message, wire.Open | wire.Step) or not valid_token(message.session):
+            return None
+        step = message.step if isinstance(message, wire.Step) else 0
+        return ErrorRoute(subjects.slice(message.session, expert), message.session, step)
+
+    return route
+
+
+def error_counts(endpoints: Iterable[Endpoint[Any]]) -> Counter[str]:
+    """Errors answered or logged by these endpoints, by code."""
+    return sum((ep.stats.errors for ep in endpoints), Counter[str]())
 
 
 class Endpoint(Generic[M]):

@@ -61,7 +61,13 @@ from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
-from moe2.runtime.endpoint import Endpoint, ErrorRoute, Request
+from moe2.runtime.endpoint import (
+    Endpoint,
+    ErrorRoute,
+    Request,
+    error_counts,
+    session_slice_route,
+)
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.lifecycle import cancel_on_signals
 from moe2.runtime.subjects import Subjects, valid_token
@@ -115,7 +121,7 @@ class ExpertAgent:
         self.context_tokens = 0  # the head every prompt shares: template start and context
         self._tg: anyio.abc.TaskGroup | None = None
         me = config.expert_id
-        routed = self._error_route
+        routed = session_slice_route(self.subjects, me)
         self.endpoints = (
             self._endpoint("open", self.subjects.expert_open(me), wire.Open, routed),
             self._endpoint("step", self.subjects.expert_step(me), wire.Step, routed),
@@ -149,14 +155,6 @@ class ExpertAgent:
             route_errors=route,
         )
 
-    def _error_route(self, message: SessionMessage) -> ErrorRoute | None:
-        """Errors about an Open or Step go to its session's slice subject (if it names one)."""
-        if isinstance(message, wire.Close) or not valid_token(message.session):
-            return None
-        step = message.step if isinstance(message, wire.Step) else 0
-        subject = self.subjects.slice(message.session, self.config.expert_id)
-        return ErrorRoute(subject, message.session, step)
-
     @property
     def model_label(self) -> str:
         """The model, with the context if any: ``SmolLM2-135M-Instruct+ctx:stem@1a2b3c4d``."""
@@ -173,7 +171,7 @@ class ExpertAgent:
 
     def error_counts(self) -> Counter[str]:
         """Errors answered or logged by every endpoint of this expert, by code."""
-        return sum((ep.stats.errors for ep in self.endpoints), Counter[str]())
+        return error_counts(self.endpoints)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

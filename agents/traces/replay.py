@@ -31,7 +31,13 @@ from moe2.agents.traces.recorded import (
 )
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
-from moe2.runtime.endpoint import Endpoint, ErrorRoute, Request
+from moe2.runtime.endpoint import (
+    Endpoint,
+    ErrorRoute,
+    Request,
+    error_counts,
+    session_slice_route,
+)
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects, valid_token
 
@@ -124,20 +130,13 @@ class ReplayExpert:
             expects,
             handler,
             agent=self.expert,
-            route_errors=self._route,
+            route_errors=session_slice_route(self.subjects, self.expert),
         )
-
-    def _route(self, message: wire.Message) -> ErrorRoute | None:
-        session = getattr(message, "session", "")
-        if not isinstance(message, wire.Open | wire.Step) or not valid_token(session):
-            return None
-        step = message.step if isinstance(message, wire.Step) else 0
-        return ErrorRoute(self.subjects.slice(session, self.expert), session, step)
 
     @property
     def errors(self) -> Counter[str]:
         """Errors answered or logged by this replay expert's endpoints, by code."""
-        return sum((ep.stats.errors for ep in self.endpoints), Counter[str]())
+        return error_counts(self.endpoints)
 
     async def _on_open(self, request: Request[wire.Open]) -> None:
         await self._open(request.message, self._task_group())
