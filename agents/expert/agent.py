@@ -81,12 +81,13 @@ _T = TypeVar("_T")
 __all__ = ["DEFAULT_CONTEXT", "ExpertAgent", "ExpertConfig", "ExpertStats", "serve_expert"]
 
 SessionMessage = wire.Open | wire.Step | wire.Close
+Queued = tuple[SessionMessage, str]  # a session's message and its reply subject ("" if none)
 
 
 @dataclass(slots=True)
 class _Session:
     id: str
-    inbox: MemoryObjectSendStream[SessionMessage]
+    inbox: MemoryObjectSendStream[Queued]
     top_k: int = 0
     prompt_tokens: int = 0
     next_step: int = 0  # the step of the next slice; 0 until the prefill is done
@@ -230,19 +231,19 @@ class ExpertAgent:
         if not valid_token(message.session):
             raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
         if isinstance(message, wire.Open):
-            self._admit(message)
+            self._admit(message, request.reply)
         else:
-            self._forward(message)
+            self._forward(message, request.reply)
 
-    def _admit(self, open_: wire.Open) -> None:
+    def _admit(self, open_: wire.Open, reply: str) -> None:
         refusal = self._refusal(open_)
         if refusal is not None:
             raise refusal
         assert self._tg is not None, "endpoints serve inside run()"
-        send, receive = anyio.create_memory_object_stream[SessionMessage](_INBOX_SIZE)
+        send, receive = anyio.create_memory_object_stream[Queued](_INBOX_SIZE)
         session = _Session(id=open_.session, inbox=send, top_k=self._top_k(open_.top_k))
         self._sessions[session.id] = session
-        send.send_nowait(open_)
+        send.send_nowait((open_, reply))
         self._tg.start_soon(self._serve_session, session, receive)
 
     def _refusal(self, open_: wire.Open) -> Moe2Error | None:
@@ -261,21 +262,21 @@ class ExpertAgent:
         wanted = requested or self.config.top_k
         return min(wanted, self.config.max_top_k, self.info.vocab_size)
 
-    def _forward(self, message: wire.Step | wire.Close) -> None:
+    def _forward(self, message: wire.Step | wire.Close, reply: str) -> None:
         session = self._sessions.get(message.session)
         if session is None:
             if isinstance(message, wire.Step):
                 raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no session {message.session}")
             return  # a Close for a session that is gone: nothing to do
         try:
-            session.inbox.send_nowait(message)
+            session.inbox.send_nowait((message, reply))
         except anyio.WouldBlock:
             raise Moe2Error(ErrorCode.BUSY, f"more than {_INBOX_SIZE} messages queued") from None
 
     # --- one task per session ------------------------------------------------------------------
 
     async def _serve_session(
-        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+        self, session: _Session, inbox: MemoryObjectReceiveStream[Queued]
     ) -> None:
         try:
             with inbox:
@@ -288,33 +289,33 @@ class ExpertAgent:
             session.inbox.close()
 
     async def _session_loop(
-        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+        self, session: _Session, inbox: MemoryObjectReceiveStream[Queued]
     ) -> None:
         idle_s = self.config.idle_timeout_s
         while True:
-            message: SessionMessage | None = None
+            queued: Queued | None = None
             with anyio.move_on_after(idle_s):  # the timer covers the wait, never the work
-                message = await inbox.receive()
-            if message is None:
+                queued = await inbox.receive()
+            if queued is None:
                 self._log.info("session_idle_freed", session=session.id, idle_s=idle_s)
                 return
-            if not await self._handle(session, message):
+            if not await self._handle(session, *queued):
                 return
 
     async def _refuse_leftovers(
-        self, session: _Session, inbox: MemoryObjectReceiveStream[SessionMessage]
+        self, session: _Session, inbox: MemoryObjectReceiveStream[Queued]
     ) -> None:
         """Steps that were queued behind the end of the session learn that it is gone."""
         while True:
             try:
-                message = inbox.receive_nowait()
+                message, reply = inbox.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream):
                 return
             if isinstance(message, wire.Step):
                 gone = Moe2Error(ErrorCode.UNKNOWN_SESSION, f"session {session.id} has ended")
-                await self._reply_error(gone, session.id, message.step)
+                await self._reply_error(gone, session.id, message.step, reply)
 
-    async def _handle(self, session: _Session, message: SessionMessage) -> bool:
+    async def _handle(self, session: _Session, message: SessionMessage, reply: str) -> bool:
         """Handle one message; False ends the session."""
         step = message.step if isinstance(message, wire.Step) else 0
         try:
@@ -326,12 +327,12 @@ class ExpertAgent:
                 self._log.debug("session_closed", session=session.id, reason=message.reason)
                 return False
         except Moe2Error as exc:
-            await self._reply_error(exc, session.id, step)
+            await self._reply_error(exc, session.id, step, reply)
             return session.next_step > 0  # a refused open ends the session
         except Exception:
             self._log.exception("handler_failed", session=session.id, step=step)
             failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this message")
-            await self._reply_error(failed, session.id, step)
+            await self._reply_error(failed, session.id, step, reply)
             return False
         return True
 
@@ -454,11 +455,12 @@ class ExpertAgent:
         self.stats.slices += 1
         await self._publish(self.subjects.slice(session.id, self.config.expert_id), message)
 
-    async def _reply_error(self, exc: Moe2Error, session: str, step: int) -> None:
-        """An error found while serving a session, counted by the endpoint of its message."""
+    async def _reply_error(self, exc: Moe2Error, session: str, step: int, reply: str) -> None:
+        """An error found while serving a session, counted by the endpoint of its message: to
+        the message's reply subject if it had one, else on the session's slice subject."""
         endpoint = self._open_ep if step == 0 else self._step_ep
         route = ErrorRoute(self.subjects.slice(session, self.config.expert_id), session, step)
-        await endpoint.reply_error("", exc, route)
+        await endpoint.reply_error(reply, exc, route)
 
     async def _publish(self, subject: str, message: wire.Message) -> None:
         await self._publish_bytes(subject, wire.encode(message))

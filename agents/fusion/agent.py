@@ -103,20 +103,31 @@ class FusionAgent:
         await self.prompt_endpoint.reply_error(reply, exc)
 
     async def _serve(self, prompt: wire.Prompt, reply: str, started: float) -> None:
+        done = False
+
+        def ended() -> None:
+            """Once: the session is over for the client (its clean-up may go on a moment)."""
+            nonlocal done
+            if not done:
+                done = True
+                self.sessions -= 1
+                self.served += 1
+
         try:
             plan = await self._plan(prompt)
             observe = self.live_selection.observe if self.live_selection is not None else None
             await FusionSession(
-                self.nc, self.subjects, self.config, plan, reply, started, observe
+                self.nc, self.subjects, self.config, plan, reply, started, observe, ended
             ).run()
         except Moe2Error as exc:
+            ended()
             await self._refuse(reply, exc)
         except Exception as exc:  # a handler's bug becomes an error reply, never a dead agent
             log.exception("session_crashed")
+            ended()
             await self._refuse(reply, Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
-            self.sessions -= 1
-            self.served += 1
+            ended()
 
     async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
         live = await self._live_experts()

@@ -9,6 +9,7 @@ has no subscriber any more (it stopped reading, or disconnected), the server ans
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
@@ -69,9 +71,11 @@ class FusionSession:
         reply: str,
         started: float,
         observe: Callable[[wire.Slice], None] | None = None,
+        ended: Callable[[], None] | None = None,
     ) -> None:
         self.nc, self.subjects, self.plan, self.reply = nc, subjects, plan, reply
         self.observe = observe  # sees every accepted slice (live selection's costs)
+        self.ended = ended  # called once the client has its last message, before the clean-up
         self.machine = Decoding(plan, decode_settings(config), started)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
         self.log = log.bind(session=plan.session)
@@ -113,10 +117,26 @@ class FusionSession:
             with anyio.CancelScope(shield=True):
                 if not self.machine.finished:  # the agent is shutting down
                     await self._act(self.machine.apply(Cancelled("shutdown"), time.monotonic()))
-                for sub in subs:
-                    await sub.unsubscribe()
+                if self.ended is not None:
+                    self.ended()
+                for sub in subs:  # what is still on its way is answered: the session has ended
+                    await _drain(sub)
+                await self._refuse_queued(events)
                 self._events.close()
                 events.close()
+
+    async def _refuse_queued(self, events: MemoryObjectReceiveStream[Queued]) -> None:
+        """Events the ended session did not take: answer those that asked for an answer."""
+        while True:
+            try:
+                _, reply = events.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            if reply:
+                await self._refuse(reply, self._ended())
+
+    def _ended(self) -> Moe2Error:
+        return Moe2Error(ErrorCode.UNKNOWN_SESSION, f"session {self.plan.session} has ended")
 
     async def _next(self, events: MemoryObjectReceiveStream[Queued]) -> Queued:
         """The next event and its reply subject, or a Tick once the deadline has passed."""
@@ -167,6 +187,10 @@ class FusionSession:
 
     async def _on_slice(self, msg: Msg) -> None:
         sender = self.subjects.expert_of_slice(msg.subject)
+        if self.machine.finished:
+            if msg.reply:
+                await self._refuse(msg.reply, self._ended())
+            return
         try:
             message = wire.decode(msg.data)
         except Moe2Error as exc:  # rule 1 of §6: logged and dropped (answered if asked)
@@ -178,6 +202,8 @@ class FusionSession:
 
     async def _on_cancel(self, request: Request[wire.Cancel]) -> None:
         cancel = request.message
+        if self.machine.finished:
+            raise self._ended()
         if cancel.session != self.plan.session:
             raise Moe2Error(
                 ErrorCode.INVALID_FIELD,
@@ -201,3 +227,15 @@ class FusionSession:
                 self.log.warning("event_dropped", why="queue full", queued=QUEUED_EVENTS)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # the session has ended
+
+
+async def _drain(sub: Subscription) -> None:
+    """Stop the subscription once the messages already delivered to it are handled (bounded)."""
+    with anyio.move_on_after(1.0):
+        try:
+            await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+            return
+        except Exception:  # the connection is closing or gone: nothing more will arrive
+            log.debug("drain_failed", exc_info=True)
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()

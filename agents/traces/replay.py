@@ -33,7 +33,6 @@ from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.endpoint import (
     Endpoint,
-    ErrorRoute,
     Request,
     error_counts,
     session_slice_route,
@@ -163,8 +162,7 @@ class ReplayExpert:
         key = open_key(message)
         recordings = self.recorded.sessions.get(key)
         if not recordings:
-            await self._error(message.session, 0, ErrorCode.TRACE_DIVERGED, "no recorded Open")
-            return
+            raise self._error(0, ErrorCode.TRACE_DIVERGED, "no recorded Open")
         turn = self._cursor.get(key, 0)
         self._cursor[key] = turn + 1
         recording = recordings[turn % len(recordings)]  # in recorded order, then round again
@@ -182,10 +180,10 @@ class ReplayExpert:
             raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
         recording = self.live.get(message.session)
         if recording is None:
-            await self._error(message.session, message.step, ErrorCode.UNKNOWN_SESSION, "")
+            raise self._error(message.step, ErrorCode.UNKNOWN_SESSION, "")
         elif recording.tokens.get(message.step) != message.token:
             why = f"recorded token {recording.tokens.get(message.step)}, got {message.token}"
-            await self._error(message.session, message.step, ErrorCode.TRACE_DIVERGED, why)
+            raise self._error(message.step, ErrorCode.TRACE_DIVERGED, why)
         else:
             await self._answer(message.session, recording, message.step, tg)
 
@@ -194,8 +192,7 @@ class ReplayExpert:
     ) -> None:
         answer = recording.answers.get(step)
         if answer is None:
-            await self._error(session, step, ErrorCode.TRACE_DIVERGED, "no recorded answer")
-            return
+            raise self._error(step, ErrorCode.TRACE_DIVERGED, "no recorded answer")
         subject = self.subjects.slice(session, self.expert)
         delay = self.timing.delay(self.expert, answer)
         if delay > 0:
@@ -207,12 +204,9 @@ class ReplayExpert:
         await anyio.sleep(delay)
         await self.nc.publish(subject, data)
 
-    async def _error(self, session: str, step: int, code: ErrorCode, detail: str) -> None:
-        log.debug("replay_error", expert=self.expert, session=session, step=step, code=code)
-        why = Moe2Error(code, f"replay of {self.expert} at step {step}: {code} {detail}".rstrip())
-        endpoint = self.endpoints[0] if step == 0 else self.endpoints[1]
-        route = ErrorRoute(self.subjects.slice(session, self.expert), session, step)
-        await endpoint.reply_error("", why, route)
+    def _error(self, step: int, code: ErrorCode, detail: str) -> Moe2Error:
+        """What to raise: the endpoint answers it (reply subject, else the slice subject)."""
+        return Moe2Error(code, f"replay of {self.expert} at step {step}: {code} {detail}".rstrip())
 
 
 async def serve_replay_experts(
