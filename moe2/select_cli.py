@@ -167,8 +167,8 @@ def watch(
 async def announcements(
     url: str, prefix: str, wait_s: float | None
 ) -> AsyncIterator[wire.SubsetAnnouncement]:
-    """The ``Selection`` messages on ``<prefix>.v1.selection``, as they arrive (anything else
-    there is answered or logged by the endpoint and skipped)."""
+    """The ``SubsetAnnouncement`` messages on ``<prefix>.v1.selection``, as they arrive
+    (anything else there is answered or logged by the endpoint and skipped)."""
     from moe2.runtime.connection import close_nats, connect_nats
     from moe2.runtime.endpoint import Endpoint, Request
     from moe2.runtime.errors import ErrorCode

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import nats
@@ -64,7 +65,21 @@ async def close_nats(nc: NATS, limit_s: float = 2.0) -> None:
             except Exception:  # already closing or the server is gone: close below
                 log.debug("nats_drain_failed", exc_info=True)
     if not nc.is_closed:
-        await nc.close()
+        with anyio.move_on_after(limit_s, shield=True):
+            await nc.close()
+
+
+async def publish_or_log(
+    nc: NATS, subject: str, data: bytes, *, reply: str = "", logger: Any = log
+) -> bool:
+    """Publish; on failure (disconnected, closing, over max_payload) log it and return False
+    instead of raising: the bus failed, not the agent, and its other work goes on."""
+    try:
+        await nc.publish(subject, data, reply=reply)
+    except Exception as exc:
+        logger.warning("publish_failed", subject=subject, error=repr(exc))
+        return False
+    return True
 
 
 async def flush_subscriptions(nc: NATS) -> None:

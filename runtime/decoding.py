@@ -211,10 +211,13 @@ class Decoding:
     def _arrive(self, event: Arrived, now: float, out: list[Action]) -> None:
         w, sender, m = self._wait, event.sender, event.message
         if isinstance(m, wire.Error):
-            if sender in w.waiting:
+            if sender in w.waiting and self._about_this_step(m):
                 self.log.warning("expert_error", expert=sender, code=m.code, error=m.message)
+                first = not w.slices and not w.errors
                 w.errors[sender] = m
                 w.waiting.discard(sender)
+                if first:
+                    self._start_grace(now)
             else:
                 self.log.info("error_dropped", expert=sender, code=m.code, step=m.step)
                 why = f"no answer from {sender!r} is awaited at step {w.step}"
@@ -234,14 +237,26 @@ class Decoding:
             why = f"slice of {sender!r} for step {m.step} not taken at step {w.step}: {problem}"
             out.append(Refused(code, why))
             return
+        first = not w.slices and not w.errors
         w.slices[sender] = m
         w.waiting.discard(sender)
         out.append(Accepted(m))
-        if w.step == 0 and len(w.slices) == 1:
-            grace = max(
-                self.settings.step_deadline_s, self.settings.prefill_grace * (now - w.opened_at)
-            )
-            w.deadline = min(w.deadline, now + grace)
+        if first:
+            self._start_grace(now)
+
+    def _about_this_step(self, error: wire.Error) -> bool:
+        """An expert's Error fails it only if it is about this session (or names none) and this
+        step (or names none): one about another step is an answer to a stray message."""
+        session_ok = error.session in (self.plan.session, "")
+        return session_ok and error.step in (self._wait.step, -1)
+
+    def _start_grace(self, now: float) -> None:
+        """Step 0: once the first expert has answered the Open, the others have a grace of
+        max(step_deadline_s, prefill_grace x the time the first took) (docs/protocol.md §6)."""
+        w = self._wait
+        if w.step == 0:
+            taken = self.settings.prefill_grace * (now - w.opened_at)
+            w.deadline = min(w.deadline, now + max(self.settings.step_deadline_s, taken))
 
     def _problem(self, s: wire.Slice, sender: str) -> str | None:
         w = self._wait

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from moe2.runtime import wire
-from moe2.runtime.connection import flush_subscriptions
+from moe2.runtime.connection import flush_subscriptions, publish_or_log
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects, valid_token
 
@@ -281,7 +281,4 @@ class Endpoint(Generic[M]):
 
     async def publish(self, subject: str, message: wire.Message) -> None:
         """Publish, logging instead of raising when the bus is gone (the bus failed, not us)."""
-        try:
-            await self._nc.publish(subject, wire.encode(message))
-        except Exception as exc:  # disconnected, closing, or over max_payload
-            self._log.warning("publish_failed", subject=subject, error=repr(exc))
+        await publish_or_log(self._nc, subject, wire.encode(message), logger=self._log)

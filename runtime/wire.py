@@ -19,7 +19,8 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.mixture import rest_mass
 
 PROTOCOL_VERSION = 1
-_TAG = re.compile(r"^moe2\.v(\d+)\.[a-z_]+$")
+_TAG = re.compile(r"^moe2\.v(\d{1,9})\.[a-z_]+$")  # bounded: int() of 5,000 digits raises
+MAX_HEARTBEAT_INTERVAL_S = 60.0  # an expert silent longer than this is not an expert
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -145,6 +146,17 @@ class Heartbeat(_Message, frozen=True, tag="moe2.v1.heartbeat"):
     sessions: int = 0
     interval_s: float = 1.0
     seq: int = 0
+
+    def __post_init__(self) -> None:
+        """Refused on decode (``invalid_field``): numbers no expert can mean."""
+        if not 0 < self.interval_s <= MAX_HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"interval_s must be in (0, {MAX_HEARTBEAT_INTERVAL_S:g}] seconds")
+        if self.vocab_size < 1:
+            raise ValueError("vocab_size must be >= 1")
+        if any(not 0 <= e < self.vocab_size for e in self.eos_ids):
+            raise ValueError("every eos id must be below vocab_size")
+        if self.sessions < 0 or self.seq < 0:
+            raise ValueError("sessions and seq must be >= 0")
 
 
 class Chunk(_Message, frozen=True, tag="moe2.v1.chunk"):

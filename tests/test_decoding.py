@@ -335,12 +335,25 @@ def test_an_expert_error_fails_that_expert_only() -> None:
     assert run.final.dropped == [] and run.final.text == "a"  # failed is not "dropped"
 
 
-def test_an_error_whatever_its_step_fails_an_expert_that_has_not_answered() -> None:
+def test_an_error_about_this_step_fails_an_expert_and_one_about_another_fails_nobody() -> None:
+    """A stray Step(step=7) sent to b by anyone makes b answer wrong_step for step 7: that is
+    no answer to this session's step and must not cost b its place."""
     run = started(["a", "b"])
     answer_all(run, ["a", "b"], b"abc", 0.1, 0)
-    run.arrive(error_of("b", 7, "wrong_step"), 0.15)
+    stray = run.arrive(error_of("b", 7, "wrong_step"), 0.15)
+    assert [a.code for a in stray if isinstance(a, Refused)] == [ErrorCode.WRONG_STEP]
+    other = wire.Error(code="internal", message="x", session="other", expert="b", step=1)
+    run.arrive(other, 0.16)
     run.arrive(slice_of("a", 1, b"abc"), 0.2)
+    assert run.machine.active == ["a", "b"] and run.machine.step == 1  # still waiting for b
+    run.arrive(error_of("b", -1, "internal"), 0.25)  # names no step: about this one
     assert run.machine.active == ["a"] and run.machine.step == 2
+
+
+def test_an_error_at_step_0_starts_the_grace_like_a_slice() -> None:
+    run = started(["a", "b"])
+    run.arrive(error_of("a", 0, "busy"), 0.5)
+    assert run.machine.deadline == pytest.approx(0.5 + max(SETTINGS.step_deadline_s, 2 * 0.5))
 
 
 def test_when_every_expert_fails_the_client_gets_the_first_code() -> None:

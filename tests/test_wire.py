@@ -90,3 +90,42 @@ def test_subjects_carry_the_publishers_identity() -> None:
     for bad in ["a.b", "a*", ">", "", "a b"]:
         with pytest.raises(ValueError):
             check_token("expert id", bad)
+
+
+_BEAT = {
+    "type": "moe2.v1.heartbeat",
+    "expert": "e1",
+    "model": "m",
+    "tokenizer": "t:0123456789abcdef",
+    "backend": "b",
+    "vocab_size": 10,
+    "eos_ids": [0],
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"interval_s": 1e9}, "interval_s"),
+        ({"interval_s": float("inf")}, "interval_s"),
+        ({"interval_s": 0.0}, "interval_s"),
+        ({"vocab_size": -5, "eos_ids": []}, "vocab_size"),
+        ({"eos_ids": [10]}, "eos id"),
+        ({"sessions": -3}, "sessions"),
+    ],
+    ids=["huge-interval", "inf-interval", "zero-interval", "vocab", "eos", "sessions"],
+)
+def test_a_heartbeat_no_expert_can_mean_is_invalid(fields: dict[str, object], words: str) -> None:
+    """One forged heartbeat must not keep an expert a member for ever, nor give a session an
+    impossible vocabulary."""
+    assert isinstance(wire.decode(msgspec.msgpack.encode(_BEAT)), wire.Heartbeat)
+    with pytest.raises(Moe2Error) as caught:
+        wire.decode(msgspec.msgpack.encode({**_BEAT, **fields}))
+    assert caught.value.code == ErrorCode.INVALID_FIELD and words in caught.value.message
+
+
+def test_a_version_of_thousands_of_digits_is_an_unknown_type_not_a_crash() -> None:
+    tag = "moe2.v" + "9" * 5000 + ".slice"
+    with pytest.raises(Moe2Error) as caught:
+        wire.decode(msgspec.msgpack.encode({"type": tag}))
+    assert caught.value.code == ErrorCode.UNKNOWN_TYPE

@@ -60,7 +60,7 @@ from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.runtime import wire
-from moe2.runtime.connection import close_nats, connect_nats
+from moe2.runtime.connection import close_nats, connect_nats, publish_or_log
 from moe2.runtime.endpoint import (
     Endpoint,
     ErrorRoute,
@@ -466,16 +466,17 @@ class ExpertAgent:
         await self._publish_bytes(subject, wire.encode(message))
 
     async def _publish_bytes(self, subject: str, data: bytes) -> None:
-        try:
-            await self._nc.publish(subject, data)
-        except Exception as exc:  # disconnected or closing: the bus, not this agent, has failed
-            self._log.warning("publish_failed", subject=subject, error=repr(exc))
+        await publish_or_log(self._nc, subject, data, logger=self._log)
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.heartbeat_s)
             if self._idle_too_long():
-                await self._in_worker(partial(self._warm_up))
+                try:
+                    await self._in_worker(partial(self._warm_up))
+                except Exception:  # a failed re-measure keeps the old figures, not a dead expert
+                    self._log.exception("remeasure_failed")
+                    self.stats.measured_at = time.monotonic()
             await self._heartbeat()
 
     def _idle_too_long(self) -> bool:

@@ -15,7 +15,7 @@ from moe2.agents.expert.models import DEFAULT_MODEL
 from moe2.runtime.contexts import check_context, context_label
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
-from moe2.runtime.wire import ChatMessage
+from moe2.runtime.wire import MAX_HEARTBEAT_INTERVAL_S, ChatMessage
 
 DEFAULT_CONTEXT_NAME: Final = "context"
 
@@ -95,6 +95,8 @@ class ExpertConfig:
         for name in ("max_sessions", "max_pending_scores", "idle_timeout_s", "heartbeat_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.heartbeat_s > MAX_HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"heartbeat_s must be at most {MAX_HEARTBEAT_INTERVAL_S:g}")
         if self.energy_source is not None and self.energy_source not in SOURCES:
             raise ValueError(f"energy_source must be one of {', '.join(SOURCES)} (or unset)")
         if self.max_context is not None and self.max_context < 2:

@@ -154,6 +154,7 @@ class FusionAgent:
         )
 
     async def _live_experts(self) -> dict[str, wire.Heartbeat]:
+        self.membership.expire(time.monotonic())  # forget the silent: the table stays bounded
         live = self.membership.live(time.monotonic())
         if not live and self.config.wait_for_experts_s > 0:
             with anyio.move_on_after(self.config.wait_for_experts_s):
@@ -164,7 +165,7 @@ class FusionAgent:
 
 def check_prompt(prompt: wire.Prompt, config: FusionConfig) -> None:
     """Refuse prompts no expert should see, with the code that says why."""
-    if not prompt.messages or not any(m.content.strip() for m in prompt.messages):
+    if not wire.has_content(prompt.messages):
         raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt is empty")
     chars = sum(len(m.content) for m in prompt.messages) + sum(len(s) for s in prompt.stop)
     if chars > config.max_prompt_chars:

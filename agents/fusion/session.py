@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription
 
 from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
-from moe2.runtime.connection import flush_subscriptions
+from moe2.runtime.connection import flush_subscriptions, publish_or_log
 from moe2.runtime.decoding import (
     Accepted,
     Action,
@@ -148,7 +148,11 @@ class FusionSession:
             queued = (Tick(), "")
             with anyio.move_on_after(deadline - time.monotonic()):
                 queued = await events.receive()
-        return (self._cancel, "") if self._cancel else queued
+        if self._cancel is None:
+            return queued
+        if queued[1]:  # a message that asked for an answer, overtaken by the cancel
+            await self._refuse(queued[1], self._ended())
+        return self._cancel, ""
 
     async def _act(self, actions: list[Action], reply: str = "") -> None:
         """Publish what the machine decided; ``reply``: where the event came from asks for an
@@ -159,20 +163,28 @@ class FusionSession:
                 if data is None or data[0] is not action.message:
                     data = (action.message, wire.encode(action.message))
                 subject = self._expert_subject[type(action.message)](action.expert)
-                await self.nc.publish(subject, data[1])
+                await self._publish(subject, data[1])
             elif isinstance(action, ToClient):
                 if isinstance(action.message, wire.Final):
                     await self._final(action.message)
                 else:
                     await self._reply(action.message)
             elif isinstance(action, Accepted) and self.observe is not None:
-                self.observe(action.slice)
+                try:
+                    self.observe(action.slice)
+                except Exception:  # the costs' bookkeeping must not end the answer
+                    self.log.exception("observe_failed")
             elif isinstance(action, Refused) and reply:
                 await self._refuse(reply, Moe2Error(action.code, action.reason))
 
     async def _refuse(self, reply: str, error: Moe2Error) -> None:
         message = wire.error_from(error, session=self.plan.session, step=self.machine.step)
-        await self.nc.publish(reply, wire.encode(message))
+        await self._publish(reply, wire.encode(message))
+
+    async def _publish(self, subject: str, data: bytes, reply: str = "") -> None:
+        """Publish, logging instead of raising (disconnected, closing, over max_payload): the
+        machine has already moved on, and the rest of its actions must still go out."""
+        await publish_or_log(self.nc, subject, data, reply=reply, logger=self.log)
 
     async def _final(self, final: wire.Final) -> None:
         await self._reply(final)
@@ -181,7 +193,7 @@ class FusionSession:
         if not self.reply:
             return
         reply = self.inbox if isinstance(message, wire.Chunk) else ""
-        await self.nc.publish(self.reply, wire.encode(message), reply=reply)
+        await self._publish(self.reply, wire.encode(message), reply=reply)
 
     # --- subscription callbacks: decode, and queue an event for the loop -------------------------
 
@@ -198,7 +210,9 @@ class FusionSession:
             if msg.reply:
                 await self._refuse(msg.reply, exc)
             return
-        self._queue((Arrived(sender, message), msg.reply or ""))
+        if not self._queue((Arrived(sender, message), msg.reply or "")) and msg.reply:
+            busy = Moe2Error(ErrorCode.BUSY, f"more than {QUEUED_EVENTS} messages queued")
+            await self._refuse(msg.reply, busy)
 
     async def _on_cancel(self, request: Request[wire.Cancel]) -> None:
         cancel = request.message
@@ -219,19 +233,22 @@ class FusionSession:
         self._cancel = self._cancel or Cancelled(reason)
         self._queue((Tick(), ""))  # wake the loop (if the queue is full, it is awake anyway)
 
-    def _queue(self, queued: Queued) -> None:
+    def _queue(self, queued: Queued) -> bool:
+        """Queue an event for the loop; False if it was dropped (queue full, session over)."""
         try:
             self._events.send_nowait(queued)
         except anyio.WouldBlock:
             if not isinstance(queued[0], Tick):
                 self.log.warning("event_dropped", why="queue full", queued=QUEUED_EVENTS)
+            return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass  # the session has ended
+            return False  # the session has ended
+        return True
 
 
-async def _drain(sub: Subscription) -> None:
+async def _drain(sub: Subscription, limit_s: float = 5.0) -> None:
     """Stop the subscription once the messages already delivered to it are handled (bounded)."""
-    with anyio.move_on_after(1.0):
+    with anyio.move_on_after(limit_s):
         try:
             await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
             return
@@ -239,3 +256,8 @@ async def _drain(sub: Subscription) -> None:
             log.debug("drain_failed", exc_info=True)
     with contextlib.suppress(Exception):
         await sub.unsubscribe()
+    # nats-py 2.x marks a drain cut short as closed without removing the subscription or
+    # stopping its task (unsubscribe then refuses): finish that, or the session stays alive.
+    with contextlib.suppress(Exception):
+        sub._stop_processing()
+        sub._conn._remove_sub(sub._id)

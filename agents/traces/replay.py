@@ -30,7 +30,7 @@ from moe2.agents.traces.recorded import (
     open_key,
 )
 from moe2.runtime import wire
-from moe2.runtime.connection import nats_connection
+from moe2.runtime.connection import nats_connection, publish_or_log
 from moe2.runtime.endpoint import (
     Endpoint,
     Request,
@@ -117,7 +117,7 @@ class ReplayExpert:
             sessions=len(self.live),
             interval_s=self.heartbeat_s,
         )
-        await self.nc.publish(self.subjects.member(self.expert), wire.encode(beat))
+        await publish_or_log(self.nc, self.subjects.member(self.expert), wire.encode(beat))
 
     def _endpoint(
         self, verb: str, subject: Callable[[str], str], expects: type[Any], handler: Any
@@ -132,8 +132,7 @@ class ReplayExpert:
             route_errors=session_slice_route(self.subjects, self.expert),
         )
 
-    @property
-    def errors(self) -> Counter[str]:
+    def error_counts(self) -> Counter[str]:
         """Errors answered or logged by this replay expert's endpoints, by code."""
         return error_counts(self.endpoints)
 
@@ -159,6 +158,8 @@ class ReplayExpert:
     async def _open(self, message: wire.Open, tg: TaskGroup) -> None:
         if not valid_token(message.session):
             raise Moe2Error(ErrorCode.INVALID_FIELD, "session must be one subject token")
+        if message.session in self.live:  # as a real expert answers it
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"session {message.session} is already open")
         key = open_key(message)
         recordings = self.recorded.sessions.get(key)
         if not recordings:
@@ -170,7 +171,6 @@ class ReplayExpert:
         await self._answer(message.session, recording, 0, tg)
 
     def _admit(self, session: str, recording: RecordedSession) -> None:
-        self.live.pop(session, None)
         self.live[session] = recording
         while len(self.live) > MAX_LIVE_SESSIONS:  # a fusion agent that never closes
             self.live.pop(next(iter(self.live)))
@@ -198,11 +198,11 @@ class ReplayExpert:
         if delay > 0:
             tg.start_soon(self._publish_later, delay, subject, answer.payload.render(session))
         else:
-            await self.nc.publish(subject, answer.payload.render(session))
+            await publish_or_log(self.nc, subject, answer.payload.render(session))
 
     async def _publish_later(self, delay: float, subject: str, data: bytes) -> None:
         await anyio.sleep(delay)
-        await self.nc.publish(subject, data)
+        await publish_or_log(self.nc, subject, data)
 
     def _error(self, step: int, code: ErrorCode, detail: str) -> Moe2Error:
         """What to raise: the endpoint answers it (reply subject, else the slice subject)."""
