@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -147,7 +147,7 @@ class Endpoint(Generic[M]):
         nc: NATS,
         name: str,
         subject: str,
-        expects: type[M],
+        expects: type[M] | tuple[type[wire.Message], ...],
         handler: Handler[M],
         *,
         queue: str = "",
@@ -155,6 +155,7 @@ class Endpoint(Generic[M]):
         identity: IdentityCheck[M] | None = None,
         route_errors: RouteErrors[M] | None = None,
         concurrency: int | None = None,
+        stats: EndpointStats | None = None,
     ) -> None:
         self.name, self.subject, self.expects = name, subject, expects
         self._handler = handler
@@ -164,7 +165,7 @@ class Endpoint(Generic[M]):
         self._route_errors = route_errors
         self.concurrency = concurrency
         self.in_flight = 0
-        self.stats = EndpointStats(name, subject)
+        self.stats = stats or EndpointStats(name, subject)  # shared: one record, many subjects
         self._nc = nc
         self._log = log.bind(endpoint=name, agent=agent or None)
 
@@ -234,14 +235,14 @@ class Endpoint(Generic[M]):
     def _read(self, msg: Msg) -> M:
         message = wire.decode(msg.data)
         if not isinstance(message, self.expects):
+            expects = self.expects if isinstance(self.expects, tuple) else (self.expects,)
+            carried = " or ".join(str(t.__struct_config__.tag) for t in expects)
             tag = message.__struct_config__.tag
-            raise Moe2Error(
-                ErrorCode.UNKNOWN_TYPE,
-                f"{msg.subject} carries {self.expects.__struct_config__.tag}, not {tag}",
-            )
+            raise Moe2Error(ErrorCode.UNKNOWN_TYPE, f"{msg.subject} carries {carried}, not {tag}")
+        typed = cast(M, message)  # one of the expected types, checked just above
         if self._identity is not None:
-            self._identity(msg.subject, message)
-        return message
+            self._identity(msg.subject, typed)
+        return typed
 
     async def _fail(self, msg: Msg, message: M | None, exc: Moe2Error) -> None:
         """Count the error and send it where it belongs (or log it where nobody is asking)."""

@@ -276,6 +276,14 @@ async def test_bad_messages_with_a_reply_subject_on_session_subjects_get_errors(
                 assert reply.code == code, (subject, data)
                 assert reply.session in (sid, ""), reply  # "" when the cancel did not decode
             assert not any(s.closes for s in b.seen.values())  # the session runs on
+            slices, cancels = b.agent.endpoint_stats()[2:]
+            assert dict(cancels.errors) == {"malformed": 1, "invalid_field": 1, "unknown_type": 1}
+            assert dict(slices.errors) == {
+                "malformed": 1,
+                "invalid_field": 1,
+                "not_in_session": 1,
+                "wrong_step": 1,
+            }
             await nc.publish(s.cancel(sid), wire.encode(wire.Cancel(session=sid)))
             await b.closed("cancelled")
 

@@ -13,11 +13,11 @@ from nats.aio.client import Client as NATS
 from moe2.agents.fusion.config import FusionConfig
 from moe2.agents.fusion.membership import Membership, same_tokenizer
 from moe2.agents.fusion.reselection import Reselector
-from moe2.agents.fusion.session import FusionSession, SessionPlan
+from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPlan
 from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
-from moe2.runtime.endpoint import Endpoint, Request, publisher_named_by
+from moe2.runtime.endpoint import Endpoint, EndpointStats, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
@@ -51,6 +51,7 @@ class FusionAgent:
         self.prompt_endpoint = Endpoint(
             nc, "prompt", self.subjects.prompt, wire.Prompt, self._on_prompt, queue=FUSION_QUEUE
         )
+        self.session_counters = SessionCounters.of(self.subjects)
         self.members_endpoint = Endpoint(
             nc,
             "members",
@@ -59,6 +60,16 @@ class FusionAgent:
             self._on_heartbeat,
             identity=publisher_named_by("expert"),
         )
+
+    def endpoint_stats(self) -> list[EndpointStats]:
+        """Every subject this agent serves, its sessions' slice and cancel subjects included."""
+        counters = self.session_counters
+        return [
+            self.prompt_endpoint.stats,
+            self.members_endpoint.stats,
+            counters.slices,
+            counters.cancels,
+        ]
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -117,7 +128,15 @@ class FusionAgent:
             plan = await self._plan(prompt)
             observe = self.live_selection.observe if self.live_selection is not None else None
             await FusionSession(
-                self.nc, self.subjects, self.config, plan, reply, started, observe, ended
+                self.nc,
+                self.subjects,
+                self.config,
+                plan,
+                reply,
+                started,
+                observe,
+                ended,
+                self.session_counters,
             ).run()
         except Moe2Error as exc:
             ended()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 import structlog
@@ -37,7 +38,7 @@ from moe2.runtime.decoding import (
     ToClient,
     ToExpert,
 )
-from moe2.runtime.endpoint import Endpoint, Request
+from moe2.runtime.endpoint import Endpoint, EndpointStats, ErrorRoute, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects
 
@@ -47,6 +48,22 @@ QUEUED_EVENTS = 1024  # per session; beyond it new ones are dropped and logged (
 Queued = tuple[Event, str]  # an event and the reply subject of the message it came in (or "")
 
 __all__ = ["FusionSession", "SessionPlan", "decode_settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounters:
+    """The endpoint counters every session of one agent adds to: its slice and cancel
+    subjects are new per session, their statistics are the agent's."""
+
+    slices: EndpointStats
+    cancels: EndpointStats
+
+    @classmethod
+    def of(cls, subjects: Subjects) -> SessionCounters:
+        return cls(
+            EndpointStats("slice", subjects.session_slices("*")),
+            EndpointStats("cancel", subjects.cancel("*")),
+        )
 
 
 def decode_settings(config: FusionConfig) -> DecodeSettings:
@@ -72,10 +89,25 @@ class FusionSession:
         started: float,
         observe: Callable[[wire.Slice], None] | None = None,
         ended: Callable[[], None] | None = None,
+        counters: SessionCounters | None = None,
     ) -> None:
         self.nc, self.subjects, self.plan, self.reply = nc, subjects, plan, reply
         self.observe = observe  # sees every accepted slice (live selection's costs)
         self.ended = ended  # called once the client has its last message, before the clean-up
+        counters = counters or SessionCounters.of(subjects)
+        sid = plan.session
+        self._slices = Endpoint(
+            nc,
+            "slice",
+            subjects.session_slices(sid),
+            (wire.Slice, wire.Error),
+            self._on_slice,
+            route_errors=self._about_session,
+            stats=counters.slices,
+        )
+        self._cancels = Endpoint(
+            nc, "cancel", subjects.cancel(sid), wire.Cancel, self._on_cancel, stats=counters.cancels
+        )
         self.machine = Decoding(plan, decode_settings(config), started)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
         self.log = log.bind(session=plan.session)
@@ -93,13 +125,9 @@ class FusionSession:
 
     async def run(self) -> None:
         self._events, events = anyio.create_memory_object_stream[Queued](QUEUED_EVENTS)
-        sid = self.plan.session
-        cancel = Endpoint(
-            self.nc, "cancel", self.subjects.cancel(sid), wire.Cancel, self._on_cancel
-        )
         subs = [
-            await self.nc.subscribe(self.subjects.session_slices(sid), cb=self._on_slice),
-            await cancel.subscribe(),
+            await self._slices.subscribe(),
+            await self._cancels.subscribe(),
             await self.nc.subscribe(self.inbox, cb=self._on_inbox),
         ]
         await flush_subscriptions(self.nc)  # before any Open: slice 0 must find the subscription
@@ -177,9 +205,13 @@ class FusionSession:
             elif isinstance(action, Refused) and reply:
                 await self._refuse(reply, Moe2Error(action.code, action.reason))
 
+    def _about_session(self, _: object) -> ErrorRoute:
+        """Errors answered on the session's subjects name the session and its current step."""
+        return ErrorRoute("", self.plan.session, self.machine.step)
+
     async def _refuse(self, reply: str, error: Moe2Error) -> None:
-        message = wire.error_from(error, session=self.plan.session, step=self.machine.step)
-        await self._publish(reply, wire.encode(message))
+        """Answer a message the machine did not take (counted with the slice subject's)."""
+        await self._slices.reply_error(reply, error, self._about_session(None))
 
     async def _publish(self, subject: str, data: bytes, reply: str = "") -> None:
         """Publish, logging instead of raising (disconnected, closing, over max_payload): the
@@ -197,22 +229,14 @@ class FusionSession:
 
     # --- subscription callbacks: decode, and queue an event for the loop -------------------------
 
-    async def _on_slice(self, msg: Msg) -> None:
-        sender = self.subjects.expert_of_slice(msg.subject)
+    async def _on_slice(self, request: Request[wire.Slice | wire.Error]) -> None:
+        """Queue what an expert sent for the loop; what does not decode (rule 1 of §6) or comes
+        after the end never gets here or is refused: the endpoint answers or logs it."""
         if self.machine.finished:
-            if msg.reply:
-                await self._refuse(msg.reply, self._ended())
-            return
-        try:
-            message = wire.decode(msg.data)
-        except Moe2Error as exc:  # rule 1 of §6: logged and dropped (answered if asked)
-            self.log.warning("bad_slice", code=str(exc.code), expert=sender, error=exc.message)
-            if msg.reply:
-                await self._refuse(msg.reply, exc)
-            return
-        if not self._queue((Arrived(sender, message), msg.reply or "")) and msg.reply:
-            busy = Moe2Error(ErrorCode.BUSY, f"more than {QUEUED_EVENTS} messages queued")
-            await self._refuse(msg.reply, busy)
+            raise self._ended()
+        sender = self.subjects.expert_of_slice(request.subject)
+        if not self._queue((Arrived(sender, request.message), request.reply)):
+            raise Moe2Error(ErrorCode.BUSY, f"more than {QUEUED_EVENTS} messages queued")
 
     async def _on_cancel(self, request: Request[wire.Cancel]) -> None:
         cancel = request.message
