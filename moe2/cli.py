@@ -138,6 +138,10 @@ def fusion(
         list[str] | None, typer.Option(help="SMO delay limit APP=SECONDS; repeatable.")
     ] = None,
     energy: Annotated[float | None, typer.Option(help="SMO energy budget, J/answer.")] = None,
+    fusion_path: Annotated[
+        str | None,
+        typer.Option(help="auto (by id for one tokenizer, else by bytes), bytes, or ids."),
+    ] = None,
     prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
@@ -161,6 +165,7 @@ def fusion(
             profiles=tuple(profiles) if profiles else None,
             tau_s=limits,
             energy_j=energy,
+            fusion_path=fusion_path,
         )
         await serve_fusion(nats_url, cfg)
 

@@ -15,12 +15,15 @@ clock moved on, the client cancelled — and answers each with actions: messages
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import structlog
 
 from moe2.runtime import wire
+from moe2.runtime.byte_fusion import PieceSlice, Vocabulary, fuse_bytes
 from moe2.runtime.deadline import LateTracker
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.fusion import ExpertSlice, fuse
@@ -41,8 +44,16 @@ class SessionPlan:
     prompt: wire.Prompt
     experts: list[str]  # highest gating weight first
     weights: list[float]
-    vocab_size: int
+    vocab_size: int  # the id path's V and eos ids (every expert shares one tokenizer)
     eos_ids: frozenset[int]
+    # "ids": fuse by token id (one tokenizer); "bytes": fuse the pieces (docs/protocol.md §7)
+    fusion_path: Literal["ids", "bytes"] = "ids"
+    vocabularies: Mapping[str, Vocabulary] = field(default_factory=dict)  # per expert
+
+    def vocabulary(self, expert: str) -> Vocabulary:
+        """The expert's own vocabulary; the session's when the plan names none."""
+        own = self.vocabularies.get(expert)
+        return own if own is not None else Vocabulary("", self.vocab_size, self.eos_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +143,15 @@ class StepWait:
     slices: dict[str, wire.Slice] = field(default_factory=dict)
     errors: dict[str, wire.Error] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # expert -> its first refusal's code
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """What one step chose: the bytes the answer grows by, and an id for ``Chunk.tokens``."""
+
+    token: int  # byte path: the id under which the first slice (session order) listed it
+    piece: bytes
+    eos: bool
 
 
 class _ContextFull(Exception):
@@ -271,7 +291,7 @@ class Decoding:
         if s.step > w.step or sender not in w.waiting:
             return str(ErrorCode.WRONG_STEP)
         try:
-            wire.check_slice(s, self.plan.vocab_size)
+            wire.check_slice(s, self.plan.vocabulary(sender).size)
         except Moe2Error as exc:
             return str(exc.code)
         return None
@@ -329,39 +349,62 @@ class Decoding:
         )
 
     def _advance(self, w: StepWait, now: float, out: list[Action]) -> None:
-        token, piece = self._choose(w)
-        self.tokens.append(token)
+        slices = [w.slices[e] for e in self.plan.experts if e in w.slices]
+        choice = self._by_bytes(slices) if self.plan.fusion_path == "bytes" else self._by_id(slices)
+        self.tokens.append(choice.token)
         self._chosen_at = now
-        if token in self.plan.eos_ids:
+        if choice.eos:
             self._finish("eos", now, out)
             return
-        self._pending.append(token)
-        if delta := self.text.push(piece):
+        self._pending.append(choice.token)
+        if delta := self.text.push(choice.piece):
             self._chunk(delta, now, out)
         if self.text.stopped:
             self._finish("stop", now, out)
         elif len(self.tokens) == self.plan.prompt.max_tokens:
             self._finish("length", now, out)
         else:
-            step = wire.Step(session=self.plan.session, step=w.step + 1, token=token)
-            out += [ToExpert(e, step) for e in self.active]
+            out += [ToExpert(e, self._step_message(w.step + 1, choice)) for e in self.active]
             deadline = now + self.settings.step_deadline_s
             self._wait = StepWait(w.step + 1, now, deadline, set(self.active))
 
-    def _choose(self, w: StepWait) -> tuple[int, bytes]:
+    def _step_message(self, step: int, choice: Choice) -> wire.Step:
+        """The id path sends the id; the byte path the bytes, with token -1 (§4)."""
+        if self.plan.fusion_path == "bytes":
+            return wire.Step(session=self.plan.session, step=step, token=-1, text=choice.piece)
+        return wire.Step(session=self.plan.session, step=step, token=choice.token)
+
+    def _by_bytes(self, slices: list[wire.Slice]) -> Choice:
+        """Fuse the pieces of this step's slices (§7, the byte path) and sample a candidate."""
+        dist = fuse_bytes(
+            [
+                PieceSlice(
+                    s.ids_array(),
+                    np.exp(s.logprobs_array().astype(np.float64)),
+                    s.rest,
+                    s.pieces,
+                    self.plan.vocabulary(s.expert),
+                )
+                for s in slices
+            ],
+            [self.weight[s.expert] for s in slices],
+        )
+        at = self.sampler.choose_index(dist)
+        return Choice(dist.tokens[at], dist.candidates[at], dist.is_eos(at))
+
+    def _by_id(self, slices: list[wire.Slice]) -> Choice:
         """Fuse this step's slices (eq. 28-29), sample an id, and take its bytes from the first
         expert of the session that lists it."""
-        slices = [w.slices[e] for e in self.plan.experts if e in w.slices]
         dist = fuse(
             [ExpertSlice(s.ids_array(), s.logprobs_array(), s.rest) for s in slices],
             [self.weight[s.expert] for s in slices],
             self.plan.vocab_size,
         )
         at = self.sampler.choose_index(dist)
-        first = int(dist.source[at])
+        token, first = int(dist.ids[at]), int(dist.source[at])
         for s in slices:
             if first < len(s.pieces):
-                return int(dist.ids[at]), s.pieces[first]
+                return Choice(token, s.pieces[first], token in self.plan.eos_ids)
             first -= len(s.pieces)
         raise AssertionError("a fused id always comes from some slice")
 

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from moe2.runtime.fusion import FusedDistribution
+
+
+class CandidateValues(Protocol):
+    """What the sampler reads: one fused value per candidate, candidates in tie-break order
+    (ids ascending on the id path, bytes ascending on the byte path)."""
+
+    @property
+    def probs(self) -> npt.NDArray[np.float64]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +42,10 @@ class TokenSampler:
     def choose(self, dist: FusedDistribution) -> int:
         return int(dist.ids[self.choose_index(dist)])
 
-    def choose_index(self, dist: FusedDistribution) -> int:
-        """The position in ``dist`` of the chosen token."""
+    def choose_index(self, dist: CandidateValues) -> int:
+        """The position in ``dist`` of the chosen token (or byte candidate)."""
         if self.params.temperature == 0:
-            return int(np.argmax(dist.probs))  # ties go to the lowest id
+            return int(np.argmax(dist.probs))  # ties go to the first: the lowest id or bytes
         p = tempered(dist.probs, self.params.temperature)
         order = np.argsort(-p, kind="stable")
         if self.params.top_p < 1:

@@ -59,11 +59,16 @@ class Open(_Message, frozen=True, tag="moe2.v1.open"):
 
 
 class Step(_Message, frozen=True, tag="moe2.v1.step"):
-    """Fusion -> expert: ``token`` was chosen at ``step - 1``; publish the slice for ``step``."""
+    """Fusion -> expert: ``token`` was chosen at ``step - 1``; publish the slice for ``step``.
+
+    In a session whose experts' tokenizers differ, ``text`` carries the chosen bytes instead and
+    ``token`` is -1: the expert appends the bytes through its own tokenizer (docs/protocol.md §5).
+    """
 
     session: str
     step: int
     token: int
+    text: bytes | None = None  # the chosen candidate's bytes (byte path); None: append ``token``
 
 
 class Close(_Message, frozen=True, tag="moe2.v1.close"):

@@ -33,6 +33,8 @@ class Script:
     heartbeat_s: float = 0.2
     compute_s: float = 0.001  # what its slices report as measured compute time
     served: list[str] = field(default_factory=list)  # sessions opened here
+    tokenizer: str = "bytes"  # the identity it announces (another one forces the byte path)
+    steps: list[wire.Step] = field(default_factory=list)  # every Step received
 
 
 class ScriptedExpert:
@@ -65,7 +67,7 @@ class ScriptedExpert:
             hb = wire.Heartbeat(
                 expert=self.expert,
                 model="scripted",
-                tokenizer="bytes",
+                tokenizer=self.script.tokenizer,
                 backend="script",
                 vocab_size=VOCAB,
                 eos_ids=[0],
@@ -91,6 +93,7 @@ class ScriptedExpert:
                 return
             await self._slice(msg.session, 0)
         elif isinstance(msg, wire.Step):
+            self.script.steps.append(msg)
             await self._slice(msg.session, msg.step)
 
     async def _slice(self, session: str, step: int) -> None:

@@ -501,6 +501,9 @@ class FailingDecode:
     def decode(self, session: str, token: int, top_k: int) -> TopK:
         raise RuntimeError("the accelerator caught fire")
 
+    def rewrite(self, session: str, ids: Any, top_k: int) -> TopK:
+        raise RuntimeError("the accelerator caught fire")
+
     def release(self, session: str) -> None:
         self.inner.release(session)
 

@@ -77,6 +77,36 @@ async def test_the_fused_choice_follows_the_weighted_majority(nats_url: str) -> 
     assert final.text == "bbbb"
 
 
+@pytest.mark.parametrize(
+    ("fusion_path", "expected_path"),
+    [("auto", "bytes"), ("bytes", "bytes"), ("ids", "ids")],
+)
+async def test_experts_of_another_tokenizer_are_fused_by_bytes_unless_ids_is_asked_for(
+    nats_url: str, fusion_path: str, expected_path: str
+) -> None:
+    """Membership keeps experts whose tokenizers differ (§10): the session fuses them by bytes
+    and every Step carries the chosen text; with fusion_path "ids" only one tokenizer's experts
+    answer, as before."""
+    scripts = {
+        "a": Script(text=b"mined", tokenizer="bytes:00"),
+        "b": Script(text=b"mined", tokenizer="other:11"),
+        "c": Script(text=b"mined", tokenizer="other:11"),
+    }
+    async with bus(nats_url, scripts, fusion_path=fusion_path) as (client, _):
+        with anyio.fail_after(10):
+            final = await client.ask("x", max_tokens=16).collect()
+    assert (final.text, final.finish_reason) == ("mined", "eos")
+    steps = [s for script in scripts.values() for s in script.steps]
+    if expected_path == "bytes":
+        assert final.experts == ["a", "b", "c"]
+        assert {(s.token, s.text) for s in steps if s.step == 1} == {(-1, b"m")}
+        assert len(steps) == 3 * len("mined")
+    else:
+        assert final.experts == ["b", "c"]  # the most common tokenizer
+        assert not scripts["a"].steps
+        assert {(s.token, s.text) for s in steps if s.step == 1} == {(ord("m"), None)}
+
+
 async def test_stop_strings_and_max_tokens_end_the_answer(nats_url: str) -> None:
     async with bus(nats_url, {"a": Script(text=b"one. two. three.")}) as (client, _):
         with anyio.fail_after(10):

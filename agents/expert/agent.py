@@ -8,7 +8,10 @@ another type than its subject carries is ``unknown_type``.
   template) and publishes slice 0 on ``<prefix>.v1.session.<sid>.slice.<id>``, with
   ``prompt_tokens`` set.
 - ``Step(step=s, token=t)`` appends ``t`` and publishes slice ``s``; ``s`` must be one more than
-  the last slice published, or the reply is ``wrong_step`` and nothing advances.
+  the last slice published, or the reply is ``wrong_step`` and nothing advances. A ``Step`` with
+  ``text`` (a session fused by bytes) appends those bytes through this expert's tokenizer: the
+  answer's bytes are tokenised again (``answer_tokens``), and the KV cache is cut back to the
+  head the new tokens share with the old and fed the rest (``Backend.rewrite``).
 - ``Close`` frees the KV cache; so does ``idle_timeout_s`` without a message for the session.
 - ``Score`` (request/reply, no session) builds the prompt as ``Open`` does, scores each target by
   teacher forcing and replies ``Scored``, or ``Error``, to the request's reply subject. A Score
@@ -42,8 +45,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -52,6 +55,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 
+from moe2.agents.expert.answer_tokens import AnswerTokenizer
 from moe2.agents.expert.backends import Backend, PrefixCache, TopK, load_backend
 from moe2.agents.expert.backends.base import common_prefix
 from moe2.agents.expert.config import ExpertConfig, ExpertStats
@@ -91,6 +95,8 @@ class _Session:
     top_k: int = 0
     prompt_tokens: int = 0
     next_step: int = 0  # the step of the next slice; 0 until the prefill is done
+    prompt_ids: list[int] = field(default_factory=list)
+    answer: bytes = b""  # the answer's bytes so far: the pieces of its tokens, or the texts
 
 
 class ExpertAgent:
@@ -338,14 +344,14 @@ class ExpertAgent:
 
     async def _open(self, session: _Session, open_: wire.Open) -> None:
         prefill = partial(self._encode_and_prefill, session.id, open_.messages, session.top_k)
-        top, prompt_tokens, reading = await self._in_worker(prefill)
-        session.prompt_tokens = prompt_tokens
+        top, session.prompt_ids, reading = await self._in_worker(prefill)
+        session.prompt_tokens = len(session.prompt_ids)
         session.next_step = 1
         await self._publish_slice(session, 0, top, reading)
 
     def _encode_and_prefill(
         self, session: str, messages: Sequence[wire.ChatMessage], top_k: int
-    ) -> tuple[TopK, int, Reading]:
+    ) -> tuple[TopK, list[int], Reading]:
         """Runs in the worker thread."""
         ids = self._prompt_ids(messages)
         if len(ids) >= self.max_context:
@@ -357,12 +363,11 @@ class ExpertAgent:
         with self.meter.measure() as reading:
             top = self._backend.prefill(session, ids, top_k, self._context_head)
         self.stats.note_prefill(reading.compute_s, prefilled_tokens(ids, self._context_head))
-        return top, len(ids), reading
+        return top, ids, reading
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
         self._check_step(session, step)
-        decode = partial(self._timed_decode, session.id, step.token, session.top_k)
-        top, reading = await self._in_worker(decode)
+        top, reading = await self._in_worker(partial(self._timed_decode, session, step))
         session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
         self.stats.note_decode(reading.compute_s)
         await self._publish_slice(session, step.step, top, reading)
@@ -372,6 +377,10 @@ class ExpertAgent:
             raise Moe2Error(
                 ErrorCode.WRONG_STEP, f"expected step {session.next_step}, got {step.step}"
             )
+        if step.text is not None:
+            if not step.text:
+                raise Moe2Error(ErrorCode.INVALID_FIELD, "a step's text must not be empty")
+            return  # its length in tokens is known once it is tokenised (_append)
         if not 0 <= step.token < self.info.vocab_size:
             raise Moe2Error(
                 ErrorCode.INVALID_FIELD,
@@ -384,10 +393,36 @@ class ExpertAgent:
                 f"tokens reach this expert's {self.max_context}-token context",
             )
 
-    def _timed_decode(self, session: str, token: int, top_k: int) -> tuple[TopK, Reading]:
+    def _timed_decode(self, session: _Session, step: wire.Step) -> tuple[TopK, Reading]:
+        """Worker thread: append the step's token, or its text (§5), and decode."""
+        if step.text is not None:
+            return self._append(session, step.text)
         with self.meter.measure() as reading:
-            top = self._backend.decode(session, token, top_k)
+            top = self._backend.decode(session.id, step.token, session.top_k)
+        session.answer += self._backend.token_bytes[step.token]
         return top, reading
+
+    def _append(self, session: _Session, text: bytes) -> tuple[TopK, Reading]:
+        """The byte path: tokenise the answer's bytes again, cut the cache back to the head
+        the new tokens share with the old, feed the rest (docs/protocol.md §5)."""
+        with self.meter.measure() as reading:
+            answer = session.answer + text
+            ids = [*session.prompt_ids, *self.answer_tokenizer.ids(answer)]
+            if len(ids) >= self.max_context:
+                raise Moe2Error(
+                    ErrorCode.PROMPT_TOO_LONG,
+                    f"the context is full: {session.prompt_tokens} prompt and "
+                    f"{len(ids) - session.prompt_tokens} answer tokens reach this expert's "
+                    f"{self.max_context}-token context",
+                )
+            top = self._backend.rewrite(session.id, ids, session.top_k)
+        session.answer = answer
+        return top, reading
+
+    @cached_property
+    def answer_tokenizer(self) -> AnswerTokenizer:
+        """The byte path's tokenisation of answers (built on first use, in the worker)."""
+        return AnswerTokenizer(self._backend.encode, self._backend.token_bytes)
 
     # --- Score: request/reply, no session --------------------------------------------------------
 

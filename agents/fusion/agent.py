@@ -11,7 +11,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 
 from moe2.agents.fusion.config import FusionConfig
-from moe2.agents.fusion.membership import Membership, same_tokenizer
+from moe2.agents.fusion.membership import Membership, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
 from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPlan
 from moe2.gating import Gate, UniformGate, top_k_experts
@@ -150,7 +150,9 @@ class FusionAgent:
 
     async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
         live = await self._live_experts()
-        allowed = same_tokenizer(live, self.selector.select(sorted(live)))
+        allowed = self.selector.select(sorted(live))
+        if self.config.fusion_path == "ids":  # today's rule: one tokenizer, the most common
+            allowed = same_tokenizer(live, allowed)
         if not allowed:
             why = "no live expert may serve this prompt"
             if self.live_selection is not None and self.live_selection.choice.error:
@@ -163,6 +165,8 @@ class FusionAgent:
         k = prompt.experts or self.config.experts_per_prompt
         experts, weights = top_k_experts([e for e, _ in gated], [v for _, v in gated], k)
         first = live[experts[0]]
+        vocabularies = {e: vocabulary_of(live[e]) for e in experts}
+        one = len({v.tokenizer for v in vocabularies.values()}) == 1
         return SessionPlan(
             session=uuid.uuid4().hex,
             prompt=prompt,
@@ -170,6 +174,8 @@ class FusionAgent:
             weights=weights,
             vocab_size=first.vocab_size,
             eos_ids=frozenset(first.eos_ids),
+            fusion_path="ids" if one and self.config.fusion_path != "bytes" else "bytes",
+            vocabularies=vocabularies,
         )
 
     async def _live_experts(self) -> dict[str, wire.Heartbeat]:

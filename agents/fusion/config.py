@@ -9,6 +9,8 @@ from typing import Any
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
+FUSION_PATHS = ("auto", "bytes", "ids")
+
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -34,9 +36,17 @@ class FusionConfig:
     energy_j: float | None = None  # energy budget per answer (eq. 12)
     select_eps: float = 1e-4  # SMO's ε, nats per gold token
     drift: float = 0.25  # re-select when an expert's measured decode time drifts this much
+    # how a session fuses (docs/protocol.md §7, §10): "auto" by token id when its experts share
+    # one tokenizer, else by bytes; "bytes" always by bytes; "ids" only experts of one tokenizer
+    fusion_path: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profiles", tuple(self.profiles))  # a TOML list is welcome
+        if self.fusion_path not in FUSION_PATHS:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"fusion_path must be one of {', '.join(FUSION_PATHS)}, not {self.fusion_path!r}",
+            )
         if self.missed_heartbeats < 1:
             raise Moe2Error(ErrorCode.INVALID_FIELD, "missed_heartbeats must be >= 1")
         if self.outputs is not None and self.gate is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from moe2.runtime.byte_fusion import Vocabulary
 from moe2.runtime.wire import Heartbeat
 
 
@@ -38,8 +39,14 @@ class Membership:
         return gone
 
 
+def vocabulary_of(heartbeat: Heartbeat) -> Vocabulary:
+    """What a session needs of an expert's tokenizer: its identity, V and eos ids."""
+    return Vocabulary(heartbeat.tokenizer, heartbeat.vocab_size, frozenset(heartbeat.eos_ids))
+
+
 def same_tokenizer(live: dict[str, Heartbeat], candidates: list[str]) -> list[str]:
-    """Keep the candidates that share the most common tokenizer (id-level fusion needs one)."""
+    """Keep the candidates that share the most common tokenizer (``fusion_path = "ids"``: a
+    session that fuses by token id only; the other paths keep every candidate)."""
     if not candidates:
         return []
     counts = Counter(live[e].tokenizer for e in candidates)

@@ -54,7 +54,7 @@ class RecordedSession:
     expert: str
     session: str  # the recorded session id
     answers: Mapping[int, RecordedAnswer]  # step -> answer
-    tokens: Mapping[int, int]  # step -> the token the fusion agent sent with Step(step)
+    tokens: Mapping[int, int | bytes]  # step -> what Step(step) appended: its token or text
 
 
 @dataclass(slots=True)
@@ -68,6 +68,11 @@ class RecordedExpert:
         return sum(len(v) for v in self.sessions.values())
 
 
+def appended(step: wire.Step) -> int | bytes:
+    """What a Step appends: its text on the byte path, else its token."""
+    return step.token if step.text is None else step.text
+
+
 def open_key(message: wire.Open) -> OpenKey:
     return (msgspec.msgpack.encode(message.messages), message.top_k, message.max_tokens)
 
@@ -76,7 +81,7 @@ def open_key(message: wire.Open) -> OpenKey:
 class _Draft:
     key: OpenKey
     answers: dict[int, wire.Slice | wire.Error] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
+    tokens: dict[int, int | bytes] = field(default_factory=dict)
     last_step: int = 0
 
 
@@ -110,7 +115,7 @@ class _TraceIndex:
         elif isinstance(message, wire.Step) and (
             draft := self.drafts.get((expert, message.session))
         ):
-            draft.tokens[message.step] = message.token
+            draft.tokens[message.step] = appended(message)
             draft.last_step = message.step
 
     def _from_expert(self, expert: str, session: str, message: wire.Message) -> None:

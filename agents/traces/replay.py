@@ -26,6 +26,7 @@ from moe2.agents.traces.recorded import (
     RecordedAnswer,
     RecordedExpert,
     RecordedSession,
+    appended,
     load_recorded_experts,
     open_key,
 )
@@ -181,8 +182,8 @@ class ReplayExpert:
         recording = self.live.get(message.session)
         if recording is None:
             raise self._error(message.step, ErrorCode.UNKNOWN_SESSION, "")
-        elif recording.tokens.get(message.step) != message.token:
-            why = f"recorded token {recording.tokens.get(message.step)}, got {message.token}"
+        elif recording.tokens.get(message.step) != appended(message):
+            why = f"recorded {recording.tokens.get(message.step)!r}, got {appended(message)!r}"
             raise self._error(message.step, ErrorCode.TRACE_DIVERGED, why)
         else:
             await self._answer(message.session, recording, message.step, tg)

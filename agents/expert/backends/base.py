@@ -125,6 +125,12 @@ class Backend(Protocol):
         """Append ``token`` to ``session`` and return the next token's top-k."""
         ...
 
+    def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
+        """Make ``session`` hold exactly ``ids`` (its prompt, then its answer) and return the
+        next token's top-k: keep the cached head ``ids`` shares with what it holds, cut the
+        rest, feed the new tail (the byte path's append, docs/protocol.md §5)."""
+        ...
+
     def release(self, session: str) -> None:
         """Free the session's KV cache; a no-op for an unknown session."""
         ...

@@ -36,7 +36,12 @@ from moe2.agents.expert.backends.base import (
     sentencepiece_bytes,
     tokenizer_identity,
 )
-from moe2.agents.expert.backends.transformers_scoring import copied_cache, reusable, score_targets
+from moe2.agents.expert.backends.transformers_scoring import (
+    copied_cache,
+    cut_cache,
+    reusable,
+    score_targets,
+)
 from moe2.agents.expert.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
@@ -55,6 +60,7 @@ class TransformersBackend:
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._caches: dict[str, Any] = {}
+        self._ids: dict[str, list[int]] = {}  # per session: the ids its cache holds
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._token_bytes = build_token_bytes(tokenizer, vocab_size)
         self._info = BackendInfo(
@@ -108,6 +114,7 @@ class TransformersBackend:
     ) -> TopK:
         self._caches.pop(session, None)
         logits, self._caches[session] = self._prefill(list(prompt_ids), prefix)
+        self._ids[session] = [int(i) for i in prompt_ids]
         return top_k_of(logits, top_k)
 
     def score(
@@ -129,10 +136,24 @@ class TransformersBackend:
         if session not in self._caches:
             raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
         logits, self._caches[session] = self._forward([token], self._caches[session])
+        self._ids[session].append(int(token))
+        return top_k_of(logits, top_k)
+
+    def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
+        if session not in self._caches:
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        new, held = [int(i) for i in ids], self._ids.pop(session)
+        keep = min(common_prefix(held, new), len(new) - 1)
+        past = self._caches.pop(session)
+        if not cut_cache(past, len(held) - keep):  # sliding-window layers past their window
+            past, keep = None, 0
+        logits, self._caches[session] = self._forward(new[keep:], past)
+        self._ids[session] = new
         return top_k_of(logits, top_k)
 
     def release(self, session: str) -> None:
         self._caches.pop(session, None)
+        self._ids.pop(session, None)
 
     def _prefill(self, ids: list[int], prefix: PrefixCache | None) -> tuple[torch.Tensor, Any]:
         """The last position's logits and the cache, from a copy of ``prefix``'s shared head."""

@@ -45,6 +45,18 @@ def copied_cache(cache: Any, length: int, batch: int = 1) -> DynamicCache:
     return DynamicCache(data)
 
 
+def cut_cache(cache: Any, remove: int) -> bool:
+    """Drop the last ``remove`` positions of ``cache`` in place; False if it cannot be cut (a
+    sliding-window layer past its window keeps no older positions): recompute it then."""
+    if remove <= 0:
+        return True
+    try:
+        cache.crop(-remove)
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 def score_targets(
     model: Any, last: torch.Tensor, past: Any, targets: Sequence[list[int]], top_k: int
 ) -> list[TargetLogprobs]:
