@@ -242,6 +242,25 @@ def test_the_doc_names_every_field_of_every_message() -> None:
     assert not missing, f"docs/protocol.md does not mention {missing}"
 
 
+def test_each_message_section_has_a_table_row_for_each_of_its_fields() -> None:
+    """Stricter than a mention anywhere: ``### `moe2.v1.step` …`` lists every field of Step in its
+    own table (a field added to the code must be added to its message's table)."""
+    sections = re.split(r"^### ", doc_text(), flags=re.MULTILINE)
+    tagged = [t for t in (wire.Prompt, wire.Open, wire.Step, wire.Close, wire.Cancel, wire.Slice,
+                          wire.Heartbeat, wire.Chunk, wire.Final, wire.Score, wire.Scored,
+                          wire.SubsetAnnouncement, wire.Error)]  # fmt: skip
+    missing = []
+    for struct in tagged:
+        tag = struct.__struct_config__.tag
+        (section,) = [s for s in sections if s.startswith(f"`{tag}`")]
+        missing += [
+            f"{tag}.{f.name}"
+            for f in msgspec.structs.fields(struct)
+            if f"| `{f.name}` |" not in section
+        ]
+    assert not missing, f"docs/protocol.md's message tables lack {missing}"
+
+
 def test_the_doc_names_every_subject_as_the_code_builds_it() -> None:
     doc = doc_text()
     s = Subjects()
