@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -62,7 +63,13 @@ def expert(
     ),
     nats_url: NatsUrl = DEFAULT_URL,
     top_k: Annotated[int, typer.Option(help="Ids per slice (K).")] = 32,
-    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="torch threads. 1 suits a box that hosts several experts (torch's own default, "
+            "every core per process, oversubscribes it); 0: torch's default, for a box with one."
+        ),
+    ] = 1,
     max_context: Annotated[int | None, typer.Option(help="Longest prompt+answer, tokens.")] = None,
     power_w: Annotated[float, typer.Option(help="Declared power draw for energy.")] = 15.0,
     device_name: Annotated[
@@ -94,6 +101,9 @@ def expert(
 ) -> None:
     """Serve one model as an expert agent."""
     configure_logging(log_level, json=json_logs)
+    # transformers warns at every decode step that ``past_key_values`` is deprecated (the
+    # backend's per-session KV caches go through it): once per process is enough.
+    warnings.filterwarnings("once", message=".*past_key_values.*", category=FutureWarning)
     from moe2.agents.expert.agent import ExpertConfig, serve_expert
     from moe2.runtime.contexts import load_context
 
@@ -103,7 +113,7 @@ def expert(
             expert_id=id,
             model=model,
             top_k=top_k,
-            threads=threads,
+            threads=threads or None,
             max_context=max_context,
             prefix=prefix,
             device={"name": device_name, "power_w": power_w},

@@ -53,6 +53,9 @@ def pool(
     out: Annotated[Path, typer.Option("--out", help="Directory for the context files.")],
     seed: Annotated[int, typer.Option(help="Seed of the worked-example choice.")] = 0,
     shots: Annotated[int, typer.Option(help="Worked examples per expert.")] = 5,
+    nats_url: Annotated[
+        str, typer.Option("--nats", help="The bus the printed expert commands join.")
+    ] = "nats://127.0.0.1:4222",
 ) -> None:
     """Write one few-shot context per MMLU group (stem, humanities, social_sciences, other)."""
     from moe2.gating.data import load_examples
@@ -64,7 +67,7 @@ def pool(
         paths = write_pool(built, out, source=str(mmlu), seed=seed)
     typer.echo(f"wrote {len(paths)} expert contexts and {out / 'pool.json'}; start the experts:")
     for group, path in zip(built, paths, strict=True):
-        typer.echo(f"moe2 expert --id {group} --context {path}")
+        typer.echo(f"moe2 expert --id {group} --context {path} --nats {nats_url} &")
 
 
 # ---------------------------------------------------------------------------------------------

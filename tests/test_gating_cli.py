@@ -73,7 +73,8 @@ def test_pool_writes_one_context_per_group_and_prints_the_expert_commands(
     code, out, err = gating("pool", "--mmlu", str(dev), "--out", str(tmp_path / "pool"))
     assert code == 0, err
     for group in ("stem", "humanities", "social_sciences", "other"):
-        assert f"moe2 expert --id {group} --context {tmp_path / 'pool' / group}.json" in out
+        path = tmp_path / "pool" / f"{group}.json"
+        assert f"moe2 expert --id {group} --context {path} --nats nats://127.0.0.1:4222 &" in out
         raw = json.loads((tmp_path / "pool" / f"{group}.json").read_text())
         assert set(raw) == {"name", "messages"} and raw["name"] == group
         ctx = load_context(tmp_path / "pool" / f"{group}.json")  # what `moe2 expert` reads
@@ -129,6 +130,7 @@ def test_collect_refuses_bad_input_with_a_clear_message(nats_url: str, tmp_path:
     )
     assert done.returncode == 1
     assert "error [no_experts]: no expert heartbeat on empty.v1.members.*" in done.stderr
+    assert "wait longer (--wait 300)" in done.stderr  # experts may still be loading
     code, _, err = gating("collect", "--data", str(mmlu), "--out", out, "--concurrency", "0")
     assert code == 1 and "concurrency >= 1" in err
 

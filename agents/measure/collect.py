@@ -215,13 +215,15 @@ def _chosen(
         raise Moe2Error(
             ErrorCode.NO_EXPERTS,
             f"no expert heartbeat on {subjects.members} within {wait_s:g} s: start the experts "
-            "(`moe2 expert --id …`) or check --nats and --prefix",
+            "(`moe2 expert --id … --nats …`), check --nats and --prefix, or, if they are still "
+            f"loading their models, wait longer (--wait {max(4 * wait_s, 300):g})",
         )
     missing = sorted(set(wanted or ()) - seen.keys())
     if missing:
         raise Moe2Error(
             ErrorCode.NO_EXPERTS,
-            f"experts {missing} sent no heartbeat within {wait_s:g} s; live: {sorted(seen)}",
+            f"experts {missing} sent no heartbeat within {wait_s:g} s; live: {sorted(seen)}; if "
+            f"they are still loading their models, wait longer (--wait {max(4 * wait_s, 300):g})",
         )
     chosen = {e: seen[e] for e in sorted(wanted or seen)}
     check_one_tokenizer({e: hb.tokenizer for e, hb in chosen.items()})
