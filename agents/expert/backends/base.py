@@ -17,6 +17,7 @@ from typing import Final, Literal, NamedTuple, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
 TokenizerKind = Literal["byte_level", "sentencepiece", "other"]
@@ -144,6 +145,26 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+PLAIN_CHAT_LABELS: Final = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+
+
+def plain_chat_text(messages: Sequence[ChatMessage]) -> str:
+    """The chat as plain text, for a base model whose tokenizer has no chat template.
+
+    Each message is a line, its content after a label (a system message: none, then a blank
+    line), and the open assistant turn is ``Assistant:``, so the model's first token carries its
+    own leading space: ``System text\\n\\nUser: Hi\\nAssistant: Hello\\nUser: Why?\\nAssistant:``.
+    """
+    unknown = sorted({m.role for m in messages} - PLAIN_CHAT_LABELS.keys())
+    if unknown:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"roles {unknown} are not system, user, assistant")
+    lines = [
+        PLAIN_CHAT_LABELS[m.role] + m.content + ("\n" if m.role == "system" else "")
+        for m in messages
+    ]
+    return "\n".join([*lines, "Assistant:"])
 
 
 def tokenizer_identity(name: str, token_bytes: Sequence[bytes]) -> str:

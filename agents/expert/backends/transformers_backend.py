@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from moe2.agents.expert.backends.base import (
     TopK,
     byte_level_bytes,
     common_prefix,
+    plain_chat_text,
     sentencepiece_bytes,
     tokenizer_identity,
 )
@@ -42,7 +42,7 @@ from moe2.agents.expert.backends.transformers_scoring import (
     reusable,
     score_targets,
 )
-from moe2.agents.expert.models import ModelSource
+from moe2.agents.expert.models import ModelSource, cache_root
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
@@ -85,6 +85,8 @@ class TransformersBackend:
         return len(self._caches)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        if self._tokenizer.chat_template is None:  # a base model (Gemma-3-270M): plain text
+            return [int(i) for i in self._tokenizer.encode(plain_chat_text(messages))]
         chat = [{"role": m.role, "content": m.content} for m in messages]
         try:
             ids = self._tokenizer.apply_chat_template(
@@ -246,10 +248,6 @@ def load_transformers(
     else:
         model, tokenizer = _load_gguf(source)
     return TransformersBackend(model, tokenizer, name=source.name)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MOE2_CACHE") or "~/.cache/moe2").expanduser()
 
 
 def conversion_dir(source: ModelSource) -> Path:

@@ -10,6 +10,7 @@ the logits held at once stay below ``ROW_BUDGET`` rows whatever the targets' len
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -43,6 +44,18 @@ def copied_cache(cache: Any, length: int, batch: int = 1) -> DynamicCache:
         for k, v, *_ in cache
     ]
     return DynamicCache(data)
+
+
+def repeated_cache(cache: Any, batch: int) -> Any:
+    """A copy of the whole of ``cache``, repeated ``batch`` times; sliding-window layers (Gemma-3)
+    stay sliding-window layers, holding their window and their count of positions seen."""
+    if reusable(cache):
+        return copied_cache(cache, cache.get_seq_length(), batch)
+    repeated = copy.deepcopy(cache)
+    for layer in repeated.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    return repeated
 
 
 def cut_cache(cache: Any, remove: int) -> bool:
@@ -80,7 +93,7 @@ def _score_batch(
     width = max(len(t) for t in targets) - 1
     if width:
         fed, labels = _padded(targets, width)
-        cache = copied_cache(past, past.get_seq_length(), batch=batch)
+        cache = repeated_cache(past, batch)
         step = max(1, ROW_BUDGET // batch)
         for at in range(0, width, step):
             out = model(input_ids=fed[:, at : at + step], past_key_values=cache, use_cache=True)
