@@ -14,6 +14,8 @@ import pytest
 
 import moe2
 from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
+from moe2.agents.expert.answer_tokens import AnswerTokenizer
+from moe2.agents.expert.backends import transformers_scoring
 from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.fusion.agent import FusionAgent
 from moe2.agents.fusion.config import FusionConfig
@@ -177,10 +179,8 @@ async def test_a_text_step_that_is_empty_is_refused(
 def gemma3() -> Iterator[TransformersBackend]:
     """Gemma-3-270M (base), whose 262,144-token sentencepiece vocabulary is not SmolLM2's."""
     from moe2.agents.expert.backends import load_backend
-    from moe2.agents.expert.models import BUILTIN_MODELS, resolve_model
+    from moe2.agents.expert.models import resolve_model
 
-    if "gemma3-270m" not in BUILTIN_MODELS:
-        pytest.skip("the built-in gemma3-270m (issue 9) is not in this checkout yet")
     loaded = load_backend("transformers", resolve_model("gemma3-270m"))
     assert isinstance(loaded, TransformersBackend)
     yield loaded
@@ -225,3 +225,35 @@ async def test_smollm2_and_gemma3_fuse_a_coherent_answer_by_bytes(
         last = backend.rewrites[-1]
         assert last[: len(prompt)] == prompt
         assert last[len(prompt) :] == backend.inner.encode(committed.decode())
+
+
+def test_a_cache_past_gemmas_sliding_window_is_recomputed_when_it_must_be_cut(
+    gemma3: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma-3's sliding-window layers keep only the last 512 positions: a roll-back past
+    them cannot cut the cache, so ``rewrite`` recomputes it; the slice is a fresh prefill's."""
+    from moe2.agents.expert.backends import transformers_backend
+
+    cuts: list[tuple[int, bool]] = []
+
+    def spy(cache: Any, remove: int) -> bool:
+        cuts.append((remove, cut := transformers_scoring.cut_cache(cache, remove)))
+        return cut
+
+    monkeypatch.setattr(transformers_backend, "cut_cache", spy)
+    long = " ".join(["The quick brown fox jumps over the lazy dog."] * 70)
+    prompt = gemma3.encode_chat([wire.ChatMessage("user", long)])
+    assert len(prompt) > 600
+    tokens = AnswerTokenizer(gemma3.encode, gemma3.token_bytes)
+    gemma3.prefill("w", prompt, 8)
+    done = b""
+    for piece in (b" caf", b"\xc3", b"\xa9 au lait"):  # é split: its byte token is rolled back
+        done += piece
+        top = gemma3.rewrite("w", [*prompt, *tokens.ids(done)], 8)
+    assert gemma3._ids["w"][len(prompt) :] == gemma3.encode(" café au lait")
+    assert cuts == [(0, True), (0, True), (2, False)]  # " caf" + <0xC3> -> " café", " au", …
+    gemma3.release("w")
+    fresh = gemma3.prefill("fresh", [*prompt, *gemma3.encode(" café au lait")], 8)
+    gemma3.release("fresh")
+    assert top.ids.tolist() == fresh.ids.tolist()
+    np.testing.assert_allclose(top.logprobs, fresh.logprobs, atol=2e-3)
