@@ -33,6 +33,7 @@ test: lint
 bench: $(VENV)/.test
 	$(PY) bench/bus_overhead.py
 	$(PY) bench/smo_vs_brute_force.py
+	$(PY) bench/byte_path.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

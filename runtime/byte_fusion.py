@@ -102,18 +102,30 @@ def candidate_values(slices: Sequence[PieceSlice]) -> tuple[list[bytes], F64, li
     for n, (s, mine) in enumerate(zip(slices, listed, strict=True)):
         row = values[n]
         row[:] = s.unlisted
-        for piece, (p, _) in sorted(mine.items(), key=lambda kv: len(kv[0])):
-            if piece != EOS:  # rule 3: the longest listed prefix is written last
-                row[column[piece] : _prefix_end(candidates, piece)] = p
-        whole = [column[c] for c in known[s.vocabulary.tokenizer] if c not in mine]
-        row[whole] = s.unlisted  # rule 2
-        for piece, (p, _) in mine.items():
-            row[column[piece]] = p  # rule 1
+        for piece, p in sorted(_prefixes(candidates, column, mine), key=lambda x: len(x[0])):
+            row[column[piece] + 1 : _prefix_end(candidates, piece)] = p  # rule 3, longest last
+        whole = known[s.vocabulary.tokenizer].difference(mine)
+        if whole:
+            row[[column[c] for c in whole]] = s.unlisted  # rule 2
+        row[[column[c] for c in mine]] = [p for p, _ in mine.values()]  # rule 1
     first: dict[bytes, int] = {}
     for mine in listed:
         for c, (_, token) in mine.items():
             first.setdefault(c, token)
     return candidates, values, [first[c] for c in candidates]
+
+
+def _prefixes(
+    candidates: list[bytes], column: dict[bytes, int], mine: dict[bytes, tuple[float, int]]
+) -> list[tuple[bytes, float]]:
+    """The listed pieces that begin some other candidate (which then directly follows them in
+    sorted order), with their probabilities."""
+    out = []
+    for piece, (p, _) in mine.items():
+        after = column[piece] + 1
+        if piece and after < len(candidates) and candidates[after].startswith(piece):
+            out.append((piece, p))
+    return out
 
 
 def _prefix_end(candidates: list[bytes], piece: bytes) -> int:
