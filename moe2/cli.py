@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from moe2.cli_support import exit_dropping_abandoned_work, fail, run_async
+from moe2.experts_cli import app as experts_app
 from moe2.gating_cli import app as gating_app
 from moe2.profile_cli import profile as profile_command
 from moe2.runtime.errors import Moe2Error
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
+app.add_typer(experts_app, name="experts", help="Domain experts: cluster the fine-tuning data.")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]

@@ -1,0 +1,123 @@
+"""``moe2 experts …``: build domain experts from the fine-tuning data (MoE² Sec. V-A, App. A).
+
+Mounted by moe2/cli.py. Heavy imports (torch, sentence-transformers, scikit-learn) happen inside
+the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from moe2.gating_cli import user_errors
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.logs import configure_logging
+
+if TYPE_CHECKING:
+    from moe2.gating.clusters import ClusterSummary
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+# ARC-Easy and ARC-Challenge train, and AGIEval's English MC files: sat-en-without-passage is
+# left out, it repeats sat-en's questions without their passages.
+FINE_TUNING_FILES = (
+    "arc/arc_easy/train.jsonl",
+    "arc/arc_challenge/train.jsonl",
+    "agieval/aqua-rat.jsonl",
+    "agieval/lsat-ar.jsonl",
+    "agieval/lsat-lr.jsonl",
+    "agieval/lsat-rc.jsonl",
+    "agieval/sat-en.jsonl",
+    "agieval/sat-math.jsonl",
+)
+EMBED_BATCH = 64
+
+
+@app.callback()
+def experts() -> None:
+    """Domain experts: cluster the fine-tuning data (one LoRA expert per cluster)."""
+
+
+def default_data() -> list[Path]:
+    """The fine-tuning files under ``$MOE2_DATA`` (or ``../shared/data``)."""
+    root = Path(os.environ.get("MOE2_DATA", "../shared/data"))
+    return [root / f for f in FINE_TUNING_FILES]
+
+
+@app.command()
+def cluster(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the report and the plot.")],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            help="ARC/AGIEval .jsonl files or directories (repeat). Default: ARC-Easy and "
+            "ARC-Challenge train and AGIEval under $MOE2_DATA (../shared/data).",
+        ),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", help="Clusters: one expert each.")] = 8,
+    seed: Annotated[int, typer.Option(help="K-means and projection seed.")] = 0,
+    embedder: Annotated[str, typer.Option(help="The gating's embedder.")] = "all-MiniLM-L6-v2",
+    progress: Annotated[bool, typer.Option(help="Progress bar while embedding.")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """Cluster the fine-tuning prompts by embedding (K-means), report and draw the clusters."""
+    configure_logging(log_level)
+    with user_errors():
+        paths = list(data or default_data())
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"no such data: {', '.join(missing)}")
+        started = time.perf_counter()
+        summaries, files = _cluster(paths, out, k, seed, embedder, progress)
+        took = time.perf_counter() - started
+    from moe2.gating.clusters import report_table
+
+    typer.echo(report_table(summaries))
+    typer.echo(f"wrote {', '.join(str(f) for f in files)} in {took:.1f} s")
+
+
+def _cluster(
+    paths: list[Path], out: Path, k: int, seed: int, embedder_name: str, progress: bool
+) -> tuple[list[ClusterSummary], list[Path]]:
+    import numpy as np
+    from tqdm import tqdm
+
+    from moe2.gating.clusters import (
+        cluster_examples,
+        data_hash,
+        describe,
+        plot_clusters,
+        project_2d,
+        refuse_mmlu,
+        write_report,
+    )
+    from moe2.gating.data import embed_text, load_examples
+    from moe2.gating.embed import load_embedder
+
+    examples = [ex for p in paths for ex in load_examples(p)]
+    refuse_mmlu(examples)
+    embedder = load_embedder(embedder_name)
+    texts = [embed_text(ex) for ex in examples]
+    batches = range(0, len(texts), EMBED_BATCH)
+    chunks = [
+        embedder.embed(texts[i : i + EMBED_BATCH])
+        for i in tqdm(batches, desc="embed", unit="batch", disable=not progress)
+    ]
+    embeddings = np.concatenate(chunks)
+    clustering = cluster_examples(examples, embeddings, k, seed)
+    summaries = describe(examples, clustering)
+    meta = {
+        "embedder": embedder.name,
+        "data": [str(p) for p in paths],
+        "data_sha256": data_hash(paths),
+        "examples": len(examples),
+    }
+    json_path, md_path = write_report(out, clustering, summaries, meta)
+    png = out / "clusters.png"
+    plot_clusters(project_2d(embeddings, seed), clustering, summaries, png)
+    return list(summaries), [json_path, md_path, png]
