@@ -63,6 +63,12 @@ def expert(
     model: Annotated[str, typer.Option(help="Built-in model name, a .gguf file or a HF dir.")] = (
         "smollm2-135m"
     ),
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            help="A LoRA adapter directory (moe2 experts finetune), merged into the model."
+        ),
+    ] = None,
     nats_url: NatsUrl = DEFAULT_URL,
     top_k: Annotated[int, typer.Option(help="Ids per slice (K).")] = 32,
     threads: Annotated[
@@ -114,6 +120,7 @@ def expert(
         config = ExpertConfig(
             expert_id=id,
             model=model,
+            adapter=adapter,
             top_k=top_k,
             threads=threads or None,
             max_context=max_context,

@@ -18,6 +18,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.logs import configure_logging
 
 if TYPE_CHECKING:
+    from moe2.agents.expert.lora import Recipe
     from moe2.gating.clusters import ClusterSummary
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -39,7 +40,7 @@ EMBED_BATCH = 64
 
 @app.callback()
 def experts() -> None:
-    """Domain experts: cluster the fine-tuning data (one LoRA expert per cluster)."""
+    """Domain experts: cluster the fine-tuning data, fine-tune one LoRA expert per cluster."""
 
 
 def default_data() -> list[Path]:
@@ -121,3 +122,95 @@ def _cluster(
     png = out / "clusters.png"
     plot_clusters(project_2d(embeddings, seed), clustering, summaries, png)
     return list(summaries), [json_path, md_path, png]
+
+
+@app.command()
+def finetune(
+    clusters: Annotated[
+        Path, typer.Option("--clusters", help="The directory with clusters.json (experts cluster).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Adapters directory: cluster-<i>/ each.")],
+    model: Annotated[str, typer.Option(help="Base model: built-in name, .gguf or HF dir.")] = (
+        "smollm2-135m"
+    ),
+    clusters_only: Annotated[
+        str | None, typer.Option("--clusters-only", help="Comma-separated clusters, e.g. 0,3.")
+    ] = None,
+    examples: Annotated[int, typer.Option(help="Examples per cluster, at most.")] = 256,
+    epochs: Annotated[int, typer.Option(help="Passes over each cluster's examples.")] = 1,
+    rank: Annotated[int, typer.Option(help="LoRA rank r (alpha = 2r).")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Tokens per example, prompt and answer.")] = 128,
+    batch: Annotated[int, typer.Option(help="Examples per optimiser step.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
+    seed: Annotated[int, typer.Option(help="Examples, order, LoRA init and dropout.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads; 0: torch's default.")] = 0,
+    progress: Annotated[bool, typer.Option(help="A progress bar per cluster.")] = True,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """One LoRA adapter per cluster on the base model (resumable: complete adapters are kept)."""
+    import shlex
+    import sys
+
+    configure_logging(log_level)
+    with user_errors():
+        from moe2.agents.expert.lora import Recipe
+
+        recipe = Recipe(
+            rank=rank, alpha=2 * rank, epochs=epochs, seq_len=seq_len, batch=batch, lr=lr,
+            examples=examples, seed=seed,
+        )  # fmt: skip
+        command = shlex.join(["moe2", *sys.argv[1:]])
+        _finetune(clusters, out, model, clusters_only, recipe, threads, progress, command)
+
+
+def _finetune(
+    clusters: Path,
+    out: Path,
+    model: str,
+    only: str | None,
+    recipe: Recipe,
+    threads: int,
+    progress: bool,
+    command: str,
+) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from moe2.agents.expert.backends.transformers_backend import load_model_and_tokenizer
+    from moe2.agents.expert.lora import finetune_cluster, load_clusters
+    from moe2.agents.expert.models import resolve_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_clusters(clusters)
+    chosen = _cluster_list(only, int(data.record["k"]))
+    source = resolve_model(model)
+    base, tokenizer = load_model_and_tokenizer(source)
+    meta = {"base_model": source.name, "base_path": str(source.path), "command": command}
+
+    def bar(total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, unit="step", disable=not progress)
+
+    for cluster in chosen:
+        record = finetune_cluster(base, tokenizer, data, cluster, recipe, meta, out, bar)
+        if record is None:
+            typer.echo(f"cluster {cluster}: complete adapter kept (resumed)")
+        else:
+            typer.echo(
+                f"cluster {cluster}: {record['examples']} examples, loss "
+                f"{record['epoch_losses'][0]:.3f} -> {record['epoch_losses'][-1]:.3f}, "
+                f"{record['examples_per_s']:.2f} examples/s, {record['wall_s']:.0f} s"
+            )
+
+
+def _cluster_list(only: str | None, k: int) -> list[int]:
+    if only is None:
+        return list(range(k))
+    try:
+        chosen = [int(x) for x in only.split(",") if x.strip()]
+    except ValueError:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"--clusters-only {only!r}: not numbers") from None
+    bad = [c for c in chosen if not 0 <= c < k]
+    if bad:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"clusters {bad} are not in 0..{k - 1}")
+    return chosen

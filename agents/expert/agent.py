@@ -559,7 +559,7 @@ class ExpertAgent:
 async def serve_expert(url: str, config: ExpertConfig) -> None:
     """Load the model, join the bus at ``url`` and serve until cancelled, SIGINT or SIGTERM."""
     meter = choose_meter(config.device, config.energy_source)  # before the slow model load
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, adapter=config.adapter)
     log.info("model_loading", model=source.name, path=str(source.path), backend=config.backend)
     load = partial(load_backend, config.backend, source, threads=config.threads)
     backend = await anyio.to_thread.run_sync(load)

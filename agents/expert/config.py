@@ -6,10 +6,12 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 
+from moe2.agents.expert.adapters import check_adapter
 from moe2.agents.expert.energy import SOURCES
 from moe2.agents.expert.models import DEFAULT_MODEL
 from moe2.runtime.contexts import check_context, context_label
@@ -68,6 +70,7 @@ class ExpertConfig:
 
     expert_id: str
     model: str = DEFAULT_MODEL
+    adapter: Path | None = None  # a LoRA adapter directory (moe2 experts finetune), merged in
     backend: str = "transformers"
     top_k: int = 32  # served when an Open asks for 0
     max_top_k: int = 1024  # the most ids one slice (or one Score position) holds
@@ -93,6 +96,8 @@ class ExpertConfig:
 
     def __post_init__(self) -> None:
         check_token("expert id", self.expert_id)
+        if self.adapter is not None:
+            object.__setattr__(self, "adapter", check_adapter(Path(self.adapter)))
         object.__setattr__(self, "declared", declared_device(self.device))
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")

@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Final, Literal
@@ -55,14 +55,20 @@ class ModelSource:
     name: str  # what heartbeats and logs call it
     path: Path  # the .gguf file, or the model directory
     format: Literal["gguf", "hf"]
+    adapter: Path | None = None  # a LoRA adapter directory, merged into the weights at load
 
     @property
     def directory(self) -> Path:
         return self.path.parent if self.format == "gguf" else self.path
 
 
-def resolve_model(spec: str = DEFAULT_MODEL) -> ModelSource:
-    """A built-in name (``smollm2-135m``), a path to a ``.gguf`` file, or a HF model directory."""
+def resolve_model(spec: str = DEFAULT_MODEL, *, adapter: Path | None = None) -> ModelSource:
+    """A built-in name (``smollm2-135m``), a path to a ``.gguf`` file, or a HF model directory;
+    with ``adapter``, a LoRA adapter directory for it (``agents.expert.adapters``)."""
+    if adapter is not None:
+        from moe2.agents.expert.adapters import check_adapter
+
+        return replace(resolve_model(spec), adapter=check_adapter(Path(adapter)))
     if spec in BUILTIN_MODELS:
         return _builtin(BUILTIN_MODELS[spec])
     path = Path(spec).expanduser()

@@ -56,7 +56,7 @@ _MARKER: Final = "moe2-conversion.json"
 class TransformersBackend:
     """A loaded transformers model and tokenizer; implements ``Backend``."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, *, name: str, label: str | None = None) -> None:
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._caches: dict[str, Any] = {}
@@ -64,7 +64,7 @@ class TransformersBackend:
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._token_bytes = build_token_bytes(tokenizer, vocab_size)
         self._info = BackendInfo(
-            model=name,
+            model=label or name,  # the label names an adapter too; the tokenizer is the base's
             tokenizer=tokenizer_identity(name, self._token_bytes),
             backend=NAME,
             vocab_size=vocab_size,
@@ -238,16 +238,25 @@ def _piece(tokenizer: Any, kind: TokenizerKind, i: int, token: str | None, added
 def load_transformers(
     source: ModelSource, *, threads: int | None = None, use_cache: bool = True
 ) -> TransformersBackend:
-    """Load ``source``; a GGUF file goes through the conversion cache unless ``use_cache``."""
+    """Load ``source``; a GGUF file goes through the conversion cache unless ``use_cache``.
+    ``source.adapter``, a LoRA adapter, is merged into the weights."""
     if threads:
         torch.set_num_threads(threads)
+    model, tokenizer = load_model_and_tokenizer(source, use_cache=use_cache)
+    if source.adapter is None:
+        return TransformersBackend(model, tokenizer, name=source.name)
+    from moe2.agents.expert.adapters import adapter_label, merged_with_adapter
+
+    merged = merged_with_adapter(model, source.adapter)
+    label = adapter_label(source.name, source.adapter)
+    return TransformersBackend(merged, tokenizer, name=source.name, label=label)
+
+
+def load_model_and_tokenizer(source: ModelSource, *, use_cache: bool = True) -> tuple[Any, Any]:
+    """The base model (float32) and its tokenizer, as transformers objects."""
     if source.format == "hf":
-        model, tokenizer = _load_directory(source.path)
-    elif use_cache:
-        model, tokenizer = _load_gguf_cached(source)
-    else:
-        model, tokenizer = _load_gguf(source)
-    return TransformersBackend(model, tokenizer, name=source.name)
+        return _load_directory(source.path)
+    return _load_gguf_cached(source) if use_cache else _load_gguf(source)
 
 
 def conversion_dir(source: ModelSource) -> Path:
