@@ -241,6 +241,40 @@ async def test_several_matching_recordings_replay_in_order_and_errors_replay(
 
 
 @pytest.mark.anyio
+async def test_a_session_fused_by_bytes_replays_by_its_texts(nats_url: str, tmp_path: Path) -> None:
+    """A byte-path Step (token -1, text) is recorded by its text; replay answers the same text
+    and refuses another one with trace_diverged."""
+    path = tmp_path / "bytes.moe2"
+    opened = wire.Open(session="rec", messages=PROMPT, top_k=8, max_tokens=4)
+    records = [
+        (SUB.expert_open("x"), opened),
+        (SUB.slice("rec", "x"), a_slice("rec", 11)),
+        (SUB.expert_step("x"), wire.Step(session="rec", step=1, token=-1, text=b" Par")),
+        (SUB.slice("rec", "x"), msgspec.structs.replace(a_slice("rec", 33), step=1)),
+    ]
+    with TraceWriter(path, new_header(server="", subjects=[">"])) as w:
+        for i, (subject, message) in enumerate(records):
+            w.write(TraceRecord(i / 10, subject, data=wire.encode(message)))
+    assert recorded_experts(load_trace(path)[1])["x"].sessions  # indexed
+    with anyio.fail_after(15):
+        async with replaying(nats_url, path), nats_connection(nats_url, name="t") as nc:
+            for text, expected in ((b" Par", 33), (b" Pa", "trace_diverged")):
+                async with FusionStandIn(nc, f"b-{expected}") as fusion:
+                    again = msgspec.structs.replace(opened, session=fusion.session)
+                    await fusion.send(again, ["x"])
+                    await fusion.answers(1)
+                    step = wire.Step(session=fusion.session, step=1, token=-1, text=text)
+                    await fusion.send(step, ["x"])
+                    answer = wire.decode((await fusion.answers(1))["x"])
+                    got = (
+                        int(answer.ids_array()[0])
+                        if isinstance(answer, wire.Slice)
+                        else answer.code  # type: ignore[union-attr]
+                    )
+                    assert got == expected
+
+
+@pytest.mark.anyio
 async def test_unknown_expert_is_refused(nats_url: str, trace: tuple[Path, list[int]]) -> None:
     with anyio.fail_after(5), pytest.raises(Moe2Error) as err:
         await serve_replay_experts(nats_url, trace[0], experts=["nobody"])
