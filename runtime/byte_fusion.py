@@ -16,7 +16,8 @@ done in bytes. Expert n values candidate c (``candidate_values``), first rule th
 End of sequence is one distinguished candidate, ``EOS`` (the empty bytes, so it sorts first): its
 value for n is the sum of n's listed eos ids' probabilities, or n's unlisted value. Other ids with
 empty pieces (special tokens that are not eos, logit rows with no token) are no candidates: no
-text can carry them to the other experts. When every expert shares one tokenizer, rules 3 and 4
+text can carry them to the other experts (if no expert lists anything else, ``EOS`` is the only
+candidate, valued by the rest mass: the answer ends). When every expert shares one tokenizer, rules 3 and 4
 never apply and the values are the id path's (``fusion.fuse``), except that ids with equal bytes
 are one candidate. The fused value is eq. 29 over the candidates (``fusion.fuse_full``, weights
 renormalised by eq. 28). docs/protocol.md §7 says why these rules.
@@ -93,7 +94,7 @@ def candidate_values(slices: Sequence[PieceSlice]) -> tuple[list[bytes], F64, li
     """The union of the slices' candidates (sorted), each expert's value of each (N, C), and
     each candidate's id in the first slice that lists it."""
     listed = [s.listed() for s in slices]
-    candidates = sorted(set().union(*listed))
+    candidates = sorted(set().union(*listed)) or [EOS]  # nothing writable listed: the end
     column = {c: j for j, c in enumerate(candidates)}
     known: dict[str, set[bytes]] = {}
     for s, mine in zip(slices, listed, strict=True):
@@ -112,7 +113,7 @@ def candidate_values(slices: Sequence[PieceSlice]) -> tuple[list[bytes], F64, li
     for mine in listed:
         for c, (_, token) in mine.items():
             first.setdefault(c, token)
-    return candidates, values, [first[c] for c in candidates]
+    return candidates, values, [first.get(c, -1) for c in candidates]
 
 
 def _prefixes(

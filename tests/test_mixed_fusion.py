@@ -96,6 +96,13 @@ def test_eos_is_one_candidate_worth_the_sum_of_an_experts_eos_ids() -> None:
     assert only_b[EOS] == pytest.approx([0.5 / 99, 0.3])
 
 
+def test_when_nothing_writable_is_listed_the_only_candidate_is_eos() -> None:
+    a = piece_slice(A, {5: 0.9}, {})  # a special token that is not eos: no candidate
+    candidates, values, tokens = candidate_values([a])
+    assert (candidates, tokens) == ([EOS], [-1])
+    assert values[0, 0] == pytest.approx(a.unlisted)
+
+
 def test_pieces_of_0xff_bytes_bound_their_prefix_range() -> None:
     a = piece_slice(A, {b"\xff": 0.5, b"a\xff": 0.3}, {})
     b = piece_slice(B, {b"\xff\x01": 0.4, b"a\xff\xff": 0.2, b"b": 0.1, b"a": 0.1}, {})
