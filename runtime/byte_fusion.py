@@ -17,10 +17,10 @@ End of sequence is one distinguished candidate, ``EOS`` (the empty bytes, so it 
 value for n is the sum of n's listed eos ids' probabilities, or n's unlisted value. Other ids with
 empty pieces (special tokens that are not eos, logit rows with no token) are no candidates: no
 text can carry them to the other experts (if no expert lists anything else, ``EOS`` is the only
-candidate, valued by the rest mass: the answer ends). When every expert shares one tokenizer, rules 3 and 4
-never apply and the values are the id path's (``fusion.fuse``), except that ids with equal bytes
-are one candidate. The fused value is eq. 29 over the candidates (``fusion.fuse_full``, weights
-renormalised by eq. 28). docs/protocol.md §7 says why these rules.
+candidate, valued by the rest mass: the answer ends). When every expert shares one tokenizer,
+rules 3 and 4 never apply and the values are the id path's (``fusion.fuse``), except that ids
+with equal bytes are one candidate. The fused value is eq. 29 over the candidates
+(``fusion.fuse_full``, weights renormalised by eq. 28). docs/protocol.md §7 says why these rules.
 """
 
 from __future__ import annotations
