@@ -137,7 +137,7 @@ def finetune(
         str | None, typer.Option("--clusters-only", help="Comma-separated clusters, e.g. 0,3.")
     ] = None,
     examples: Annotated[int, typer.Option(help="Examples per cluster, at most.")] = 256,
-    epochs: Annotated[int, typer.Option(help="Passes over each cluster's examples.")] = 1,
+    epochs: Annotated[int, typer.Option(help="Passes over each cluster's examples.")] = 2,
     rank: Annotated[int, typer.Option(help="LoRA rank r (alpha = 2r).")] = 8,
     seq_len: Annotated[int, typer.Option(help="Tokens per example, prompt and answer.")] = 128,
     batch: Annotated[int, typer.Option(help="Examples per optimiser step.")] = 8,

@@ -1,6 +1,6 @@
 """``moe2 experts finetune`` and ``moe2 expert --adapter``, on the real SmolLM2-135M-Instruct.
 
-One tiny fine-tune for the module (8 examples of one cluster, 2 epochs of 2 steps, 64 tokens):
+One tiny fine-tune for the module (8 examples of one cluster, 2 epochs of one step, 64 tokens):
 its adapter says what it is, a second run resumes past it, the adapter moves the model's
 next-token distribution, the training loss fell, and an expert started with it names it.
 """
@@ -31,7 +31,7 @@ from tests.test_experts_cluster import arc_row
 runner = CliRunner()
 pytestmark = pytest.mark.model
 ARGS = ["--clusters-only", "1", "--examples", "8", "--epochs", "2", "--seq-len", "64"]
-ARGS += ["--batch", "4", "--lr", "1e-3", "--no-progress"]
+ARGS += ["--batch", "8", "--lr", "1e-3", "--no-progress"]
 
 
 @pytest.fixture(autouse=True)
@@ -135,3 +135,19 @@ async def test_moe2_expert_with_the_adapter_names_it_in_its_heartbeat(
         await nc.close()
     assert isinstance(beat, wire.Heartbeat)
     assert beat.model == f"SmolLM2-135M-Instruct+lora:cluster-1@{weights_sha256(adapter)[:8]}"
+
+
+def test_data_changed_since_clustering_and_unknown_clusters_are_refused(
+    clusters: Path, tmp_path: Path
+) -> None:
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    record = json.loads((clusters / "clusters.json").read_text())
+    (changed / "clusters.json").write_text(json.dumps({**record, "data_sha256": "0" * 16}))
+    out = str(tmp_path / "out")
+    result = runner.invoke(app, ["finetune", "--clusters", str(changed), "--out", out])
+    assert result.exit_code != 0 and "has changed since it was clustered" in result.output
+    result = runner.invoke(
+        app, ["finetune", "--clusters", str(clusters), "--out", out, "--clusters-only", "2"]
+    )
+    assert result.exit_code != 0 and "clusters [2] are not in 0..1" in result.output

@@ -44,7 +44,7 @@ class Recipe:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    epochs: int = 1
+    epochs: int = 2
     seq_len: int = 128
     batch: int = 8
     lr: float = 2e-4
