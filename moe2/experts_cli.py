@@ -149,7 +149,6 @@ def finetune(
 ) -> None:
     """One LoRA adapter per cluster on the base model (resumable: complete adapters are kept)."""
     import shlex
-    import sys
 
     configure_logging(log_level)
     with user_errors():
@@ -159,7 +158,15 @@ def finetune(
             rank=rank, alpha=2 * rank, epochs=epochs, seq_len=seq_len, batch=batch, lr=lr,
             examples=examples, seed=seed,
         )  # fmt: skip
-        command = shlex.join(["moe2", *sys.argv[1:]])
+        only = ["--clusters-only", clusters_only] if clusters_only else []
+        command = shlex.join(
+            [
+                *("moe2", "experts", "finetune", "--clusters", str(clusters), "--out", str(out)),
+                *("--model", model, *only, "--examples", str(examples), "--epochs", str(epochs)),
+                *("--rank", str(rank), "--seq-len", str(seq_len), "--batch", str(batch)),
+                *("--lr", f"{lr:g}", "--seed", str(seed)),
+            ]
+        )  # what reproduces the adapters, however this was invoked
         _finetune(clusters, out, model, clusters_only, recipe, threads, progress, command)
 
 

@@ -57,7 +57,10 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def adapters(clusters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adapters")
-    result = runner.invoke(app, ["finetune", "--clusters", str(clusters), "--out", str(out), *ARGS])
+    with pytest.MonkeyPatch.context() as mp:  # module-scoped: the autouse patch is not on yet
+        mp.setattr("moe2.experts_cli.configure_logging", lambda *a, **k: None)
+        args = ["finetune", "--clusters", str(clusters), "--out", str(out), *ARGS]
+        result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
 
