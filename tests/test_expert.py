@@ -18,6 +18,7 @@ import nats.errors
 import numpy as np
 import pytest
 import structlog
+from nats.aio.client import Client as NATS
 
 from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
 from moe2.agents.expert.backends.base import Backend, BackendInfo, PrefixCache, TopK
@@ -528,15 +529,15 @@ async def test_a_failing_model_call_answers_internal_and_the_agent_lives_on(
 # --- the process a user starts ---------------------------------------------------------------
 
 
-async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
-    code = (
-        "import anyio, sys; from moe2.agents.expert.agent import ExpertConfig, serve_expert; "
-        "anyio.run(serve_expert, sys.argv[1], ExpertConfig('proc', prefix='proc'))"
-    )
-    nc = await connect_nats(nats_url, name="test-watch")
-    beats = await nc.subscribe(Subjects("proc").member("proc"))
+@asynccontextmanager
+async def expert_process(
+    command: list[str], url: str, prefix: str, expert: str
+) -> AsyncIterator[tuple[Any, NATS, wire.Message, bytearray]]:
+    """A real expert process, once its first heartbeat is in: the process, a connection of the
+    test's own, that heartbeat, and everything the process has written so far."""
+    nc = await connect_nats(url, name="test-watch")
+    beats = await nc.subscribe(Subjects(prefix).member(expert))
     await nc.flush()
-    command = [sys.executable, "-c", code, nats_url]
     output = bytearray()
     try:
         with anyio.fail_after(120):
@@ -546,12 +547,22 @@ async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
             ):
                 assert proc.stdout is not None
                 tg.start_soon(collect, proc.stdout, output)
-                heartbeat = wire.decode((await beats.next_msg(timeout=110)).data)
-                assert isinstance(heartbeat, wire.Heartbeat) and heartbeat.expert == "proc"
-                proc.send_signal(signal.SIGTERM)
-                assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
+                first = wire.decode((await beats.next_msg(timeout=110)).data)
+                yield proc, nc, first, output
     finally:
         await nc.close()
+
+
+async def test_serve_expert_runs_until_sigterm(nats_url: str) -> None:
+    code = (
+        "import anyio, sys; from moe2.agents.expert.agent import ExpertConfig, serve_expert; "
+        "anyio.run(serve_expert, sys.argv[1], ExpertConfig('proc', prefix='proc'))"
+    )
+    command = [sys.executable, "-c", code, nats_url]
+    async with expert_process(command, nats_url, "proc", "proc") as (proc, _, heartbeat, output):
+        assert isinstance(heartbeat, wire.Heartbeat) and heartbeat.expert == "proc"
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
     assert b"expert_stopped" in output
 
 
@@ -562,32 +573,18 @@ async def test_sigterm_while_busy_with_abandoned_scores_stops_within_seconds(
     drops the queued ones and the one on the model, and the process exits within seconds."""
     command = [sys.executable, "-m", "moe2", "expert", "--id", "busy", "--prefix", "busy"]
     command += ["--no-warmup", "--nats", nats_url]
-    nc = await connect_nats(nats_url, name="test-requester")
-    beats = await nc.subscribe(Subjects("busy").member("busy"))
-    await nc.flush()
     long_target = "the sea and the sky and the land " * 40
     request = wire.Score([wire.ChatMessage("user", "Describe the world.")], [long_target] * 4)
-    output = bytearray()
-    try:
-        with anyio.fail_after(120):
-            async with (
-                await anyio.open_process(command, stderr=subprocess.STDOUT) as proc,
-                anyio.create_task_group() as tg,
-            ):
-                assert proc.stdout is not None
-                tg.start_soon(collect, proc.stdout, output)
-                await beats.next_msg(timeout=110)
-                for _ in range(32):  # replies go to an inbox nobody listens on
-                    subject = Subjects("busy").expert_score("busy")
-                    await nc.publish(subject, wire.encode(request), reply=nc.new_inbox())
-                await nc.flush()
-                await anyio.sleep(1.0)  # the first score is on the model, 31 are queued
-                stopped_at = time.monotonic()
-                proc.send_signal(signal.SIGTERM)
-                assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
-                took = time.monotonic() - stopped_at
-    finally:
-        await nc.close()
+    async with expert_process(command, nats_url, "busy", "busy") as (proc, nc, _, output):
+        for _ in range(32):  # replies go to an inbox nobody listens on
+            subject = Subjects("busy").expert_score("busy")
+            await nc.publish(subject, wire.encode(request), reply=nc.new_inbox())
+        await nc.flush()
+        await anyio.sleep(1.0)  # the first score is on the model, 31 are queued
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0, output.decode(errors="replace")[-2000:]
+        took = time.monotonic() - stopped_at
     assert took < 5.0, f"stopping took {took:.1f} s: " + output.decode(errors="replace")[-3000:]
 
 
