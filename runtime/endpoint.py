@@ -246,7 +246,6 @@ class Endpoint(Generic[M]):
 
     async def _fail(self, msg: Msg, message: M | None, exc: Moe2Error) -> None:
         """Count the error and send it where it belongs (or log it where nobody is asking)."""
-        self.record_error(exc)
         route = self._route_errors(message) if message is not None and self._route_errors else None
         target = msg.reply or (route.subject if route else "")
         self._log.info(
@@ -255,14 +254,7 @@ class Endpoint(Generic[M]):
             code=str(exc.code),
             error=exc.message,
         )
-        if target:
-            error = wire.error_from(
-                exc,
-                session=route.session if route else "",
-                expert=self.agent,
-                step=route.step if route else -1,
-            )
-            await self.publish(target, error)
+        await self.reply_error(msg.reply or "", exc, route)
 
     def record_error(self, exc: Moe2Error) -> None:
         """Count an error found after the handler returned (work it started in a task)."""
