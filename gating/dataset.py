@@ -96,6 +96,23 @@ def split_indices(n: int, seed: int, holdout: float) -> tuple[np.ndarray, np.nda
     return np.sort(perm[n_held:]), np.sort(perm[:n_held])
 
 
+def split_three(
+    n: int, seed: int, holdout: float, validation: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, validation, held-out) indices, disjoint and each sorted. The held-out ones are
+    exactly ``split_indices``'s (the same seeded permutation's first ``round(n * holdout)``);
+    the next ``round(n * validation)`` (at least one) are for early stopping; the rest train."""
+    if not 0.0 < validation < 1.0:
+        raise _invalid(f"validation must lie in (0, 1), got {validation}")
+    if n < 3:
+        raise _invalid(f"need three examples or more for three splits, got {n}")
+    n_held = min(n - 2, max(1, round(n * holdout)))
+    n_val = min(n - n_held - 1, max(1, round(n * validation)))
+    perm = np.random.default_rng(seed).permutation(n)
+    held, val, train = perm[:n_held], perm[n_held : n_held + n_val], perm[n_held + n_val :]
+    return np.sort(train), np.sort(val), np.sort(held)
+
+
 def pad_logprobs(
     gold_logprobs: Sequence[np.ndarray], n_experts: int
 ) -> tuple[np.ndarray, np.ndarray]:

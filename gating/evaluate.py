@@ -8,6 +8,12 @@ summing to one. Every metric fuses the experts per token as ``log sum_n w_n f_n(
 - letter accuracy: argmax over options of ``sum_n w_n P_n(letter)``;
 - cloze accuracy: argmax over options of the mean, over the option's tokens, of the fused
   log-probability (length-normalised log-likelihood of the option's text);
+
+A pool whose experts use different tokenizers has no common token axis: there each option is one
+unit per expert, the log-probability of its whole text (the sum over that expert's own tokens),
+fused at the sequence level ``log sum_n w_n P_n(text)``, and lengths are counted in UTF-8 bytes of
+the text (``ScoreArrays.unit`` is "byte"): NLL per byte, and cloze accuracy normalised per byte
+(as lm-evaluation-harness's ``acc_norm``).
 - fused top-1 token accuracy: how often the gold token is the argmax of the fused top-k
   distribution (``moe2.runtime.fusion.fuse``, what the fusion agent would pick greedily),
   teacher-forced on the gold answer; only when the collection kept top-k.
@@ -50,11 +56,16 @@ class ExampleScores:
     cloze_ids: Sequence[npt.NDArray[np.integer]]  # per option o: (T_o,) token ids
     top_ids: npt.NDArray[np.integer] | None = None  # (N, T_gold, k) top-k at each gold position
     top_logprobs: npt.NDArray[np.floating] | None = None  # (N, T_gold, k)
+    lengths: Sequence[int] | None = None  # per option, its length in units; None: T_o tokens
 
     @property
     def gold(self) -> npt.NDArray[np.floating]:
         """(N, T): the gold option's per-token log-probabilities (the gating target)."""
         return self.cloze[self.answer]
+
+    def length(self, option: int) -> int:
+        """Option ``option``'s length in this example's unit (tokens, or bytes when mixed)."""
+        return int(self.cloze[option].shape[1] if self.lengths is None else self.lengths[option])
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +76,7 @@ class ScoreArrays:
     example_ids: list[str]
     examples: list[ExampleScores]
     vocab_size: int = 0  # for top-k fusion; 0 when unknown (no token accuracy then)
+    unit: str = "token"  # what NLL and cloze lengths count: "token", or "byte" (mixed pool)
 
     def __post_init__(self) -> None:
         if len(self.example_ids) != len(self.examples):
@@ -81,8 +93,8 @@ class ScoreArrays:
 class PerExample:
     """Per-example outcomes of one weighting (length E each)."""
 
-    nll: F64  # summed NLL of the gold tokens
-    tokens: npt.NDArray[np.int64]  # gold tokens
+    nll: F64  # summed NLL of the gold answer
+    tokens: npt.NDArray[np.int64]  # its length in units (tokens, or bytes in a mixed pool)
     letter_ok: Bools
     cloze_ok: Bools
     token_hits: npt.NDArray[np.int64]  # gold tokens that are the fused top-1 (0 without top-k)
@@ -120,10 +132,16 @@ def letter_choice(letter: npt.ArrayLike, weights: npt.ArrayLike) -> int:
     return int(np.argmax(np.asarray(weights, dtype=np.float64) @ p))
 
 
-def cloze_choice(cloze: Sequence[npt.ArrayLike], weights: npt.ArrayLike) -> int:
-    """The option with the largest length-normalised fused log-likelihood of its text."""
-    scores = [float(fused_log_likelihood(lp, weights).mean()) for lp in cloze]
-    return int(np.argmax(scores))
+def cloze_choice(
+    cloze: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike,
+    lengths: Sequence[int] | None = None,
+) -> int:
+    """The option with the largest length-normalised fused log-likelihood of its text: per
+    token (the mean over its T_o positions), or per ``lengths[o]`` units when given."""
+    sums = [float(fused_log_likelihood(lp, weights).sum()) for lp in cloze]
+    units = [np.asarray(lp).shape[-1] for lp in cloze] if lengths is None else list(lengths)
+    return int(np.argmax([s / max(u, 1) for s, u in zip(sums, units, strict=True)]))
 
 
 def fused_top1(
@@ -177,9 +195,9 @@ def per_example(arrays: ScoreArrays, weights: npt.ArrayLike) -> PerExample:
     top_k = arrays.has_top_k
     for i, ex in enumerate(arrays.examples):
         nll[i] = -float(fused_log_likelihood(ex.gold, w[i]).sum())
-        tokens[i] = ex.gold.shape[1]
+        tokens[i] = ex.length(ex.answer)
         letter_ok[i] = letter_choice(ex.letter, w[i]) == ex.answer
-        cloze_ok[i] = cloze_choice(ex.cloze, w[i]) == ex.answer
+        cloze_ok[i] = cloze_choice(ex.cloze, w[i], ex.lengths) == ex.answer
         if top_k and ex.top_ids is not None and ex.top_logprobs is not None:
             top1 = fused_top1(ex.top_ids, ex.top_logprobs, w[i], arrays.vocab_size)
             hits[i] = int((top1 == ex.cloze_ids[ex.answer]).sum())
@@ -232,9 +250,92 @@ def best_single(results: Sequence[MethodResult], expert_ids: Sequence[str]) -> M
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """``method`` minus ``baseline`` on one metric over the same examples, with a 95% paired
+    bootstrap interval (percentile; the examples are resampled together for both)."""
+
+    method: str
+    baseline: str
+    metric: str  # "nll" (per unit: lower is better), "letter" or "cloze" (accuracy)
+    value: float
+    low: float
+    high: float
+
+    @property
+    def better(self) -> bool:
+        """The whole interval is on the side where ``method`` is better."""
+        return self.high < 0 if self.metric == "nll" else self.low > 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "baseline": self.baseline,
+            "metric": self.metric,
+            "value": self.value,
+            "ci95": [self.low, self.high],
+            "better": self.better,
+        }
+
+
+def _nll_rate(o: PerExample, idx: npt.NDArray[np.int64]) -> F64:
+    return np.asarray(
+        o.nll[idx].sum(axis=-1) / np.maximum(o.tokens[idx].sum(axis=-1), 1), dtype=np.float64
+    )
+
+
+def paired_differences(
+    method: str,
+    a: PerExample,
+    baseline: str,
+    b: PerExample,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> list[Difference]:
+    """``a`` minus ``b`` in NLL per unit (a ratio of sums, as the tables report it), letter and
+    cloze accuracy, each with its 95% paired bootstrap interval (seeded: reproducible)."""
+    e = len(a.nll)
+    every = np.arange(e, dtype=np.int64)
+    idx = np.random.default_rng(seed).integers(0, e, size=(resamples, e), dtype=np.int64)
+    out = []
+    nll_boot = _nll_rate(a, idx) - _nll_rate(b, idx)
+    point = float(_nll_rate(a, every) - _nll_rate(b, every))
+    out.append(Difference(method, baseline, "nll", point, *_interval(nll_boot)))
+    for metric, ok_a, ok_b in (
+        ("letter", a.letter_ok, b.letter_ok),
+        ("cloze", a.cloze_ok, b.cloze_ok),
+    ):
+        d = ok_a.astype(np.float64) - ok_b.astype(np.float64)
+        out.append(
+            Difference(method, baseline, metric, float(d.mean()), *_interval(d[idx].mean(1)))
+        )
+    return out
+
+
+def _interval(boots: F64) -> tuple[float, float]:
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return float(low), float(high)
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    rows: list[MethodResult]
+    differences: list[Difference]  # each gated method against best single and equal weights
+
+
 def evaluate_all(arrays: ScoreArrays, gate_values: npt.ArrayLike | None) -> list[MethodResult]:
     """Every method of the report, in table order. ``gate_values``: (E, N) gating values
     ``g(x)`` (softmax over all N experts), or None to leave out the gated rows."""
+    return evaluate(arrays, gate_values).rows
+
+
+def evaluate(
+    arrays: ScoreArrays, gate_values: npt.ArrayLike | None, *, resamples: int = 2000
+) -> Evaluation:
+    """The rows of :func:`evaluate_all` and, for every gated row, its paired differences
+    against the best single expert (per metric: the expert best on that metric here, which
+    favours the baseline) and against equal weights."""
     e, n = len(arrays.examples), len(arrays.expert_ids)
     top_k = arrays.has_top_k
     singles = [per_example(arrays, one_hot(e, n, j)) for j in range(n)]
@@ -242,18 +343,38 @@ def evaluate_all(arrays: ScoreArrays, gate_values: npt.ArrayLike | None) -> list
         aggregate(f"single: {eid}", s, top_k=top_k)
         for eid, s in zip(arrays.expert_ids, singles, strict=True)
     ]
-    rows = [*single_results, best_single(single_results, arrays.expert_ids)]
-    rows.append(aggregate("equal weights", per_example(arrays, equal_weights(e, n)), top_k=top_k))
+    best = best_single(single_results, arrays.expert_ids)
+    equal = per_example(arrays, equal_weights(e, n))
+    rows = [*single_results, best]
+    rows.append(aggregate("equal weights", equal, top_k=top_k))
+    gated: list[tuple[str, PerExample]] = []
     if gate_values is not None:
         g = np.asarray(gate_values, dtype=np.float64)
-        full = renormalise_on_subset(g)  # eq. 2 with S = every expert
-        rows.append(aggregate("MoE² gating (all)", per_example(arrays, full), top_k=top_k))
+        gated.append(("MoE² gating (all)", per_example(arrays, renormalise_on_subset(g))))
         for k in range(1, n + 1):
-            rows.append(
-                aggregate(f"MoE² top-{k}", per_example(arrays, top_k_weights(g, k)), top_k=top_k)
-            )
+            gated.append((f"MoE² top-{k}", per_example(arrays, top_k_weights(g, k))))
+        rows += [aggregate(name, outcome, top_k=top_k) for name, outcome in gated]
     rows.append(aggregate("oracle (per example)", oracle(singles), top_k=top_k))
-    return rows
+    by_id = dict(zip(arrays.expert_ids, singles, strict=True))
+    differences: list[Difference] = []
+    for name, outcome in gated:
+        for metric, key in (
+            ("nll", "nll_per_token"),
+            ("letter", "letter_accuracy"),
+            ("cloze", "cloze_accuracy"),
+        ):
+            who = best.detail[key]
+            differences += [
+                d
+                for d in paired_differences(
+                    name, outcome, f"best single ({who})", by_id[who], resamples=resamples
+                )
+                if d.metric == metric
+            ]
+        differences += paired_differences(
+            name, outcome, "equal weights", equal, resamples=resamples
+        )
+    return Evaluation(rows, differences)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,10 +390,11 @@ def _cell(row: MethodResult, key: str, text: str) -> str:
     return f"{text} ({who})" if who else text
 
 
-def markdown_table(rows: Sequence[MethodResult]) -> str:
-    """One line per method: NLL per gold token, letter / cloze accuracy, fused top-1 tokens."""
+def markdown_table(rows: Sequence[MethodResult], unit: str = "token") -> str:
+    """One line per method: NLL per gold token (or byte), letter / cloze accuracy, fused top-1
+    tokens."""
     lines = [
-        "| method | NLL / token | letter acc % | cloze acc % | top-1 token acc % |",
+        f"| method | NLL / {unit} | letter acc % | cloze acc % | top-1 token acc % |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -286,11 +408,56 @@ def markdown_table(rows: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(rows: Sequence[MethodResult], context: dict[str, object]) -> str:
-    """The table with what it was measured on (pool, data, split, gate) above it."""
+def differences_table(differences: Sequence[Difference], unit: str = "token") -> str:
+    """One line per (gated method, baseline): each metric's difference and its 95% interval;
+    a ✓ where the interval shows the gated method better."""
+    metrics = ("nll", "letter", "cloze")
+    cells: dict[tuple[str, str], dict[str, Difference]] = {}
+    for d in differences:
+        cells.setdefault((d.method, d.baseline), {})[d.metric] = d
+    lines = [
+        f"| method | minus | NLL / {unit} [95% CI] | letter acc pp [95% CI] | "
+        "cloze acc pp [95% CI] |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for (method, baseline), by_metric in cells.items():
+        row = [method, baseline]
+        for m in metrics:
+            one = by_metric.get(m)
+            if one is None:
+                row.append("-")
+                continue
+            scale, fmt = (1.0, "{:+.4f}") if m == "nll" else (100.0, "{:+.1f}")
+            text = (
+                f"{fmt.format(scale * one.value)} [{fmt.format(scale * one.low)}, "
+                f"{fmt.format(scale * one.high)}]"
+            )
+            row.append(text + (" ✓" if one.better else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(
+    rows: Sequence[MethodResult],
+    context: dict[str, object],
+    differences: Sequence[Difference] = (),
+    unit: str = "token",
+) -> str:
+    """The table with what it was measured on (pool, data, split, gate) above it, and the
+    gated methods' differences against the baselines below it."""
     head = ["# Gating evaluation", ""]
     head += [f"- {key}: {value}" for key, value in context.items()]
-    return "\n".join([*head, "", markdown_table(rows), ""])
+    parts = [*head, "", markdown_table(rows, unit), ""]
+    if differences:
+        parts += [
+            "Per-example differences (gated minus baseline; NLL: negative is better, accuracy "
+            "in percentage points: positive is better), 95% paired bootstrap intervals over "
+            "the examples; ✓: the interval excludes zero on the gated method's side.",
+            "",
+            differences_table(differences, unit),
+            "",
+        ]
+    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,12 +469,17 @@ def run_evaluation(outputs: Path, gate: Path, split: str, stem: Path) -> str:
     the artifact's held-out example ids, or "all"); write ``stem``.md and .json; return the
     markdown."""
     store, arrays, values = gated_scores(outputs, gate, split)
-    rows = evaluate_all(arrays, values)
+    result = evaluate(arrays, values)
     context = report_context(store, gate, split, arrays)
-    text = markdown_report(rows, context)
+    text = markdown_report(result.rows, context, result.differences, arrays.unit)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(text)
-    body = {**context, "rows": [r.as_dict() for r in rows]}
+    body = {
+        **context,
+        "unit": arrays.unit,
+        "rows": [r.as_dict() for r in result.rows],
+        "differences": [d.as_dict() for d in result.differences],
+    }
     stem.with_suffix(".json").write_bytes(msgspec.json.format(msgspec.json.encode(body), indent=2))
     return text
 
@@ -364,6 +536,6 @@ def report_context(store: Any, gate: Path, split: str, arrays: ScoreArrays) -> d
         "gate": str(gate),
         "split": split,
         "examples": len(arrays.examples),
-        "gold tokens": int(sum(e.gold.shape[1] for e in arrays.examples)),
+        f"gold {arrays.unit}s": int(sum(e.length(e.answer) for e in arrays.examples)),
         "top_k kept": meta.top_k,
     }

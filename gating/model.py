@@ -100,7 +100,8 @@ class TrainConfig:
     max_epochs: int = 400
     early_stop_patience: int = 80  # epochs without a better validation loss; > plateau_patience
     seed: int = 0  # initialisation, shuffling and the split
-    holdout: float = 0.2
+    holdout: float = 0.2  # share of the examples held out for evaluation only
+    validation: float = 0.2  # share for early stopping and the LR schedule (not evaluation)
 
     def __post_init__(self) -> None:
         positive = ("hidden", "batch", "grad_accum", "max_epochs", "lr", "clip", "plateau_factor")
@@ -109,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 < self.holdout < 1.0:
             raise ValueError("dropout must lie in [0, 1) and holdout in (0, 1)")
+        if not 0.0 < self.validation < 1.0 or self.holdout + self.validation >= 1.0:
+            raise ValueError("validation must lie in (0, 1) and leave examples to train on")
         if min(self.layers, self.plateau_patience, self.early_stop_patience) < 0:
             raise ValueError("layers and patiences must be >= 0")
 

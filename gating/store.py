@@ -232,8 +232,14 @@ class OutputStore:
             expert_ids=self.expert_ids,
             example_ids=[ex.id for ex in chosen],
             examples=scores,
-            vocab_size=vocab.pop() if len(vocab) == 1 else 0,
+            vocab_size=vocab.pop() if len(vocab) == 1 and not self.mixed else 0,
+            unit="byte" if self.mixed else "token",
         )
+
+    @property
+    def mixed(self) -> bool:
+        """The experts use more than one tokenizer: scores are per answer text, lengths in bytes."""
+        return len({e.tokenizer for e in self.meta.experts}) > 1
 
     def to_gating_data(self) -> GatingData:
         """The training data (contract: gating/dataset.py) over every complete example."""
@@ -263,7 +269,7 @@ class OutputStore:
 
     def _example_scores(self, ex: McExample) -> ExampleScores:
         recs = [self._record(ex.id, e) for e in self.expert_ids]
-        return example_scores(ex, recs)
+        return example_scores(ex, recs, by_text=self.mixed)
 
     def _record(self, example_id: str, expert: str) -> ScoreRecord:
         rec = self._records.get((example_id, expert))
@@ -279,12 +285,34 @@ class OutputStore:
 # From records to arrays (pure).
 
 
-def example_scores(ex: McExample, records: Sequence[ScoreRecord]) -> ExampleScores:
-    """Stack the experts' answers for one example; the experts must share a tokenisation."""
+def example_scores(
+    ex: McExample, records: Sequence[ScoreRecord], *, by_text: bool = False
+) -> ExampleScores:
+    """Stack the experts' answers for one example. One tokenizer: per token (the experts must
+    tokenise every option alike). ``by_text`` (experts with different tokenizers): one unit per
+    option, each expert's log-probability of the whole option text, with the text's length in
+    UTF-8 bytes as its length (docs/gating.md, "Pools of two tokenizers")."""
     letters = [_scored(r, "letter") for r in records]
     clozes = [_scored(r, "cloze") for r in records]
     letter = np.array([[float(t.logprobs_array().sum()) for t in s.targets] for s in letters])
     n_options = len(ex.options)
+    if by_text:
+        texts = cloze_targets(ex)
+        return ExampleScores(
+            answer=ex.answer,
+            letter=letter,
+            cloze=[
+                np.array(
+                    [
+                        [float(s.targets[o].logprobs_array().astype(np.float64).sum())]
+                        for s in clozes
+                    ]
+                )
+                for o in range(n_options)
+            ],
+            cloze_ids=[np.zeros(0, dtype=np.int64) for _ in range(n_options)],
+            lengths=[len(texts[o].encode()) for o in range(n_options)],
+        )
     cloze, ids = [], []
     for o in range(n_options):
         per_expert = [s.targets[o] for s in clozes]

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from moe2.gating.artifact import GatingArtifact
-from moe2.gating.dataset import GatingData, pad_logprobs, split_indices
+from moe2.gating.dataset import GatingData, pad_logprobs, split_three
 from moe2.gating.embed import Embedder
 from moe2.gating.model import (
     GatingMLP,
@@ -199,26 +199,39 @@ def loss_report(gates: np.ndarray, val: Batch) -> dict[str, float]:
 def train_gating(
     data: GatingData, embedder: Embedder, config: TrainConfig, out: Path, *, progress: bool = True
 ) -> GatingArtifact:
-    """Algorithm 1 end to end: embed, split, fit, then write ``out/model.safetensors``,
+    """Algorithm 1 end to end: embed, split three ways (train; validation for early stopping;
+    held out for evaluation only), fit, then write ``out/model.safetensors``,
     ``out/gating.json`` and ``out/curves.png``; returns the artifact."""
-    train_idx, held_idx = split_indices(len(data), config.seed, config.holdout)
+    train_idx, val_idx, held_idx = split_three(
+        len(data), config.seed, config.holdout, config.validation
+    )
     x = embed_all(embedder, data.texts, progress=progress)
     n = len(data.expert_ids)
-    train = Batch.of(x[train_idx], [data.gold_logprobs[i] for i in train_idx], n)
-    val = Batch.of(x[held_idx], [data.gold_logprobs[i] for i in held_idx], n)
+
+    def batch(idx: np.ndarray) -> Batch:
+        return Batch.of(x[idx], [data.gold_logprobs[i] for i in idx], n)
+
+    train, val, held = batch(train_idx), batch(val_idx), batch(held_idx)
     log.info(
-        "gating_train_start", examples=len(data), train=len(train), heldout=len(val), experts=n
+        "gating_train_start",
+        examples=len(data),
+        train=len(train),
+        validation=len(val),
+        heldout=len(held),
+        experts=n,
     )
     result = fit(train, val, config, progress=progress)
     artifact = GatingArtifact(result.model, data.expert_ids, embedder.name)
     artifact.metadata.update(
         data_hash=data.data_hash(),
         config=config.as_dict(),
-        metrics=_metrics(artifact, result, train, val),
+        metrics=_metrics(artifact, result, train, val, held),
         split={
             "seed": config.seed,
             "holdout": config.holdout,
+            "validation_share": config.validation,
             "n_train": len(train),
+            "validation": [data.example_ids[i] for i in val_idx],
             "heldout": [data.example_ids[i] for i in held_idx],
         },
         history=result.history,
@@ -230,12 +243,14 @@ def train_gating(
 
 
 def _metrics(
-    artifact: GatingArtifact, result: FitResult, train: Batch, val: Batch
+    artifact: GatingArtifact, result: FitResult, train: Batch, val: Batch, held: Batch
 ) -> dict[str, Any]:
+    """Held-out figures on examples that neither trained the gate nor stopped its training."""
     n = artifact.model.n_experts
-    gated = loss_report(artifact.values(val.x.numpy()), val)
-    uniform = loss_report(np.full((len(val), n), 1.0 / n), val)
+    gated = loss_report(artifact.values(held.x.numpy()), held)
+    uniform = loss_report(np.full((len(held), n), 1.0 / n), held)
     return {
+        "validation_loss": validation_loss(artifact.model, val),
         "heldout_loss": gated["loss"],
         "heldout_nll_per_token": gated["nll_per_token"],
         "heldout_uniform_loss": uniform["loss"],

@@ -76,13 +76,18 @@ def pool(
 
 @app.command()
 def collect(
-    data: Annotated[Path, typer.Option("--data", help="MMLU-layout dir, ARC/AGIEval .jsonl.")],
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", help="MMLU-layout dir, ARC/AGIEval .jsonl; may be repeated."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="The output store (created or resumed).")],
     nats_url: NatsUrl = "nats://127.0.0.1:4222",
     experts: Annotated[
         str | None, typer.Option(help="Comma-separated expert ids (default: all live).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="A seeded sample of N examples.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="A seeded sample of N examples from each --data.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
     top_k: Annotated[int, typer.Option(help="Top-k kept at every target token.")] = 8,
     concurrency: Annotated[int, typer.Option(help="Requests in flight per expert.")] = 2,
@@ -109,11 +114,17 @@ def collect(
 
     wanted = tuple(e.strip() for e in experts.split(",") if e.strip()) if experts else None
     with user_errors():
-        examples = choose_examples(load_examples(_existing(data, "data")), limit, seed)
+        examples = interleaved(
+            [choose_examples(load_examples(_existing(src, "data")), limit, seed) for src in data]
+        )
         if not examples:
-            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{data} holds no examples")
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD, f"{', '.join(map(str, data))} hold no examples"
+            )
+        if len({ex.id for ex in examples}) != len(examples):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "the --data sources share example ids")
         dataset = DatasetSpec(
-            path=str(data),
+            path=" + ".join(str(source) for source in data),
             limit=limit,
             seed=seed,
             examples=len(examples),
@@ -148,6 +159,16 @@ def collect(
         )
         raise typer.Exit(130)
     typer.echo(_summary_line(result), err=True)
+
+
+def interleaved(sources: list[list[T]]) -> list[T]:
+    """Round robin over the sources, so that a collection stopped early has some of each."""
+    return [
+        group[i]
+        for i in range(max(map(len, sources), default=0))
+        for group in sources
+        if i < len(group)
+    ]
 
 
 def _summary_line(s: Any) -> str:
@@ -185,7 +206,12 @@ def train(
         int | None, typer.Option(help="Epochs without a better validation loss.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
-    holdout: Annotated[float, typer.Option(help="Share of examples held out.")] = 0.2,
+    holdout: Annotated[
+        float, typer.Option(help="Share of examples held out for evaluation only.")
+    ] = 0.2,
+    validation: Annotated[
+        float, typer.Option(help="Share of examples for early stopping (not evaluation).")
+    ] = 0.2,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     threads: Threads = 1,
     log_level: LogLevel = "info",
@@ -212,6 +238,7 @@ def train(
         "early_stop_patience": early_stop_patience,
         "seed": seed,
         "holdout": holdout,
+        "validation": validation,
     }
     with user_errors():
         data = OutputStore(_existing(outputs, "outputs")).to_gating_data()

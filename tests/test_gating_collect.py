@@ -33,6 +33,7 @@ from moe2.agents.measure.collect import (
 )
 from moe2.agents.traces.recorder import Recorder
 from moe2.gating.data import McExample, cloze_targets, load_examples
+from moe2.gating.evaluate import evaluate_all
 from moe2.gating.pools import MMLU_GROUPS, MMLU_SUBCATEGORIES, build_pool
 from moe2.gating.store import (
     RECORDS,
@@ -100,8 +101,13 @@ def token_logprob(expert: str, target: str, t: int) -> float:
     return -0.05 - (zlib.crc32(f"{expert}|{target}|{t}".encode()) % 1000) / 1000 * 2.95
 
 
-def scripted_target(expert: str, target: str, top_k: int) -> wire.TargetScore:
+def scripted_target(
+    expert: str, target: str, top_k: int, tokenizer: str = "bytes"
+) -> wire.TargetScore:
+    """One token per byte; the "pairs" tokenizer: one per two bytes (its id: the first's)."""
     ids = np.frombuffer(target.encode(), dtype=np.uint8).astype("<u4")
+    if tokenizer == "pairs":
+        ids = ids[::2]
     lps = np.array([token_logprob(expert, target, t) for t in range(ids.size)], dtype="<f4")
     top_ids = np.zeros((ids.size, top_k), dtype="<u4")
     top_lps = np.zeros((ids.size, top_k), dtype="<f4")
@@ -185,7 +191,10 @@ class ScoringExpert:
                 code=str(ErrorCode.PROMPT_TOO_LONG), message="too long", expert=self.expert
             )
         else:
-            targets = [scripted_target(self.expert, t, score.top_k) for t in score.targets]
+            targets = [
+                scripted_target(self.expert, t, score.top_k, self.script.tokenizer)
+                for t in score.targets
+            ]
             reply = wire.Scored(expert=self.expert, prompt_tokens=len(question), targets=targets)
         await self.nc.publish(request.reply, wire.encode(reply))
         self.script.answered += 1
@@ -452,17 +461,38 @@ async def test_without_experts_named_the_collector_waits_for_latecomers(nats_url
 
 
 @pytest.mark.anyio
-async def test_experts_with_different_tokenizers_are_refused(
+async def test_experts_with_different_tokenizers_are_scored_per_answer_text_in_bytes(
     nats_url: str, mmlu: Path, tmp_path: Path
 ) -> None:
+    """A mixed pool has no common token axis: each option is one unit per expert (its log-
+    probability of the whole text, summed over that expert's own tokens), lengths in bytes."""
     examples = load_examples(mmlu)
-    scripts = {"a": ScoringScript(), "g": ScoringScript(tokenizer="gemma")}
+    scripts = {"a": ScoringScript(), "g": ScoringScript(tokenizer="pairs")}
     async with scoring_experts(nats_url, scripts) as (prefix, _):
-        with anyio.fail_after(10), pytest.raises(Moe2Error) as caught:
-            await collect_live(
+        with anyio.fail_after(20):
+            summary = await collect_live(
                 nats_url, examples, tmp_path / "o", dataset_of(mmlu, examples), config(prefix)
             )
-    assert "different tokenizers" in caught.value.message
+    assert summary.complete
+    store = OutputStore(tmp_path / "o")
+    assert store.mixed
+    arrays = store.score_arrays()
+    assert arrays.unit == "byte" and arrays.vocab_size == 0
+    ex, scores = examples[0], arrays.examples[0]
+    for o, text in enumerate(cloze_targets(ex)):
+        size = len(text.encode())
+        want = [
+            sum(token_logprob("a", text, t) for t in range(size)),
+            sum(token_logprob("g", text, t) for t in range((size + 1) // 2)),
+        ]
+        np.testing.assert_allclose(scores.cloze[o][:, 0], want, rtol=1e-5)
+        assert scores.cloze[o].shape == (2, 1) and scores.length(o) == size
+    data = store.to_gating_data()
+    assert [lp.shape for lp in data.gold_logprobs] == [(2, 1)] * len(examples)
+    rows = {r.method: r for r in evaluate_all(arrays, None)}
+    gold_bytes = sum(len(cloze_targets(e)[e.answer].encode()) for e in examples)
+    nll_a = -sum(float(s.gold[0, 0]) for s in arrays.examples)
+    assert rows["single: a"].nll_per_token == pytest.approx(nll_a / gold_bytes)
 
 
 @pytest.mark.anyio

@@ -7,6 +7,7 @@ import pytest
 
 from moe2.gating.evaluate import (
     ExampleScores,
+    PerExample,
     ScoreArrays,
     aggregate,
     cloze_choice,
@@ -16,6 +17,7 @@ from moe2.gating.evaluate import (
     letter_choice,
     markdown_table,
     oracle,
+    paired_differences,
     per_example,
 )
 
@@ -142,3 +144,49 @@ def test_the_table_names_the_best_single_expert_of_each_metric() -> None:
     best = next(line for line in table.splitlines() if line.startswith("| best single"))
     assert "(a)" in best
     assert "| - |" in best  # no top-k: no token accuracy
+
+
+def _outcome(nll: list[float], cloze: list[bool]) -> PerExample:
+    e = len(nll)
+    return PerExample(
+        nll=np.array(nll),
+        tokens=np.full(e, 2, dtype=np.int64),
+        letter_ok=np.zeros(e, dtype=bool),
+        cloze_ok=np.array(cloze),
+        token_hits=np.zeros(e, dtype=np.int64),
+    )
+
+
+def test_paired_differences_see_a_consistent_gain_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(2.0, 6.0, 200)
+    right = rng.random(200) < 0.3
+    better = _outcome(list(base - 0.2), list(right | (rng.random(200) < 0.3)))
+    same = _outcome(list(base + rng.normal(0, 0.5, 200)), list(rng.random(200) < 0.3))
+    ref = _outcome(list(base), list(right))
+    gain = {d.metric: d for d in paired_differences("g", better, "b", ref)}
+    assert gain["nll"].value == pytest.approx(-0.1)  # 0.2 nats per 2 tokens
+    assert gain["nll"].high < 0 and gain["nll"].better
+    assert gain["cloze"].low > 0 and gain["cloze"].better
+    assert gain["letter"].value == 0 and not gain["letter"].better
+    noise = {d.metric: d for d in paired_differences("g", same, "b", ref)}
+    assert noise["nll"].low < 0 < noise["nll"].high and not noise["nll"].better
+    again = paired_differences("g", same, "b", ref)
+    assert again == paired_differences("g", same, "b", ref)  # seeded: reproducible
+
+
+def test_a_mixed_pool_normalises_cloze_and_nll_by_bytes() -> None:
+    # option 0: 2 bytes at total log 0.5; option 1: 6 bytes at total log 0.2; per byte 1 wins
+    ex = ExampleScores(
+        answer=1,
+        letter=log([[0.5, 0.5]]),
+        cloze=[log([[0.5]]), log([[0.2]])],
+        cloze_ids=[np.zeros(0, dtype=np.int64)] * 2,
+        lengths=[2, 6],
+    )
+    assert cloze_choice(ex.cloze, [1.0], ex.lengths) == 1
+    assert cloze_choice(ex.cloze, [1.0]) == 0  # per unit (one each) option 0 would win
+    arrays = ScoreArrays(["a"], ["x"], [ex], unit="byte")
+    row = {r.method: r for r in evaluate_all(arrays, None)}["single: a"]
+    assert row.nll_per_token == pytest.approx(-np.log(0.2) / 6)
+    assert row.cloze_accuracy == 1.0

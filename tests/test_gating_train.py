@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe2.gating.artifact import GatingArtifact
-from moe2.gating.dataset import GatingData, split_indices
+from moe2.gating.dataset import GatingData, split_indices, split_three
 from moe2.gating.model import GatingMLP, TrainConfig, mixture_nll_from_logits
 from moe2.gating.theorem import random_subsets, theorem1_check
 from moe2.gating.train import Batch, accumulation_weights, embed_all, fit, train_gating
@@ -84,10 +84,22 @@ def test_train_gating_writes_the_artifact_the_curves_and_the_split(tmp_path: Pat
     assert TrainConfig.from_dict(meta["config"]) == config
     _, held = split_indices(len(data), 7, 0.2)
     assert meta["split"]["heldout"] == [data.example_ids[i] for i in held]
+    # three disjoint sets: the held-out examples neither train the gate nor stop its training
+    heldout, validation = set(meta["split"]["heldout"]), set(meta["split"]["validation"])
+    assert len(heldout) == len(validation) == 20 and not heldout & validation
+    assert meta["split"]["n_train"] == 60
     assert len(meta["history"]) == meta["metrics"]["epochs"] == 5
     loaded = GatingArtifact.load(out, expert_ids=EXPERTS, embedder="cluster-embedder")
     x = ClusterEmbedder().embed(data.texts[:5])
     assert np.array_equal(loaded.values(x), art.values(x))
+
+
+@pytest.mark.parametrize("n", [3, 10, 101])
+def test_three_splits_are_disjoint_cover_everything_and_keep_the_two_way_held_out(n: int) -> None:
+    train, val, held = split_three(n, 3, 0.2, 0.2)
+    assert sorted([*train, *val, *held]) == list(range(n))
+    assert min(len(train), len(val), len(held)) >= 1
+    assert held.tolist() == split_indices(n, 3, 0.2)[1].tolist()
 
 
 def test_embed_all_batches_by_length_and_keeps_the_order() -> None:

@@ -225,19 +225,7 @@ def _chosen(
             f"experts {missing} sent no heartbeat within {wait_s:g} s; live: {sorted(seen)}; if "
             f"they are still loading their models, wait longer (--wait {max(4 * wait_s, 300):g})",
         )
-    chosen = {e: seen[e] for e in sorted(wanted or seen)}
-    check_one_tokenizer({e: hb.tokenizer for e, hb in chosen.items()})
-    return chosen
-
-
-def check_one_tokenizer(tokenizers: dict[str, str]) -> None:
-    """Per-token fusion (and the gating target) needs every expert on one tokenizer."""
-    if len(set(tokenizers.values())) > 1:
-        raise Moe2Error(
-            ErrorCode.INVALID_FIELD,
-            f"the experts use different tokenizers {tokenizers}: per-token fusion needs one; "
-            "choose experts with --experts",
-        )
+    return {e: seen[e] for e in sorted(wanted or seen)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +537,6 @@ def store_from_trace(
             ErrorCode.INVALID_FIELD, f"the trace's Score requests ask for top-k {folded.top_ks}"
         )
     identities = folded.identities(chosen)
-    check_one_tokenizer({e: i.tokenizer for e, i in identities.items()})
     meta = new_meta(list(identities.values()), dataset, folded.top_ks.pop(), f"trace:{trace}")
     with OutputStore.create(out, meta, examples) as store:
         before = len(store.done())
