@@ -207,9 +207,10 @@ class OutputStore:
             (ex.id, e) for ex in chosen for e in self.expert_ids if (ex.id, e) not in self._records
         ]
 
-    def complete_examples(self) -> list[McExample]:
-        """The examples every expert answered (in store order): what training and eval use."""
-        ids = self.expert_ids
+    def complete_examples(self, experts: Sequence[str] | None = None) -> list[McExample]:
+        """The examples every expert (of ``experts``) answered, in store order: what training
+        and eval use."""
+        ids = self.expert_ids if experts is None else experts
         return [
             ex
             for ex in self.examples
@@ -219,21 +220,38 @@ class OutputStore:
     def failed(self) -> list[ScoreRecord]:
         return [r for r in self._records.values() if not r.ok]
 
-    def score_arrays(self, example_ids: Sequence[str] | None = None) -> ScoreArrays:
-        """Evaluation arrays for ``example_ids`` (default: every complete example)."""
+    def score_arrays(
+        self, example_ids: Sequence[str] | None = None, experts: Sequence[str] | None = None
+    ) -> ScoreArrays:
+        """Evaluation arrays for ``example_ids`` (default: every example that ``experts``, by
+        default all of the store's, answered), over ``experts`` in that order. Per token when
+        those experts share a tokenizer, else per answer text and byte."""
+        chosen_experts = list(self.expert_ids if experts is None else experts)
+        unknown = sorted(set(chosen_experts) - set(self.expert_ids))
+        if unknown or not chosen_experts:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"experts {unknown or chosen_experts} are not in {self.directory} "
+                f"({self.expert_ids})",
+            )
         chosen = (
-            self.complete_examples()
+            self.complete_examples(chosen_experts)
             if example_ids is None
             else [self.example(i) for i in example_ids]
         )
-        scores = [self._example_scores(ex) for ex in chosen]
-        vocab = {e.vocab_size for e in self.meta.experts}
+        identities = {e.id: e for e in self.meta.experts}
+        mixed = len({identities[e].tokenizer for e in chosen_experts}) > 1
+        scores = [
+            example_scores(ex, [self._record(ex.id, e) for e in chosen_experts], by_text=mixed)
+            for ex in chosen
+        ]
+        vocab = {identities[e].vocab_size for e in chosen_experts}
         return ScoreArrays(
-            expert_ids=self.expert_ids,
+            expert_ids=chosen_experts,
             example_ids=[ex.id for ex in chosen],
             examples=scores,
-            vocab_size=vocab.pop() if len(vocab) == 1 and not self.mixed else 0,
-            unit="byte" if self.mixed else "token",
+            vocab_size=vocab.pop() if len(vocab) == 1 and not mixed else 0,
+            unit="byte" if mixed else "token",
         )
 
     @property

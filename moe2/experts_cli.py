@@ -221,3 +221,53 @@ def _cluster_list(only: str | None, k: int) -> list[int]:
     if bad:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"clusters {bad} are not in 0..{k - 1}")
     return chosen
+
+
+@app.command()
+def compare(
+    outputs: Annotated[
+        list[Path],
+        typer.Option("--outputs", help="A store from `moe2 gating collect` (repeat to join)."),
+    ],
+    experts: Annotated[str, typer.Option(help="Comma-separated expert ids, base first.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the tables: path stem.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """Do the experts differ? Each one's NLL and cloze accuracy per domain, against the base."""
+    configure_logging(log_level)
+    import json
+
+    from moe2.gating.domains import domain_table, markdown
+    from moe2.gating.evaluate import ScoreArrays
+    from moe2.gating.store import OutputStore
+
+    ids = [e.strip() for e in experts.split(",") if e.strip()]
+    with user_errors():
+        if len(ids) < 2:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "--experts needs a base and one more")
+        parts, examples = [], []
+        for path in outputs:
+            if not path.exists():
+                raise Moe2Error(ErrorCode.INVALID_FIELD, f"outputs {path} does not exist")
+            store = OutputStore(path)
+            arrays = store.score_arrays(experts=ids)
+            parts.append(arrays)
+            examples += [store.example(i) for i in arrays.example_ids]
+        units = {a.unit for a in parts}
+        if len(units) != 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"the stores count in {sorted(units)}")
+        joined = ScoreArrays(
+            expert_ids=ids,
+            example_ids=[i for a in parts for i in a.example_ids],
+            examples=[x for a in parts for x in a.examples],
+            unit=units.pop(),
+        )
+        if len(set(joined.example_ids)) != len(joined.example_ids):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "the stores share examples")
+        table = domain_table(joined, examples, base=ids[0])
+    text = markdown(table)
+    typer.echo(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text + "\n")
+        out.with_suffix(".json").write_text(json.dumps(table.as_dict(), indent=2) + "\n")

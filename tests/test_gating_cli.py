@@ -321,3 +321,46 @@ def test_eval_refuses_a_gate_for_other_experts_and_missing_inputs(tmp_path: Path
     assert code == 1 and "--split is heldout or all" in err
     code, _, err = gating("train", "--outputs", str(outputs), "--out", str(gate), "--lr", "-1")
     assert code == 1 and "training configuration: lr must be > 0" in err
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_eval_reports_intervals_against_the_baselines(tmp_path: Path) -> None:
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(24), EXPERTS)
+    code, _, err = gating(
+        "train", "--outputs", str(outputs), "--out", str(tmp_path / "gate"),
+        "--max-epochs", "15", "--batch", "8", "--grad-accum", "1", "--lr", "0.03",
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = gating("eval", "--outputs", str(outputs), "--gate", str(tmp_path / "gate"))
+    assert code == 0, err
+    report = json.loads((outputs / "eval-heldout.json").read_text())
+    diffs = {(d["method"], d["baseline"], d["metric"]): d for d in report["differences"]}
+    top1 = diffs[("MoE² top-1", "equal weights", "nll")]
+    assert top1["value"] < 0 and top1["ci95"][0] <= top1["value"] <= top1["ci95"][1]
+    assert top1["better"] is (top1["ci95"][1] < 0)
+    assert "95% paired bootstrap" in out and "| MoE² top-1 | equal weights |" in out
+
+
+def test_experts_compare_shows_each_expert_per_domain_against_the_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe2.experts_cli import app as experts_app
+
+    monkeypatch.setattr("moe2.experts_cli.configure_logging", lambda *a, **k: None)
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(12), EXPERTS)
+    ids = ",".join(EXPERTS)
+    result = runner.invoke(
+        experts_app, ["compare", "--outputs", str(outputs), "--experts", ids,
+                      "--out", str(tmp_path / "table")]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    table = json.loads((tmp_path / "table.json").read_text())
+    anatomy = table["domains"]["MMLU anatomy: other"]
+    assert anatomy[EXPERTS[0]]["examples"] == 12
+    best = min(anatomy, key=lambda e: anatomy[e]["nll"])
+    assert best.startswith("anat") and anatomy[best]["cloze"] == 1.0
+    assert table["base"] == EXPERTS[0] and set(table["against_base"]) == set(EXPERTS[1:])
+    assert "| all | 24 |" in result.stdout
+    bad = runner.invoke(experts_app, ["compare", "--outputs", str(outputs), "--experts", "x,y"])
+    assert bad.exit_code == 1 and "not in" in bad.stderr
