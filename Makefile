@@ -19,8 +19,8 @@ $(VENV)/.test: $(VENV)/.models
 	if command -v npm >/dev/null; then cd docs/examples && npm install --silent --no-audit --no-fund; fi
 	touch $@
 
-demo: $(VENV)/.models
-	$(VENV)/bin/moe2 demo
+demo: $(VENV)/.models  # DEMO_ARGS="--experts 6" or "'another question'" for more
+	$(VENV)/bin/moe2 demo $(DEMO_ARGS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -278,23 +278,46 @@ def replay(
 
 @app.command()
 def demo(
-    prompt: Annotated[str, typer.Argument(help="The question.")] = (
-        "Explain in two sentences why the sky is blue."
+    questions: Annotated[
+        list[str] | None, typer.Argument(help="The questions (default: a math, a biology one).")
+    ] = None,
+    pool: Annotated[Path | None, typer.Option(help="A pool file (deploy/pools/).")] = None,
+    experts: Annotated[
+        int | None, typer.Option(help="Start the pool's first N experts (default: its own).")
+    ] = None,
+    gate: Annotated[Path | None, typer.Option(help="A gating artifact (default: the pool's).")] = (
+        None
     ),
-    experts: Annotated[int, typer.Option(help="Expert processes to start.")] = 3,
-    model: Annotated[str, typer.Option(help="Model for every expert.")] = "smollm2-135m",
-    max_tokens: Annotated[int, typer.Option(help="Longest answer, tokens.")] = 96,
+    outputs: Annotated[
+        Path | None, typer.Option(help="The store the gate was trained on (default: the pool's).")
+    ] = None,
+    tau: Annotated[
+        list[str] | None, typer.Option(help="SMO delay limit APP=SECONDS; repeatable.")
+    ] = None,
+    energy: Annotated[float | None, typer.Option(help="SMO energy budget, J/answer.")] = None,
+    experts_per_prompt: Annotated[
+        int | None, typer.Option(help="The gate's top-k of S (default: the pool's).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Longest answer, tokens.")] = 48,
     step_deadline: Annotated[float, typer.Option(help="Seconds per decode step.")] = 5.0,
     start_timeout: Annotated[float, typer.Option(help="Seconds to wait for experts.")] = 600.0,
 ) -> None:
-    """The embedded default: a local nats-server, expert processes, a fusion agent, one answer."""
+    """The embedded default: a local nats-server, the pool's experts as processes, a fusion
+    agent with its gate and SMO, and the answers; then everything stops."""
     configure_logging("warning")
-    from moe2.demo import DemoSettings, run_demo
+    from moe2.demo import QUESTIONS, DemoSettings, run_demo
+    from moe2.pool import DEFAULT_POOL
+    from moe2.select_cli import parse_limits
 
     settings = DemoSettings(
-        prompt=prompt,
+        questions=tuple(questions) if questions else QUESTIONS,
+        pool=pool or DEFAULT_POOL,
         experts=experts,
-        model=model,
+        gate=gate,
+        outputs=outputs,
+        tau_s=parse_limits(tau) if tau else {},
+        energy_j=energy,
+        experts_per_prompt=experts_per_prompt,
         max_tokens=max_tokens,
         step_deadline_s=step_deadline,
         start_timeout_s=start_timeout,

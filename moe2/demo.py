@@ -1,30 +1,60 @@
-"""``moe2 demo``: everything on one machine, started, used once and shut down cleanly."""
+"""``moe2 demo``: the shipped heterogeneous pool on one machine, started, asked, shut down.
+
+A local nats-server, the first experts of the pool file as separate ``moe2 expert`` processes,
+and a fusion agent in this process with the pool's gate and SMO over the pool's profiles. It
+prints the S that SMO chose and the budget that binds, then for each question the gate's top-k
+of S with their weights, the fused answer token by token, and the summary line.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import anyio
+from nats.aio.msg import Msg
 
 import moe2
 from moe2.agents.fusion.agent import FusionAgent, serve_fusion
 from moe2.agents.fusion.config import FusionConfig
-from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.gating import top_k_experts
+from moe2.pool import DEFAULT_POOL, BudgetReport, Pool, PoolExpert, budget_report, load_pool
+from moe2.runtime import wire
+from moe2.runtime.client import Client
+from moe2.runtime.connection import flush_subscriptions
+from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.server import NatsServer
+from moe2.runtime.wire import ChatMessage
+from moe2.selection.costs import Budgets
+
+QUESTIONS = (
+    "A train travels 180 km in 3 hours. What is its average speed?",
+    "What does the heart do in the human body?",
+)
+STOP = ("\nUser:",)  # a base model (Gemma-3-270M) goes on to write the next turn
 
 
 @dataclass(frozen=True, slots=True)
 class DemoSettings:
-    prompt: str
-    experts: int = 3
-    model: str = "smollm2-135m"
-    max_tokens: int = 96
+    questions: tuple[str, ...] = QUESTIONS
+    pool: Path = DEFAULT_POOL
+    experts: int | None = None  # None: the pool's demo_experts
+    gate: Path | None = None  # None: the pool's
+    outputs: Path | None = None
+    tau_s: Mapping[str, float] = field(default_factory=dict)  # over the pool's applications'
+    energy_j: float | None = None  # None: the pool's
+    experts_per_prompt: int | None = None  # None: the pool's
+    max_tokens: int = 48
     step_deadline_s: float = 5.0
     start_timeout_s: float = 600.0
 
@@ -34,79 +64,245 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-@contextmanager
-def expert_processes(url: str, settings: DemoSettings, logs: Path) -> Iterator[list[Path]]:
-    """Start the experts as separate processes; terminate (then kill) them on the way out."""
-    procs: list[subprocess.Popen[bytes]] = []
-    files: list[Path] = []
-    try:
-        for i in range(1, settings.experts + 1):
-            log_file = logs / f"expert-{i}.log"
-            files.append(log_file)
-            cmd = [
-                sys.executable,
-                "-m",
-                "moe2",
-                "expert",
-                "--id",
-                f"expert-{i}",
-                "--model",
-                settings.model,
-                "--nats",
-                url,
-                "--threads",
-                "1",
-            ]
-            with log_file.open("wb") as out:
-                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
-        yield files
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+def demo_pool(settings: DemoSettings) -> Pool:
+    """The pool file with the settings' gate and outputs, both present."""
+    pool = load_pool(settings.pool)
+    pool = replace(pool, gate=settings.gate or pool.gate, outputs=settings.outputs or pool.outputs)
+    pool.check_artifacts()
+    return pool
 
 
 async def run_demo(settings: DemoSettings) -> None:
+    pool = demo_pool(settings)
+    experts = pool.first(settings.experts or pool.demo_experts)
     logs = Path(tempfile.mkdtemp(prefix="moe2-demo-"))
     with NatsServer() as server:
         _say(f"· nats-server on {server.url}")
-        with expert_processes(server.url, settings, logs) as log_files:
-            _say(f"· {settings.experts} experts starting ({settings.model}); logs in {logs}")
-            config = FusionConfig(step_deadline_s=settings.step_deadline_s)
-            async with anyio.create_task_group() as tg:
-                agent: FusionAgent = await tg.start(serve_fusion, server.url, config)
-                await _wait_for_experts(agent, settings, log_files)
-                await _ask(server.url, settings)
-                tg.cancel_scope.cancel()
+        with expert_processes(server.url, experts, logs) as started:
+            _say(_pool_table(pool, experts, logs))
+            await _demonstrate(server.url, pool, started, settings)
     _say("· shut down: fusion agent, experts and nats-server stopped")
 
 
-async def _wait_for_experts(agent: FusionAgent, settings: DemoSettings, logs: list[Path]) -> None:
-    try:
-        live = await agent.wait_for_experts(settings.experts, settings.start_timeout_s)
-    except TimeoutError:
-        tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-800:]}" for p in logs)
+async def _demonstrate(
+    url: str,
+    pool: Pool,
+    started: Sequence[ExpertProcess],
+    settings: DemoSettings,
+) -> None:
+    """Start the fusion agent, wait for the experts and S, ask every question; then stop it."""
+    began = time.monotonic()
+    budgets = pool.budgets(settings.tau_s, settings.energy_j)
+    config = FusionConfig(
+        step_deadline_s=settings.step_deadline_s,
+        experts_per_prompt=settings.experts_per_prompt or pool.experts_per_prompt,
+        gate=str(pool.gate),
+        outputs=str(pool.outputs),
+        tau_s=dict(budgets.tau_s),
+        energy_j=budgets.energy_j,
+        # the experts share this box, so their measured step times say nothing about the
+        # boxes they stand for: SMO keeps the pool's costs (no drift re-selection)
+        drift=math.inf,
+    )
+    serve = partial(serve_fusion, profiles=pool.profiles)
+    async with anyio.create_task_group() as tg:
+        agent: FusionAgent = await tg.start(serve, url, config)
+        selection = SelectionWatch([p.expert for p in started])
+        await selection.watch(agent)
+        await _wait_for_experts(agent, started, settings.start_timeout_s)
+        _say(f"· experts live after {time.monotonic() - began:.0f} s; fusion agent ready")
+        _say(_selection_lines(pool, budgets, await selection.chosen(30.0)))
+        async with moe2.connect(url) as client:
+            for question in settings.questions:
+                await _ask(client, agent, question, settings.max_tokens)
+        tg.cancel_scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertProcess:
+    expert: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, chars: int = 800) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    async def failed(self, limiter: anyio.CapacityLimiter) -> None:
+        """Wait for the process to exit, then raise what its log says went wrong."""
+        code = await anyio.to_thread.run_sync(
+            self.process.wait, abandon_on_cancel=True, limiter=limiter
+        )
+        said = re.findall(r"^error \[(\w+)\]: (.*)$", self.tail(), re.M)
+        if said:
+            raise Moe2Error(error_code(said[-1][0]), f"expert {self.expert}: {said[-1][1]}")
         raise Moe2Error(
-            ErrorCode.TIMEOUT,
-            f"experts not live after {settings.start_timeout_s:.0f}s; their logs:\n{tails}",
-        ) from None
-    _say(f"· experts live: {', '.join(live)}; fusion agent ready\n")
-    _say(f"> {settings.prompt}\n")
+            ErrorCode.INTERNAL,
+            f"expert {self.expert} exited with {code} before it was live; "
+            f"its log {self.log} ends:\n{self.tail()}",
+        )
 
 
-async def _ask(url: str, settings: DemoSettings) -> None:
+@contextmanager
+def expert_processes(
+    url: str, experts: Sequence[PoolExpert], logs: Path
+) -> Iterator[list[ExpertProcess]]:
+    """Start the experts as separate processes; terminate (then kill) them on the way out."""
+    started: list[ExpertProcess] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        for expert in experts:
+            log = logs / f"{expert.id}.log"
+            with log.open("wb") as out:
+                command = expert.command(url)
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            started.append(ExpertProcess(expert.id, proc, log))
+        yield started
+    finally:
+        for p in started:
+            p.process.terminate()
+        for p in started:
+            try:
+                p.process.wait(10)
+            except subprocess.TimeoutExpired:
+                p.process.kill()
+                p.process.wait(5)
+
+
+def _pool_table(pool: Pool, experts: Sequence[PoolExpert], logs: Path) -> str:
+    rows = [
+        (
+            e.id,
+            e.model + (f" + {e.adapter.name}" if e.adapter else ""),
+            e.device,
+            e.domain,
+        )
+        for e in experts
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        f"    {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows
+    ]
+    return (
+        f"· {len(experts)} of the {len(pool.experts)} experts of pool {pool.name!r} starting "
+        f"(logs in {logs}):\n" + "\n".join(lines) + "\n  each stands for a box of its device "
+        "class; here they share this one, and SMO prices them by their profiles"
+    )
+
+
+async def _wait_for_experts(
+    agent: FusionAgent, started: Sequence[ExpertProcess], limit_s: float
+) -> None:
+    """Until every started expert is live; an expert that exits first is the error."""
+    async with anyio.create_task_group() as tg:
+        limiter = anyio.CapacityLimiter(len(started))  # not the agent's worker threads
+        for p in started:
+            tg.start_soon(p.failed, limiter)
+        try:
+            await agent.wait_for_experts(len(started), limit_s)
+        except TimeoutError:
+            tails = "\n".join(f"--- {p.log.name}\n{p.tail()}" for p in started)
+            raise Moe2Error(
+                ErrorCode.TIMEOUT, f"experts not live after {limit_s:.0f}s; their logs:\n{tails}"
+            ) from None
+        tg.cancel_scope.cancel()
+
+
+class SelectionWatch:
+    """The first S a fusion agent announces once every started expert is live."""
+
+    def __init__(self, experts: Sequence[str]) -> None:
+        self.experts = set(experts)
+        self.found: wire.SubsetAnnouncement | None = None
+        self.announced = anyio.Event()
+
+    async def watch(self, agent: FusionAgent) -> None:
+        await agent.nc.subscribe(agent.subjects.selection, cb=self._on_message)
+        await flush_subscriptions(agent.nc)
+
+    async def _on_message(self, msg: Msg) -> None:
+        message = wire.decode(msg.data)
+        if isinstance(message, wire.SubsetAnnouncement) and set(message.live) == self.experts:
+            self.found = message
+            self.announced.set()
+
+    async def chosen(self, limit_s: float) -> wire.SubsetAnnouncement:
+        with anyio.fail_after(limit_s):  # the agent re-selects within 0.2 s of a join
+            await self.announced.wait()
+        assert self.found is not None
+        if not self.found.experts:
+            raise Moe2Error(ErrorCode.INFEASIBLE, f"SMO chose no experts: {self.found.error}")
+        return self.found
+
+
+def _selection_lines(pool: Pool, budgets: Budgets, choice: wire.SubsetAnnouncement) -> str:
+    candidates = [e for e in choice.live if e not in choice.left_out]
+    report = budget_report(pool.profiles, budgets, candidates, choice.experts)
+    loss = f"loss {choice.loss:.3f} nats/token, " if choice.loss is not None else ""
+    lines = [
+        f"· SMO chose S = {{{', '.join(choice.experts)}}} of {len(choice.live)} live experts "
+        f"({loss}{choice.oracle_calls} oracle call{'s' * (choice.oracle_calls != 1)}, "
+        f"{choice.solve_s * 1e3:.0f} ms)",
+        "    S uses " + " · ".join(_use(name, v, limit) for name, v, limit in report.used),
+        "    " + binding_line(report),
+    ]
+    lines += [f"    left out: {e} ({why})" for e, why in choice.left_out.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _use(name: str, value: float, limit: float) -> str:
+    if name == "energy":
+        return f"energy {value:.1f} J of {limit:.1f} J per answer"
+    return f"{name} {value:.3f} s of {limit:.3f} s per token"
+
+
+def _over(name: str, value: float, limit: float) -> str:
+    if name == "energy":
+        return f"{value:.1f} J > {limit:.1f} J"
+    return f"{value:.3f} s > {limit:.3f} s"
+
+
+def binding_line(report: BudgetReport) -> str:
+    """Which budget binds, said with an expert it keeps out and what that expert would need."""
+    if not report.left_out:
+        return "binding: none — every live expert fits and is in S"
+    parts = []
+    for name in report.binding:
+        blocked = [
+            (e, value, limit)
+            for e, broken in report.left_out.items()
+            for n, value, limit in broken
+            if n == name
+        ]
+        e, value, limit = blocked[0]
+        more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
+        parts.append(f"{name} — adding {e} would need {_over(name, value, limit)}{more}")
+    if report.by_loss:
+        parts.append(f"{', '.join(report.by_loss)} would fit, left out by the loss")
+    return ("binding: " if report.binding else "binding: none — ") + "; ".join(parts)
+
+
+async def _ask(client: Client, agent: FusionAgent, question: str, max_tokens: int) -> None:
     from moe2.cli import summary_line
 
-    async with moe2.connect(url) as client:
-        answer = client.ask(settings.prompt, max_tokens=settings.max_tokens)
-        async for chunk in answer:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n\n")
-        assert answer.final is not None, "a finished stream has its final message"
-        _say(summary_line(answer.final))
+    _say(f"> {question}")
+    experts, weights = await gate_choice(agent, question)
+    chosen = " · ".join(f"{e} {w:.2f}" for e, w in zip(experts, weights, strict=True))
+    _say(f"· the gate's top-{len(experts)} of S for this prompt: {chosen}\n")
+    answer = client.ask(question, max_tokens=max_tokens, stop=STOP)
+    async for chunk in answer:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n\n")
+    sys.stdout.flush()
+    assert answer.final is not None, "a finished stream has its final message"
+    _say(summary_line(answer.final) + "\n")
+
+
+async def gate_choice(agent: FusionAgent, question: str) -> tuple[list[str], list[float]]:
+    """The top-k of S and their weights, as the fusion agent will compute them (eq. 28)."""
+    allowed = agent.selector.select(sorted(agent.membership.live(time.monotonic())))
+    messages = [ChatMessage("user", question)]
+    values = await anyio.to_thread.run_sync(agent.gate.gate, messages, allowed)
+    gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
+    k = agent.config.experts_per_prompt
+    return top_k_experts([e for e, _ in gated], [v for _, v in gated], k)

@@ -22,6 +22,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
 from moe2.selection.live import LiveSelection
+from moe2.selection.profiles import Profiles
 
 log = structlog.get_logger("moe2.fusion")
 
@@ -231,9 +232,12 @@ def load_gate(path: str | None) -> Gate:
     return LearnedGate(artifact, load_embedder(artifact.embedder))
 
 
-def load_live_selection(config: FusionConfig, gate: Gate | None = None) -> SubsetSelector | None:
+def load_live_selection(
+    config: FusionConfig, gate: Gate | None = None, profiles: Profiles | None = None
+) -> SubsetSelector | None:
     """SMO over the live experts when ``outputs`` is configured, else None (every live expert).
-    ``gate``: the agent's loaded gate, whose embedder the loss oracle reuses."""
+    ``gate``: the agent's loaded gate, whose embedder the loss oracle reuses; ``profiles``:
+    costs already read (a pool file's), instead of ``config.profiles``."""
     if not config.selects or config.outputs is None or config.gate is None:
         return None
     from pathlib import Path
@@ -245,8 +249,9 @@ def load_live_selection(config: FusionConfig, gate: Gate | None = None) -> Subse
 
     embedder = getattr(gate, "embedder", None)  # a LearnedGate's; UniformGate has none
     oracle = oracle_from_outputs(Path(config.outputs), Path(config.gate), embedder=embedder)
-    paths = [Path(p) for p in config.profiles]
-    profiles = load_profiles(paths) if paths else default_profiles()
+    if profiles is None:
+        paths = [Path(p) for p in config.profiles]
+        profiles = load_profiles(paths) if paths else default_profiles()
     budgets = Budgets(dict(config.tau_s), config.energy_j)
     log.info("selection_loaded", experts=oracle.expert_ids, profiles=config.profiles)
     return LiveSelection(oracle, profiles, budgets, eps=config.select_eps, drift=config.drift)
@@ -256,11 +261,13 @@ async def serve_fusion(
     url: str,
     config: FusionConfig,
     *,
+    profiles: Profiles | None = None,
     task_status: TaskStatus[FusionAgent] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Connect and run one fusion agent until cancelled (``moe2 fusion``)."""
+    """Connect and run one fusion agent until cancelled (``moe2 fusion``); ``profiles``: SMO's
+    costs when already read, instead of ``config.profiles``."""
     gate = await anyio.to_thread.run_sync(load_gate, config.gate)
-    selector = await anyio.to_thread.run_sync(load_live_selection, config, gate)
+    selector = await anyio.to_thread.run_sync(load_live_selection, config, gate, profiles)
     nc = await connect_nats(url, name="moe2-fusion")
     try:
         agent = FusionAgent(nc, config, gate=gate, selector=selector)
