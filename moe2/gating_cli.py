@@ -212,6 +212,9 @@ def train(
     validation: Annotated[
         float, typer.Option(help="Share of examples for early stopping (not evaluation).")
     ] = 0.2,
+    experts: Annotated[
+        str | None, typer.Option(help="Comma-separated expert ids (default: the store's).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     threads: Threads = 1,
     log_level: LogLevel = "info",
@@ -242,9 +245,15 @@ def train(
     }
     with user_errors():
         data = OutputStore(_existing(outputs, "outputs")).to_gating_data()
+        if experts:
+            data = data.with_experts(_ids(experts))
         config = _config(TrainConfig, {k: v for k, v in given.items() if v is not None})
         artifact = train_gating(data, load_embedder(embedder), config, out, progress=progress)
     typer.echo(f"gating artifact in {out}: {_metrics_line(artifact.metadata)}", err=True)
+
+
+def _ids(experts: str) -> list[str]:
+    return [e.strip() for e in experts.split(",") if e.strip()]
 
 
 def _torch_threads(threads: int | None) -> None:
@@ -336,4 +345,51 @@ def evaluate(
         stem = out or _existing(outputs, "outputs") / f"eval-{split}"
         table = run_evaluation(_existing(outputs, "outputs"), _existing(gate, "gate"), split, stem)
     typer.echo(table)
+    typer.echo(f"saved {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", err=True)
+
+
+@app.command()
+def crossval(
+    outputs: Outputs,
+    folds: Annotated[int, typer.Option(help="Folds: K gates, each judged on its own fold.")] = 5,
+    experts: Annotated[
+        str | None, typer.Option(help="Comma-separated expert ids (default: the store's).")
+    ] = None,
+    embedder: Annotated[str, typer.Option(help="Sentence embedder (name or dir).")] = (
+        "all-MiniLM-L6-v2"
+    ),
+    max_epochs: Annotated[int | None, typer.Option(help="Epochs at most per gate.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the training.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Report path stem (.md and .json are written).")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    threads: Threads = 1,
+    log_level: LogLevel = "warning",
+) -> None:
+    """Cross-fitted evaluation: every example judged by a gate trained without it (K folds)."""
+    configure_logging(log_level)
+    _torch_threads(threads)
+    from moe2.gating.crossfit import run_crossfit
+    from moe2.gating.embed import load_embedder
+    from moe2.gating.model import TrainConfig
+
+    with user_errors():
+        if folds < 2:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"--folds must be 2 or more, got {folds}")
+        changes: dict[str, Any] = {"seed": seed}
+        if max_epochs is not None:
+            changes["max_epochs"] = max_epochs
+        config = _config(TrainConfig, changes)
+        stem = out or _existing(outputs, "outputs") / f"crossval-{folds}"
+        text, _ = run_crossfit(
+            _existing(outputs, "outputs"),
+            load_embedder(embedder),
+            config,
+            folds,
+            stem,
+            experts=_ids(experts) if experts else None,
+            progress=progress,
+        )
+    typer.echo(text)
     typer.echo(f"saved {stem.with_suffix('.md')} and {stem.with_suffix('.json')}", err=True)

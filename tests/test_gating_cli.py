@@ -364,3 +364,31 @@ def test_experts_compare_shows_each_expert_per_domain_against_the_base(
     assert "| all | 24 |" in result.stdout
     bad = runner.invoke(experts_app, ["compare", "--outputs", str(outputs), "--experts", "x,y"])
     assert bad.exit_code == 1 and "not in" in bad.stderr
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_crossval_judges_every_example_by_a_gate_that_never_saw_it(tmp_path: Path) -> None:
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(15), EXPERTS)
+    code, out, err = gating(
+        "crossval", "--outputs", str(outputs), "--folds", "3", "--max-epochs", "30",
+        "--experts", "anatomist,philosopher", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((outputs / "crossval-3.json").read_text())
+    assert report["examples"] == 30 and "3-fold cross-fitting" in report["split"]
+    assert report["pool"].startswith("anatomist (syn/anatomist), philosopher")
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["MoE² top-1"]["cloze_accuracy"] == 1.0  # routes each subject to its expert
+    diffs = {(d["method"], d["baseline"], d["metric"]): d for d in report["differences"]}
+    assert diffs[("MoE² gating (all)", "equal weights", "nll")]["better"]
+    assert "| single: novice |" not in out
+    bad, _, err = gating("crossval", "--outputs", str(outputs), "--folds", "1")
+    assert bad == 1 and "--folds" in err
+
+
+def test_fold_indices_partition_the_examples() -> None:
+    from moe2.gating.crossfit import fold_indices
+
+    folds = fold_indices(11, 3, seed=4)
+    assert sorted(int(i) for f in folds for i in f) == list(range(11))
+    assert sorted(len(f) for f in folds) == [3, 4, 4]
