@@ -98,6 +98,13 @@ def collect(
         Path | None, typer.Option("--from-trace", help="Build from a `moe2 record` trace.")
     ] = None,
     prefix: Annotated[str, typer.Option(help="Subject prefix.")] = "moe2",
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="An earlier store: copy its answers to the same questions by the same "
+            "experts instead of asking again (repeat for more)."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     log_level: LogLevel = "info",
 ) -> None:
@@ -147,6 +154,7 @@ def collect(
                 wait_s=wait,
                 prefix=prefix,
                 progress=progress,
+                reuse=tuple(_existing(p, "reused store") for p in reuse or ()),
             )
         except ValueError as exc:
             raise Moe2Error(ErrorCode.INVALID_FIELD, str(exc)) from None

@@ -295,6 +295,36 @@ async def test_every_example_is_scored_by_every_expert_in_both_formats(
 
 
 @pytest.mark.anyio
+async def test_a_larger_collection_reuses_an_earlier_ones_answers(
+    nats_url: str, mmlu: Path, tmp_path: Path
+) -> None:
+    examples = load_examples(mmlu)
+    scripts = {e: ScoringScript() for e in ("a", "b")}
+    async with scoring_experts(nats_url, scripts) as (prefix, _):
+        first = examples[:4]
+        with anyio.fail_after(20):
+            await collect_live(
+                nats_url, first, tmp_path / "small", dataset_of(mmlu, first), config(prefix)
+            )
+        assert [len(s.asked) for s in scripts.values()] == [8, 8]
+        with anyio.fail_after(20):
+            summary = await collect_live(
+                nats_url,
+                examples,
+                tmp_path / "large",
+                dataset_of(mmlu, examples),
+                config(prefix, reuse=(tmp_path / "small",)),
+            )
+    assert (summary.done_before, summary.collected) == (8, 4)
+    assert [len(s.asked) for s in scripts.values()] == [12, 12]  # only the 2 new examples
+    small, large = OutputStore(tmp_path / "small"), OutputStore(tmp_path / "large")
+    assert len(large.complete_examples()) == 6
+    assert large.score_arrays([e.id for e in first]).examples[0].letter.tolist() == (
+        small.score_arrays().examples[0].letter.tolist()
+    )
+
+
+@pytest.mark.anyio
 async def test_an_interrupted_collection_resumes_with_nothing_lost_or_collected_twice(
     nats_url: str, mmlu: Path, tmp_path: Path
 ) -> None:

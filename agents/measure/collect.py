@@ -66,6 +66,7 @@ class CollectConfig:
     settle_s: float = 3.0  # after the first heartbeat, to hear the others (no --experts)
     prefix: str = DEFAULT_PREFIX
     progress: bool = True
+    reuse: tuple[Path, ...] = ()  # earlier stores whose matching records are copied, not asked
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.retries < 0 or self.top_k < 0 or self.timeout_s <= 0:
@@ -371,6 +372,8 @@ async def collect_live(
         identities = [ExpertIdentity.of(hb) for hb in live.values()]
         meta = new_meta(identities, dataset, config.top_k, url)
         with OutputStore.create(out, meta, examples) as store:
+            for earlier in config.reuse:
+                reuse_records(store, OutputStore(earlier))
             before = len(store.done())
             collector = Collector(nc, store, examples, config)
             try:
@@ -385,6 +388,39 @@ async def collect_live(
         failed=collector.failed,
         seconds=time.monotonic() - started,
     )
+
+
+def reuse_records(store: OutputStore, earlier: OutputStore) -> int:
+    """Copy into ``store`` the records of ``earlier`` that answer the same question (same id
+    and content) from the same expert (same id, model and tokenizer) with the same ``top_k``,
+    and are not in ``store`` yet; returns how many. Extends a collection without asking again."""
+    if earlier.meta.top_k != store.meta.top_k:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{earlier.directory} kept top-{earlier.meta.top_k}, this store top-{store.meta.top_k}",
+        )
+    same_expert = {
+        e.id
+        for e in store.meta.experts
+        for old in earlier.meta.experts
+        if (e.id, e.model, e.tokenizer) == (old.id, old.model, old.tokenizer)
+    }
+    wanted = {ex.id: ex for ex in store.examples}
+    done = store.done()
+    copied = 0
+    for record in earlier.records():
+        ex = wanted.get(record.example)
+        if (
+            ex is None
+            or record.expert not in same_expert
+            or (record.example, record.expert) in done
+            or earlier.example(record.example) != ex
+        ):
+            continue
+        store.append(record)
+        copied += 1
+    log.info("records_reused", source=str(earlier.directory), copied=copied)
+    return copied
 
 
 def _experts_of_existing(out: Path) -> tuple[str, ...] | None:
