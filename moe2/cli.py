@@ -64,9 +64,11 @@ def expert(
         "smollm2-135m"
     ),
     adapter: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="A LoRA adapter directory (moe2 experts finetune), merged into the model."
+            help="A LoRA adapter (moe2 experts finetune), merged into the model: its directory, "
+            "or the name of a shipped one for this --model (cluster-0 … cluster-7; "
+            "$MOE2_ADAPTERS adds directories to look in)."
         ),
     ] = None,
     nats_url: NatsUrl = DEFAULT_URL,
@@ -120,7 +122,7 @@ def expert(
         config = ExpertConfig(
             expert_id=id,
             model=model,
-            adapter=adapter,
+            adapter=Path(adapter) if adapter else None,
             top_k=top_k,
             threads=threads or None,
             max_context=max_context,

@@ -11,9 +11,9 @@ from typing import Any, Final
 
 import msgspec
 
-from moe2.agents.expert.adapters import check_adapter
+from moe2.agents.expert.adapters import resolve_adapter
 from moe2.agents.expert.energy import SOURCES
-from moe2.agents.expert.models import DEFAULT_MODEL
+from moe2.agents.expert.models import DEFAULT_MODEL, model_name
 from moe2.runtime.contexts import check_context, context_label
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import DEFAULT_PREFIX, check_token
@@ -97,7 +97,8 @@ class ExpertConfig:
     def __post_init__(self) -> None:
         check_token("expert id", self.expert_id)
         if self.adapter is not None:
-            object.__setattr__(self, "adapter", check_adapter(Path(self.adapter)))
+            base = model_name(self.model)
+            object.__setattr__(self, "adapter", resolve_adapter(self.adapter, base))
         object.__setattr__(self, "declared", declared_device(self.device))
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")

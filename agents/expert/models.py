@@ -83,6 +83,14 @@ def resolve_model(spec: str = DEFAULT_MODEL, *, adapter: Path | None = None) -> 
     )
 
 
+def model_name(spec: str) -> str:
+    """The name ``resolve_model(spec)`` would give, without assembling or loading anything."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec].filename.split(".")[0]
+    path = Path(spec).expanduser()
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
 def cache_root() -> Path:
     """moe2's own cache: assembled model files and GGUF conversions."""
     return Path(os.environ.get("MOE2_CACHE") or "~/.cache/moe2").expanduser()
