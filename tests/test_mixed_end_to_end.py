@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -257,3 +258,59 @@ def test_a_cache_past_gemmas_sliding_window_is_recomputed_when_it_must_be_cut(
     gemma3.release("fresh")
     assert top.ids.tolist() == fresh.ids.tolist()
     np.testing.assert_allclose(top.logprobs, fresh.logprobs, atol=2e-3)
+
+
+async def test_gating_collects_trains_and_evaluates_on_a_smollm2_and_gemma3_pool(
+    nats_url: str, smollm2: TransformersBackend, gemma3: TransformersBackend, tmp_path: Path
+) -> None:
+    """The gating workflow on two tokenizers: the collector keeps both experts, the store scores
+    each option per answer text (the sum of each expert's own token log-probabilities) in bytes,
+    a gate trains on it and the evaluation reports per byte; the fusion agent then serves the
+    pool with that gate, fusing by bytes."""
+    from moe2.agents.measure.collect import CollectConfig, collect_live
+    from moe2.gating.data import cloze_targets, load_examples
+    from moe2.gating.embed import load_embedder
+    from moe2.gating.evaluate import run_evaluation
+    from moe2.gating.model import TrainConfig
+    from moe2.gating.store import DatasetSpec, OutputStore, examples_digest
+    from moe2.gating.train import train_gating
+    from tests.test_gating_collect import write_mmlu
+
+    examples = load_examples(write_mmlu(tmp_path / "mmlu"))
+    backends = {"smol": smollm2, "gemma": gemma3}
+    async with pool(nats_url, backends) as bus:
+        prefix = bus.client.subjects.prefix
+        config = CollectConfig(prefix=prefix, top_k=0, wait_s=30, progress=False)
+        dataset = DatasetSpec(path="mmlu", examples=len(examples), digest=examples_digest(examples))
+        with anyio.fail_after(300):
+            summary = await collect_live(nats_url, examples, tmp_path / "o", dataset, config)
+        assert summary.complete and summary.failed == 0
+        store = OutputStore(tmp_path / "o")
+        assert store.mixed and store.expert_ids == ["gemma", "smol"]
+        arrays = store.score_arrays()
+        assert arrays.unit == "byte"
+        ex, scores = examples[1], arrays.examples[1]
+        for o, text in enumerate(cloze_targets(ex)):
+            assert scores.length(o) == len(text.encode())
+            for n, backend in enumerate((gemma3, smollm2)):
+                record = store._record(ex.id, ("gemma", "smol")[n])
+                assert record.cloze is not None
+                per_token = record.cloze.targets[o].logprobs_array()
+                assert len(per_token) == len(backend.encode(text))  # its own tokenizer's tokens
+                assert scores.cloze[o][n, 0] == pytest.approx(float(per_token.sum()), rel=1e-5)
+
+    gate = tmp_path / "gate"
+    train_gating(
+        store.to_gating_data(),
+        load_embedder(),
+        TrainConfig(max_epochs=5, batch=2, grad_accum=1),
+        gate,
+        progress=False,
+    )
+    report = run_evaluation(tmp_path / "o", gate, "all", tmp_path / "report")
+    assert "| method | NLL / byte |" in report and "| MoE² gating (all) |" in report
+
+    async with pool(nats_url, backends, gate=str(gate)) as gated:
+        final = await gated.ask(max_tokens=12)
+    assert sorted(final.experts) == ["gemma", "smol"] and "Paris" in final.text
+    assert sum(final.weights) == pytest.approx(1.0)
