@@ -184,8 +184,8 @@ def _pool_table(pool: Pool, experts: Sequence[PoolExpert], logs: Path) -> str:
     ]
     return (
         f"· {len(experts)} of the {len(pool.experts)} experts of pool {pool.name!r} starting "
-        f"(logs in {logs}):\n" + "\n".join(lines) + "\n  each stands for a box of its device "
-        "class; here they share this one, and SMO prices them by their profiles"
+        f"(logs in {logs}):\n" + "\n".join(lines) + "\n  (each stands for a box of its device "
+        "class; here all share this one, priced by the pool's profiles)"
     )
 
 
@@ -237,22 +237,32 @@ class SelectionWatch:
 def _selection_lines(pool: Pool, budgets: Budgets, choice: wire.SubsetAnnouncement) -> str:
     candidates = [e for e in choice.live if e not in choice.left_out]
     report = budget_report(pool.profiles, budgets, candidates, choice.experts)
-    loss = f"loss {choice.loss:.3f} nats/token, " if choice.loss is not None else ""
+    calls = f"{choice.oracle_calls} oracle call{'s' * (choice.oracle_calls != 1)}"
+    figures = [_use(name, value, limit) for name, value, limit in report.used]
+    if choice.loss is not None:
+        figures.insert(0, f"loss {choice.loss:.3f} {_loss_unit(pool)}")
     lines = [
-        f"· SMO chose S = {{{', '.join(choice.experts)}}} of {len(choice.live)} live experts "
-        f"({loss}{choice.oracle_calls} oracle call{'s' * (choice.oracle_calls != 1)}, "
-        f"{choice.solve_s * 1e3:.0f} ms)",
-        "    S uses " + " · ".join(_use(name, v, limit) for name, v, limit in report.used),
-        "    " + binding_line(report),
+        f"· SMO chose S = {{{', '.join(choice.experts)}}} of the {len(choice.live)} live experts "
+        f"({calls}, {choice.solve_s * 1e3:.0f} ms)",
+        "S: " + " · ".join(figures),
+        *binding_lines(report),
+        *(f"left out: {e} ({why})" for e, why in choice.left_out.items()),
     ]
-    lines += [f"    left out: {e} ({why})" for e, why in choice.left_out.items()]
-    return "\n".join(lines) + "\n"
+    return "\n    ".join(lines) + "\n"
+
+
+def _loss_unit(pool: Pool) -> str:
+    """A store of one tokenizer scores per token; of several, per answer (docs/gating.md)."""
+    from moe2.gating.store import read_meta
+
+    mixed = len({e.tokenizer for e in read_meta(pool.outputs).experts}) > 1
+    return "nats/answer" if mixed else "nats/token"
 
 
 def _use(name: str, value: float, limit: float) -> str:
     if name == "energy":
-        return f"energy {value:.1f} J of {limit:.1f} J per answer"
-    return f"{name} {value:.3f} s of {limit:.3f} s per token"
+        return f"energy {value:.1f} of {limit:.1f} J/answer"
+    return f"{name} {value:.3f} of {limit:.3f} s/token"
 
 
 def _over(name: str, value: float, limit: float) -> str:
@@ -261,11 +271,12 @@ def _over(name: str, value: float, limit: float) -> str:
     return f"{value:.3f} s > {limit:.3f} s"
 
 
-def binding_line(report: BudgetReport) -> str:
-    """Which budget binds, said with an expert it keeps out and what that expert would need."""
+def binding_lines(report: BudgetReport) -> list[str]:
+    """Which budgets bind, each with an expert it keeps out and what S plus that expert would
+    need; then the experts that would fit but that SMO left out for the loss."""
     if not report.left_out:
-        return "binding: none — every live expert fits and is in S"
-    parts = []
+        return ["binding: none — every live expert fits and is in S"]
+    lines = []
     for name in report.binding:
         blocked = [
             (e, value, limit)
@@ -275,10 +286,12 @@ def binding_line(report: BudgetReport) -> str:
         ]
         e, value, limit = blocked[0]
         more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
-        parts.append(f"{name} — adding {e} would need {_over(name, value, limit)}{more}")
+        lines.append(f"binding: {name} — adding {e} would need {_over(name, value, limit)}{more}")
+    if not lines:
+        lines.append("binding: none — every expert left out would fit")
     if report.by_loss:
-        parts.append(f"{', '.join(report.by_loss)} would fit, left out by the loss")
-    return ("binding: " if report.binding else "binding: none — ") + "; ".join(parts)
+        lines.append(f"left out by the loss: {', '.join(report.by_loss)} (would fit the budgets)")
+    return lines
 
 
 async def _ask(client: Client, agent: FusionAgent, question: str, max_tokens: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from moe2.demo import binding_line
+from moe2.demo import binding_lines
 from moe2.pool import DEFAULT_POOL, budget_report, load_pool
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from tests.test_gating_cli import EXPERTS as GATING_EXPERTS
@@ -179,27 +179,27 @@ BUDGETED = "[applications.chat]\nprompt_tokens = 16\nanswer_tokens = 8\ntau_s = 
 # mean per token 0.088, 0.176 and 0.701 s
 
 
-def report_for(tmp_path: Path, energy_j: float | None, chosen: Sequence[str]) -> str:
+def report_for(tmp_path: Path, energy_j: float | None, chosen: Sequence[str]) -> list[str]:
     pool = load_pool(write_pool(tmp_path, BUDGETED))
     budgets = pool.budgets(energy_j=energy_j)
-    return binding_line(budget_report(pool.profiles, budgets, ["fast", "thrifty", "slow"], chosen))
+    return binding_lines(budget_report(pool.profiles, budgets, ["fast", "thrifty", "slow"], chosen))
 
 
 def test_the_binding_budget_names_the_expert_it_keeps_out_and_what_it_would_need(
     tmp_path: Path,
 ) -> None:
-    assert report_for(tmp_path, 8.0, ["fast"]) == (
-        "binding: energy — adding thrifty would need 8.5 J > 8.0 J (and 1 more); "
-        "tau[chat] — adding slow would need 0.701 s > 0.500 s"
-    )
-    assert report_for(tmp_path, 12.0, ["fast", "thrifty"]) == (
-        "binding: tau[chat] — adding slow would need 0.701 s > 0.500 s; "
-        "energy — adding slow would need 14.1 J > 12.0 J"
-    )
-    assert report_for(tmp_path, None, ["thrifty"]) == (
-        "binding: tau[chat] — adding slow would need 0.701 s > 0.500 s; "
-        "fast would fit, left out by the loss"
-    )
+    assert report_for(tmp_path, 8.0, ["fast"]) == [
+        "binding: energy — adding thrifty would need 8.5 J > 8.0 J (and 1 more)",
+        "binding: tau[chat] — adding slow would need 0.701 s > 0.500 s",
+    ]
+    assert report_for(tmp_path, 12.0, ["fast", "thrifty"]) == [
+        "binding: tau[chat] — adding slow would need 0.701 s > 0.500 s",
+        "binding: energy — adding slow would need 14.1 J > 12.0 J",
+    ]
+    assert report_for(tmp_path, None, ["thrifty"]) == [
+        "binding: tau[chat] — adding slow would need 0.701 s > 0.500 s",
+        "left out by the loss: fast (would fit the budgets)",
+    ]
 
 
 def test_no_budget_binds_when_everything_fits(tmp_path: Path) -> None:
@@ -207,12 +207,15 @@ def test_no_budget_binds_when_everything_fits(tmp_path: Path) -> None:
     budgets = pool.budgets({"chat": 1.0})
     everyone = ["fast", "thrifty", "slow"]
     report = budget_report(pool.profiles, budgets, everyone, everyone)
-    assert binding_line(report) == "binding: none — every live expert fits and is in S"
+    assert binding_lines(report) == ["binding: none — every live expert fits and is in S"]
     assert [name for name, _, _ in report.used] == ["tau[chat]", "energy"]
     assert report.used[0][1] == pytest.approx(5.605 / 8)  # the slowest expert's mean step
     assert report.used[1][1] == pytest.approx(7.05 + 1.405 + 5.605)  # energy adds up
     some = budget_report(pool.profiles, budgets, everyone, ["slow"])
-    assert binding_line(some) == "binding: none — fast, thrifty would fit, left out by the loss"
+    assert binding_lines(some) == [
+        "binding: none — every expert left out would fit",
+        "left out by the loss: fast, thrifty (would fit the budgets)",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,7 +313,7 @@ def test_the_demo_prints_s_the_binding_budget_the_gates_choice_and_answers(
     assert done.returncode == 0, err
     url = re.search(r"nats-server on (nats://\S+)", err)
     assert url is not None
-    assert "· SMO chose S = {anatomist, philosopher} of 3 live experts" in err
+    assert "· SMO chose S = {anatomist, philosopher} of the 3 live experts" in err
     assert "binding: energy — adding novice would need" in err
     assert re.findall(r"top-1 of S for this prompt: (\S+) (\d\.\d\d)", err) == [
         ("anatomist", "1.00"),
