@@ -32,7 +32,7 @@ class PoolExpert:
 
     id: str
     model: str  # a built-in model name, a .gguf file or a HF directory
-    adapter: Path | None
+    adapter: Path | None  # a directory, or a shipped adapter's name (a relative path)
     domain: str
     device: str  # the device class it stands for ("" when its profile names none)
 
@@ -194,11 +194,7 @@ def _expert(path: Path, expert: str, body: Mapping[str, Any]) -> PoolExpert:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid(path, f"[experts.{expert}] needs model = a built-in name or a model path")
-    adapter = body.get("adapter")
-    if adapter is not None:
-        adapter = (path.parent / str(adapter)).resolve()
-        if not (adapter / "adapter_config.json").is_file():
-            raise _invalid(path, f"[experts.{expert}]: no LoRA adapter at {adapter}")
+    adapter = _adapter(path, expert, body.get("adapter"))
     return PoolExpert(
         id=expert,
         model=model,
@@ -206,6 +202,21 @@ def _expert(path: Path, expert: str, body: Mapping[str, Any]) -> PoolExpert:
         domain=str(body.get("domain", "")),
         device=str(body.get("device", "")),
     )
+
+
+def _adapter(path: Path, expert: str, value: Any) -> Path | None:
+    """A LoRA adapter directory (relative to the pool file), or a shipped adapter's name
+    (``cluster-1``: ``moe2 expert --adapter`` finds it for the expert's model)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _invalid(path, f"[experts.{expert}]: adapter must be a directory or a name")
+    directory = (path.parent / value).resolve()
+    if (directory / "adapter_config.json").is_file():
+        return directory
+    if "/" not in value and not directory.exists():
+        return Path(value)  # a name; the expert process says if there is no such adapter
+    raise _invalid(path, f"[experts.{expert}]: no LoRA adapter at {directory}")
 
 
 def _costs(bodies: Mapping[str, Any]) -> dict[str, Any]:

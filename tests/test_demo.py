@@ -101,7 +101,8 @@ def write_pool(tmp_path: Path, text: str) -> Path:
         (GOOD.replace("energy_j", "energy"), "[pool]: unknown keys ['energy']"),
         (GOOD + 'colour = "red"\n', "[experts.a]: unknown keys ['colour']"),
         (GOOD.replace('model = "smollm2-135m"\ndevice', "device"), "[experts.a] needs model"),
-        (GOOD + 'adapter = "nowhere"\n', "no LoRA adapter at"),
+        (GOOD + 'adapter = "../nowhere"\n', "no LoRA adapter at"),
+        (GOOD + "adapter = 1\n", "adapter must be a directory or a name"),
         (GOOD.replace('device = "box"', 'device = "toaster"'), "'toaster' names nothing defined"),
         (GOOD.replace("[experts.a]", "[experts]").replace("model =", "m ="), "[experts.m]"),
         (GOOD.replace("energy_j = 20.0", "demo_experts = 0"), "demo_experts must be an integer"),
@@ -121,6 +122,18 @@ def test_a_bad_pool_file_is_refused_with_invalid_field(
         load_pool(path)
     assert caught.value.code == ErrorCode.INVALID_FIELD
     assert str(path) in caught.value.message and says in caught.value.message
+
+
+def test_an_adapter_is_a_directory_relative_to_the_pool_file_or_a_shipped_name(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "adapter_config.json").write_text("{}")
+    by_path = load_pool(write_pool(tmp_path, GOOD + 'adapter = "mine"\n'))
+    assert by_path.experts[0].adapter == tmp_path / "mine"
+    by_name = load_pool(write_pool(tmp_path, GOOD + 'adapter = "cluster-1"\n')).experts[0]
+    assert by_name.adapter == Path("cluster-1")
+    assert by_name.command("nats://x:1")[-6:-4] == ["--adapter", "cluster-1"]
 
 
 def test_unknown_delay_limits_and_too_many_experts_are_refused(tmp_path: Path) -> None:
