@@ -490,6 +490,9 @@ class FailingDecode:
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text)
 
+    def encode_answer(self, text: str) -> list[int]:
+        return self.inner.encode_answer(text)
+
     def keep_prefix(self, ids: Any) -> PrefixCache | None:
         return self.inner.keep_prefix(ids)
 

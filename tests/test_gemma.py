@@ -151,6 +151,25 @@ def test_the_prompt_is_the_plain_text_chat_after_bos(gemma: TransformersBackend)
 
 
 @pytest.mark.model
+def test_an_answer_is_scored_as_the_model_writes_it_after_its_leading_space(
+    gemma: TransformersBackend,
+) -> None:
+    """The plain-text chat ends at "Assistant:": the model writes " Paris", one "▁Paris" token,
+    so a Score target is encoded with its leading space. Scored without it ("Assistant:Paris"),
+    the right answer loses its lead over the wrong ones (the collection once did that, and
+    Gemma-3 looked as good as chance)."""
+    assert gemma.encode_answer("Paris") == gemma.encode(" Paris")
+    assert gemma.encode_answer(" Paris") == gemma.encode(" Paris")
+    prompt = gemma.encode_chat([ChatMessage("user", "What is the capital of France?")])
+    options = ["Paris", "Lyon", "Berlin", "Madrid"]
+    spaced = gemma.score(prompt, [gemma.encode_answer(o) for o in options], 0)
+    totals = [float(s.logprobs.sum()) for s in spaced]
+    assert int(np.argmax(totals)) == 0
+    bare = gemma.score(prompt, [gemma.encode(o) for o in options], 0)
+    assert totals[0] > float(bare[0].logprobs.sum()) + 1.0  # " Paris" is far likelier
+
+
+@pytest.mark.model
 def test_scores_past_the_sliding_window_equal_one_forward_pass(gemma: TransformersBackend) -> None:
     """Gemma-3's sliding-window layers keep 512 positions: a 600-token prompt goes past them."""
     long_question = " ".join(["The sea is wide and blue."] * 85) + " What colour is the sea?"

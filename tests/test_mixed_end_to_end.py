@@ -296,7 +296,7 @@ async def test_gating_collects_trains_and_evaluates_on_a_smollm2_and_gemma3_pool
                 record = store._record(ex.id, ("gemma", "smol")[n])
                 assert record.cloze is not None
                 per_token = record.cloze.targets[o].logprobs_array()
-                assert len(per_token) == len(backend.encode(text))  # its own tokenizer's tokens
+                assert len(per_token) == len(backend.encode_answer(text))  # its own tokens
                 assert scores.cloze[o][n, 0] == pytest.approx(float(per_token.sum()), rel=1e-5)
 
     gate = tmp_path / "gate"

@@ -64,7 +64,7 @@ def run_score(
     prefix: PrefixCache | None = None,
 ) -> wire.Scored:
     """Encode the targets, check they fit, score them: the worker thread's part of a Score."""
-    targets_ids = [backend.encode(t) for t in score.targets]
+    targets_ids = [backend.encode_answer(t) for t in score.targets]
     check_fits(len(prompt_ids), targets_ids, max_context)
     with meter.measure() as reading:
         scored = backend.score(prompt_ids, targets_ids, top_k, prefix)

@@ -88,7 +88,13 @@ class Backend(Protocol):
         ...
 
     def encode(self, text: str) -> list[int]:
-        """Plain text to ids, no special tokens added (a target's tokens when scoring)."""
+        """Plain text to ids, no special tokens added."""
+        ...
+
+    def encode_answer(self, text: str) -> list[int]:
+        """The ids of ``text`` as the assistant's answer right after ``encode_chat``'s open turn,
+        as the model would write it (a Score target's tokens): a plain-text chat ends at
+        ``Assistant:``, so there the answer carries its leading space."""
         ...
 
     def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
@@ -148,6 +154,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 PLAIN_CHAT_LABELS: Final = {"system": "", "user": "User: ", "assistant": "Assistant: "}
+
+
+def plain_chat_answer(text: str) -> str:
+    """An answer as it follows a plain-text chat's ``Assistant:``: after a space."""
+    return text if text[:1].isspace() else " " + text
 
 
 def plain_chat_text(messages: Sequence[ChatMessage]) -> str:

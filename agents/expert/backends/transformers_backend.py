@@ -32,6 +32,7 @@ from moe2.agents.expert.backends.base import (
     TopK,
     byte_level_bytes,
     common_prefix,
+    plain_chat_answer,
     plain_chat_text,
     sentencepiece_bytes,
     tokenizer_identity,
@@ -100,6 +101,11 @@ class TransformersBackend:
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+
+    def encode_answer(self, text: str) -> list[int]:
+        if self._tokenizer.chat_template is None:  # the answer follows "Assistant:"
+            return self.encode(plain_chat_answer(text))
+        return self.encode(text)
 
     def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
         if not ids:
