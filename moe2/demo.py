@@ -27,7 +27,6 @@ from nats.aio.msg import Msg
 import moe2
 from moe2.agents.fusion.agent import FusionAgent, serve_fusion
 from moe2.agents.fusion.config import FusionConfig
-from moe2.gating import top_k_experts
 from moe2.pool import DEFAULT_POOL, BudgetReport, Pool, PoolExpert, budget_report, load_pool
 from moe2.runtime import wire
 from moe2.runtime.client import Client
@@ -313,9 +312,5 @@ async def _ask(client: Client, agent: FusionAgent, question: str, max_tokens: in
 
 async def gate_choice(agent: FusionAgent, question: str) -> tuple[list[str], list[float]]:
     """The top-k of S and their weights, as the fusion agent will compute them (eq. 28)."""
-    allowed = agent.selector.select(sorted(agent.membership.live(time.monotonic())))
-    messages = [ChatMessage("user", question)]
-    values = await anyio.to_thread.run_sync(agent.gate.gate, messages, allowed)
-    gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
-    k = agent.config.experts_per_prompt
-    return top_k_experts([e for e, _ in gated], [v for _, v in gated], k)
+    _, experts, weights = await agent.choose([ChatMessage("user", question)])
+    return experts, weights

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 
 import anyio
 import structlog
@@ -149,7 +150,11 @@ class FusionAgent:
         finally:
             ended()
 
-    async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
+    async def choose(
+        self, messages: Sequence[wire.ChatMessage], k: int | None = None
+    ) -> tuple[dict[str, wire.Heartbeat], list[str], list[float]]:
+        """The live experts, and for this prompt the gate's top-k of S (the selection over
+        them) with their renormalised weights (Algorithm 3, eq. 28): what a session will use."""
         live = await self._live_experts()
         allowed = self.selector.select(sorted(live))
         if self.config.fusion_path == "ids":  # today's rule: one tokenizer, the most common
@@ -159,12 +164,16 @@ class FusionAgent:
             if self.live_selection is not None and self.live_selection.choice.error:
                 why += f": {self.live_selection.choice.error}"
             raise Moe2Error(ErrorCode.NO_EXPERTS, why)
-        values = await anyio.to_thread.run_sync(self.gate.gate, prompt.messages, allowed)
+        values = await anyio.to_thread.run_sync(self.gate.gate, list(messages), allowed)
         gated = [(e, v) for e, v in zip(allowed, values, strict=True) if v > 0]
         if not gated:
             raise Moe2Error(ErrorCode.NO_EXPERTS, "the gating gives no live expert any weight")
-        k = prompt.experts or self.config.experts_per_prompt
+        k = k or self.config.experts_per_prompt
         experts, weights = top_k_experts([e for e, _ in gated], [v for _, v in gated], k)
+        return live, experts, weights
+
+    async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
+        live, experts, weights = await self.choose(prompt.messages, prompt.experts)
         first = live[experts[0]]
         vocabularies = {e: vocabulary_of(live[e]) for e in experts}
         one = len({v.tokenizer for v in vocabularies.values()}) == 1
