@@ -37,8 +37,8 @@ from moe2.runtime.wire import ChatMessage
 from moe2.selection.costs import Budgets
 
 QUESTIONS = (
-    "A train travels 180 km in 3 hours. What is its average speed?",
-    "What does the heart do in the human body?",
+    "Which gas do plants take in from the air to make their food?",
+    "Explain supply and demand in two sentences.",
 )
 STOP = ("\nUser:",)  # a base model (Gemma-3-270M) goes on to write the next turn
 

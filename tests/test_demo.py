@@ -22,7 +22,7 @@ from tests.test_gating_cli import gating, synthetic_examples, synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = ROOT / "deploy" / "experts" / "adapters"
-POOL_IDS = ["smollm2", "gemma", *(f"lora-c{i}" for i in (1, 5, 0, 4, 7, 2, 6, 3))]
+POOL_IDS = ["gemma", "lora-c0", "smollm2", *(f"lora-c{i}" for i in (4, 1, 5, 7, 2, 6, 3))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,10 +33,10 @@ def test_the_shipped_pool_has_both_families_the_adapters_and_a_profile_each() ->
     pool = load_pool(DEFAULT_POOL)
     assert [e.id for e in pool.experts] == POOL_IDS
     assert [e.id for e in pool.first(pool.demo_experts)] == [
-        "smollm2",
         "gemma",
-        "lora-c1",
-        "lora-c5",
+        "lora-c0",
+        "smollm2",
+        "lora-c4",
     ]
     assert {e.model for e in pool.experts} == {"smollm2-135m", "gemma3-270m"}
     for e in pool.experts:
