@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from moe2.cli_support import exit_dropping_abandoned_work, fail, run_async
+from moe2.eval_cli import evaluate as eval_command
 from moe2.experts_cli import app as experts_app
 from moe2.gating_cli import app as gating_app
 from moe2.profile_cli import profile as profile_command
@@ -331,3 +332,5 @@ def demo(
 app.command(name="profile")(profile_command)
 app.command(name="select")(select_command)
 app.command(name="selection")(watch_selection)
+# the paper's experiments on a pool, from its collected outputs
+app.command(name="eval")(eval_command)

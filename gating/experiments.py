@@ -1,0 +1,450 @@
+"""The paper's Fig. 3, on our pool: MoE² against the baselines, each with a 95% bootstrap
+interval, from collected outputs (pure: arrays in, rows out; ``run_fig3`` does the I/O).
+
+Methods, each a weighting of the N experts per example except where said:
+
+- **single agent**: each base model alone (an expert whose model string names no adapter or
+  context), and the **best single** expert, chosen per metric on the training examples (not on
+  the evaluated ones: a choice made in hindsight flatters the baseline);
+- **average expert**: each metric averaged over the experts (not a weighting);
+- **majority voting**: equal weights over all N, and a real **majority vote** over the experts'
+  own answers for the accuracy columns (each expert's cloze and letter choice; the plurality
+  wins; a tie goes to the tied option with the highest equal-weights score);
+- **SMO + equal weights**: equal weights on the S that SMO chose (Algorithm 2) under the budgets;
+- **random + equal weights**: equal weights on a random subset of the size of S, the mean over
+  seeds (per example, so its interval is over examples too);
+- **static weighting**: one weight vector for every prompt, fitted on the training examples to
+  minimise eq. 13: the prompt-independent part of a gate;
+- **MoE²**: the gate's top-k of S, renormalised (Algorithm 3, eq. 28);
+- **oracle**: per example and metric, the best single expert on that example.
+
+S is chosen on the gate's validation examples (not the evaluated ones), so no figure is tuned on
+the examples it is reported on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from moe2.gating.evaluate import (
+    Difference,
+    PerExample,
+    ScoreArrays,
+    cloze_choice,
+    differences_table,
+    equal_weights,
+    letter_choice,
+    one_hot,
+    oracle,
+    paired_differences,
+    per_example,
+)
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.mixture import fused_log_likelihood, top_k_weights
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """Per-example outcomes with fractional correctness (a mean over seeds may be 0.3)."""
+
+    nll: F64 | None  # summed NLL of the gold answer; None for a method with no likelihood
+    units: npt.NDArray[np.int64]
+    letter: F64
+    cloze: F64
+
+    @classmethod
+    def of(cls, p: PerExample) -> Outcome:
+        return cls(p.nll, p.tokens, p.letter_ok.astype(np.float64), p.cloze_ok.astype(np.float64))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    method: str
+    nll: float | None  # per unit
+    letter: float
+    cloze: float
+    ci: dict[str, tuple[float, float]]  # metric -> 95% bootstrap interval
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "method": self.method,
+            "nll_per_unit": self.nll,
+            "letter_accuracy": self.letter,
+            "cloze_accuracy": self.cloze,
+            "ci95": {k: list(v) for k, v in self.ci.items()},
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Fig3:
+    rows: list[Row]
+    differences: list[Difference]  # MoE² minus each baseline
+    unit: str
+    subset: list[str]  # S
+    k: int | None
+    notes: list[str] = field(default_factory=list)
+
+
+def bootstrap_interval(
+    o: Outcome, metric: str, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of the metric (NLL per unit as a ratio of sums; accuracy as a
+    mean) over ``resamples`` resamples of the examples."""
+    e = len(o.units)
+    idx = np.random.default_rng(seed).integers(0, e, size=(resamples, e))
+    if metric == "nll":
+        assert o.nll is not None
+        boots = o.nll[idx].sum(1) / np.maximum(o.units[idx].sum(1), 1)
+    else:
+        boots = getattr(o, metric)[idx].mean(1)
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def row(method: str, o: Outcome, detail: str = "", resamples: int = 2000) -> Row:
+    nll = None if o.nll is None else float(o.nll.sum()) / max(int(o.units.sum()), 1)
+    metrics = ["letter", "cloze", *(["nll"] if o.nll is not None else [])]
+    return Row(
+        method,
+        nll,
+        float(o.letter.mean()),
+        float(o.cloze.mean()),
+        {m: bootstrap_interval(o, m, resamples=resamples) for m in metrics},
+        detail,
+    )
+
+
+def majority_vote(arrays: ScoreArrays) -> Outcome:
+    """Each expert answers alone (its cloze and its letter choice); the plurality wins, a tie
+    goes to the tied option with the highest equal-weights score. No likelihood."""
+    n = len(arrays.expert_ids)
+    equal = np.full(n, 1.0 / n)
+    letter: list[float] = []
+    cloze: list[float] = []
+    for ex in arrays.examples:
+        options = len(ex.cloze)
+        for fmt, out in (("letter", letter), ("cloze", cloze)):
+            votes = np.zeros(options)
+            for j in range(n):
+                w = np.zeros(n)
+                w[j] = 1.0
+                votes[_choice(ex, fmt, w)] += 1
+            tied = np.flatnonzero(votes == votes.max())
+            if len(tied) > 1:
+                scores = _scores(ex, fmt, equal)
+                pick = int(tied[np.argmax(scores[tied])])
+            else:
+                pick = int(tied[0])
+            out.append(float(pick == ex.answer))
+    units = np.array([ex.length(ex.answer) for ex in arrays.examples], dtype=np.int64)
+    return Outcome(None, units, np.array(letter), np.array(cloze))
+
+
+def _choice(ex: object, fmt: str, w: F64) -> int:
+    from moe2.gating.evaluate import ExampleScores
+
+    assert isinstance(ex, ExampleScores)
+    if fmt == "letter":
+        return letter_choice(ex.letter, w)
+    return cloze_choice(ex.cloze, w, ex.lengths)
+
+
+def _scores(ex: object, fmt: str, w: F64) -> F64:
+    from moe2.gating.evaluate import ExampleScores
+
+    assert isinstance(ex, ExampleScores)
+    if fmt == "letter":
+        return np.asarray(w @ np.exp(ex.letter), dtype=np.float64)
+    sums = [float(fused_log_likelihood(lp, w).sum()) for lp in ex.cloze]
+    return np.array([s / max(ex.length(o), 1) for o, s in enumerate(sums)])
+
+
+def average_expert(singles: Sequence[Outcome]) -> Outcome:
+    """Each metric averaged over the experts, per example."""
+    nll = np.mean([s.nll for s in singles if s.nll is not None], axis=0)
+    return Outcome(
+        nll,
+        singles[0].units,
+        np.mean([s.letter for s in singles], axis=0),
+        np.mean([s.cloze for s in singles], axis=0),
+    )
+
+
+def mean_outcome(outcomes: Sequence[Outcome]) -> Outcome:
+    """The per-example mean of several weightings' outcomes (the random baseline over seeds)."""
+    return average_expert(outcomes)
+
+
+def static_weights(train: ScoreArrays, *, iterations: int = 500, tol: float = 1e-10) -> F64:
+    """One weight vector (N,) maximising the mixture likelihood of eq. 13 over the training
+    examples (for fixed experts the loss is convex in the weights): EM, whose update is the mean
+    responsibility of each expert over every unit (a token, or an answer in a mixed pool)."""
+    n = len(train.expert_ids)
+    gold = np.concatenate([np.asarray(ex.gold, dtype=np.float64) for ex in train.examples], 1)
+    w = np.full(n, 1.0 / n)
+    for _ in range(iterations):
+        terms = gold + np.log(np.maximum(w, 1e-300))[:, None]  # (N, units)
+        post = np.exp(terms - terms.max(0))
+        post /= post.sum(0)
+        new = post.mean(1)
+        if np.abs(new - w).max() < tol:
+            return np.asarray(new, dtype=np.float64)
+        w = new
+    return np.asarray(w, dtype=np.float64)
+
+
+def base_models(arrays: ScoreArrays, models: dict[str, str]) -> list[str]:
+    """The experts whose model string names no adapter or context (``+lora:``, ``+ctx``)."""
+    return [e for e in arrays.expert_ids if "+" not in models.get(e, "+")]
+
+
+def fig3(
+    arrays: ScoreArrays,
+    gate_values: npt.ArrayLike,
+    train: ScoreArrays,
+    subset: Sequence[str],
+    k: int | None,
+    models: dict[str, str],
+    *,
+    seeds: int = 10,
+    resamples: int = 2000,
+) -> Fig3:
+    """Every method of the module docstring on ``arrays`` (the evaluated examples)."""
+    ids = arrays.expert_ids
+    e, n = len(arrays.examples), len(ids)
+    if list(train.expert_ids) != list(ids):
+        raise ValueError("train and evaluated arrays must have the same experts in order")
+    singles_p = [per_example(arrays, one_hot(e, n, j)) for j in range(n)]
+    singles = [Outcome.of(p) for p in singles_p]
+    rows: list[Row] = []
+    baselines: list[tuple[str, Outcome]] = []
+
+    def add(name: str, o: Outcome, detail: str = "", baseline: bool = True) -> None:
+        rows.append(row(name, o, detail, resamples))
+        if baseline:
+            baselines.append((name, o))
+
+    for base in base_models(arrays, models):
+        add(f"single agent: {base}", singles[ids.index(base)], models.get(base, ""))
+    train_singles = [per_example(train, one_hot(len(train.examples), n, j)) for j in range(n)]
+    best_nll = int(np.argmin([p.nll.sum() / max(p.tokens.sum(), 1) for p in train_singles]))
+    best_cloze = int(np.argmax([p.cloze_ok.mean() for p in train_singles]))
+    add(f"best single, by NLL on train: {ids[best_nll]}", singles[best_nll])
+    if best_cloze != best_nll:
+        add(f"best single, by cloze on train: {ids[best_cloze]}", singles[best_cloze])
+    add("average expert", average_expert(singles))
+    add("majority voting: equal weights", Outcome.of(per_example(arrays, equal_weights(e, n))))
+    add("majority voting: a vote of the experts' answers", majority_vote(arrays))
+    s_idx = [ids.index(x) for x in subset]
+    on_s = np.zeros((e, n))
+    on_s[:, s_idx] = 1.0 / len(s_idx)
+    add(f"SMO + equal weights (|S| = {len(s_idx)})", Outcome.of(per_example(arrays, on_s)))
+    rng = np.random.default_rng(0)
+    randoms = []
+    for _ in range(seeds):
+        pick = rng.choice(n, size=len(s_idx), replace=False)
+        w = np.zeros((e, n))
+        w[:, pick] = 1.0 / len(pick)
+        randoms.append(Outcome.of(per_example(arrays, w)))
+    add(f"random {len(s_idx)} + equal weights (mean of {seeds} seeds)", mean_outcome(randoms))
+    static = static_weights(train)
+    top = ", ".join(f"{ids[j]} {static[j]:.2f}" for j in np.argsort(-static)[:3])
+    add(
+        "static weighting (fitted on train)",
+        Outcome.of(per_example(arrays, np.tile(static, (e, 1)))),
+        top,
+    )
+    g = np.asarray(gate_values, dtype=np.float64)
+    moe2_w = top_k_weights(g, k, s_idx)
+    moe2 = Outcome.of(per_example(arrays, moe2_w))
+    add(f"MoE² (gate, top-{k or len(s_idx)} of S)", moe2, baseline=False)
+    add("oracle (per example)", Outcome.of(oracle(singles_p)), baseline=False)
+    moe2_p = per_example(arrays, moe2_w)
+    differences = []
+    for name, o in baselines:
+        differences += [
+            d
+            for d in paired_differences(
+                "MoE²", moe2_p, name, _as_per_example(o), resamples=resamples
+            )
+            if not (d.metric == "nll" and o.nll is None)
+        ]
+    return Fig3(rows, differences, arrays.unit, list(subset), k)
+
+
+def _as_per_example(o: Outcome) -> PerExample:
+    """An Outcome as PerExample for ``paired_differences`` (fractional correctness is kept as
+    floats: the paired difference of means is the same)."""
+    nll = o.nll if o.nll is not None else np.zeros(len(o.units))
+    return PerExample(nll, o.units, o.letter, o.cloze, np.zeros(len(o.units), dtype=np.int64))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# I/O: a store, a gate and a pool file in; report.md, report.json and fig3.png out.
+
+
+def choose_subset(
+    pool_path: Path, expert_ids: Sequence[str], values: F64, gold: Sequence[F64]
+) -> tuple[list[str], int | None, list[str]]:
+    """S by SMO (Algorithm 2) under the pool file's profiles and budgets, its loss measured on
+    the examples given (the gate's validation examples); the pool's k; notes."""
+    from moe2.pool import load_pool
+    from moe2.selection.live import build_problem
+    from moe2.selection.oracle import LossOracle
+    from moe2.selection.smo import smo
+
+    pool = load_pool(pool_path)
+    budgets = pool.budgets()
+    problem, notes = build_problem(
+        pool.profiles, LossOracle(expert_ids, values, list(gold)), budgets.tau_s, budgets.energy_j
+    )
+    solution = smo(problem)
+    return list(solution.experts), pool.experts_per_prompt, notes
+
+
+def run_fig3(
+    outputs: Path,
+    gate: Path,
+    pool_path: Path,
+    out_dir: Path,
+    *,
+    seeds: int = 10,
+    progress: bool = True,
+) -> tuple[str, Fig3]:
+    """Fig. 3 on the gate's held-out examples of ``outputs``; writes ``out_dir``/report.md,
+    report.json and fig3.png; returns the markdown and the result."""
+    import time
+
+    from moe2.gating.artifact import GatingArtifact
+    from moe2.gating.data import embed_text
+    from moe2.gating.embed import load_embedder
+    from moe2.gating.evaluate import heldout_ids
+    from moe2.gating.store import OutputStore
+
+    started = time.perf_counter()
+    store = OutputStore(outputs)
+    artifact = GatingArtifact.load(gate, expert_ids=store.expert_ids)
+    held = heldout_ids(store, artifact.heldout_ids, gate)
+    validation = list(artifact.metadata.get("split", {}).get("validation", []))
+    if not validation:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{gate} records no validation examples (trained before the three-way split): "
+            "retrain it with `moe2 gating train`",
+        )
+    taken = set(held) | set(validation)
+    train_ids = [ex.id for ex in store.complete_examples() if ex.id not in taken]
+    arrays = store.score_arrays(held)
+    val_arrays = store.score_arrays(validation)
+    train_arrays = store.score_arrays(train_ids)
+    embedder = load_embedder(artifact.embedder)
+    texts = [embed_text(store.example(i)) for i in [*held, *validation]]
+    x = embedder.embed(texts)
+    values = artifact.values(x)
+    held_values, val_values = values[: len(held)], values[len(held) :]
+    gold = [np.asarray(ex.gold, dtype=np.float64) for ex in val_arrays.examples]
+    subset, k, notes = choose_subset(pool_path, arrays.expert_ids, val_values, gold)
+    models = {e.id: e.model for e in store.meta.experts}
+    result = fig3(arrays, held_values, train_arrays, subset, k, models, seeds=seeds)
+    result.notes.extend(notes)
+    seconds = time.perf_counter() - started
+    context: dict[str, object] = {
+        "outputs": str(store.directory),
+        "gate": str(gate),
+        "pool": str(pool_path),
+        "data": store.meta.dataset.path,
+        "examples": f"{len(held)} held out (evaluated), {len(validation)} validation "
+        f"(S chosen on them), {len(train_ids)} train (static weights, best single)",
+        "S": ", ".join(subset),
+        "k": k,
+        "seconds": round(seconds, 1),
+    }
+    text = fig3_markdown(result, context)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(text)
+    body = {
+        **context,
+        "unit": result.unit,
+        "rows": [r.as_dict() for r in result.rows],
+        "differences": [d.as_dict() for d in result.differences],
+        "notes": result.notes,
+    }
+    (out_dir / "report.json").write_text(json.dumps(body, indent=2) + "\n")
+    plot_fig3(result, out_dir / "fig3.png")
+    return text, result
+
+
+def fig3_markdown(result: Fig3, context: dict[str, object]) -> str:
+    lines = ["# MoE² against the baselines (the paper's Fig. 3)", ""]
+    lines += [f"- {k}: {v}" for k, v in context.items()]
+    lines += [
+        "",
+        f"| method | NLL / {result.unit} [95% CI] | cloze acc % [95% CI] | letter acc % [95% CI] |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in result.rows:
+        nll = "-" if r.nll is None else f"{r.nll:.4f} [{r.ci['nll'][0]:.4f}, {r.ci['nll'][1]:.4f}]"
+        cloze = f"{100 * r.cloze:.1f} [{100 * r.ci['cloze'][0]:.1f}, {100 * r.ci['cloze'][1]:.1f}]"
+        letter = (
+            f"{100 * r.letter:.1f} [{100 * r.ci['letter'][0]:.1f}, {100 * r.ci['letter'][1]:.1f}]"
+        )
+        name = f"{r.method} ({r.detail})" if r.detail else r.method
+        lines.append(f"| {name} | {nll} | {cloze} | {letter} |")
+    lines += [
+        "",
+        "MoE² minus each baseline, per example, 95% paired bootstrap intervals (NLL: negative is "
+        "better; accuracy in points: positive is better; ✓: the interval excludes zero on "
+        "MoE²'s side):",
+        "",
+        differences_table(result.differences, result.unit),
+        "",
+    ]
+    if result.notes:
+        lines += ["Notes:", "", *[f"- {n}" for n in result.notes], ""]
+    return "\n".join(lines)
+
+
+def plot_fig3(result: Fig3, path: Path) -> None:
+    """Cloze accuracy and NLL per method with their intervals, as bars (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5.5), dpi=100)
+    FigureCanvasAgg(fig)
+    names = [r.method for r in result.rows]
+    y = np.arange(len(names))
+    for i, (metric, label) in enumerate(
+        (("cloze", "cloze accuracy %"), ("nll", f"NLL / {result.unit}"))
+    ):
+        ax = fig.add_subplot(1, 2, i + 1)
+        rows = [r for r in result.rows if metric != "nll" or r.nll is not None]
+        ys = [names.index(r.method) for r in rows]
+        scale = 100.0 if metric == "cloze" else 1.0
+        values = [scale * (r.cloze if metric == "cloze" else r.nll or 0.0) for r in rows]
+        errs = np.array(
+            [
+                [v - scale * r.ci[metric][0], scale * r.ci[metric][1] - v]
+                for v, r in zip(values, rows, strict=True)
+            ]
+        ).T
+        colours = ["tab:red" if r.method.startswith("MoE²") else "tab:grey" for r in rows]
+        ax.barh(ys, values, xerr=errs, color=colours, capsize=2)
+        ax.set_yticks(y, names if i == 0 else [""] * len(names), fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        if metric == "nll":
+            low = min(v - e for v, e in zip(values, errs[0], strict=True))
+            ax.set_xlim(left=max(0.0, low * 0.97))
+    fig.suptitle("MoE² (red) against the baselines, 95% bootstrap intervals")
+    fig.tight_layout()
+    fig.savefig(path)

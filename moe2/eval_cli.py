@@ -1,0 +1,59 @@
+"""``moe2 eval``: the paper's experiments on a pool, from its collected outputs (Fig. 3 analog).
+
+Mounted by moe2/cli.py. Heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moe2.gating_cli import user_errors
+from moe2.pool import DEFAULT_POOL
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.logs import configure_logging
+
+
+def evaluate(
+    pool: Annotated[
+        Path, typer.Option(help="The pool file: its profiles, budgets and k (deploy/pools/).")
+    ] = DEFAULT_POOL,
+    outputs: Annotated[
+        Path | None, typer.Option(help="A store (moe2 gating collect); default: the pool's.")
+    ] = None,
+    gate: Annotated[
+        Path | None, typer.Option(help="A gating artifact trained on it; default: the pool's.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory for report.md, report.json, fig3.png.")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds of the random-subset baseline.")] = 10,
+    threads: Annotated[int, typer.Option(help="torch threads (the embedder).")] = 1,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
+) -> None:
+    """MoE² against single agents, majority voting, SMO and random subsets with equal weights,
+    a static weighting and the oracle, with 95% bootstrap intervals (the paper's Fig. 3)."""
+    configure_logging(log_level)
+    import torch
+
+    torch.set_num_threads(threads)
+    from moe2.gating.experiments import run_fig3
+    from moe2.pool import load_pool
+
+    with user_errors():
+        if seeds < 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"--seeds must be at least 1, got {seeds}")
+        loaded = load_pool(pool)
+        if outputs is None or gate is None:
+            loaded.check_artifacts()
+        store = outputs or loaded.outputs
+        artifact = gate or loaded.gate
+        for what, path in (("outputs", store), ("gate", artifact)):
+            if not path.exists():
+                raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
+        out_dir = out or store / "eval"
+        text, _ = run_fig3(store, artifact, pool, out_dir, seeds=seeds)
+    typer.echo(text)
+    typer.echo(f"saved {out_dir}/report.md, report.json and fig3.png", err=True)

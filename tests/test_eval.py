@@ -1,0 +1,149 @@
+"""``moe2 eval`` (gating/experiments.py): the paper's Fig. 3 on collected outputs. The maths on
+cases worked out by hand, then the whole command on a synthetic store with a real gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from moe2.gating.evaluate import ExampleScores, ScoreArrays
+from moe2.gating.experiments import (
+    Outcome,
+    average_expert,
+    base_models,
+    bootstrap_interval,
+    majority_vote,
+    static_weights,
+)
+from tests.test_demo import ADAPTERS, MODEL_COSTS, MODEL_POOL
+from tests.test_gating_cli import EXPERTS, gating, synthetic_examples, synthetic_store
+
+log = np.log
+
+
+def _example(answer: int, cloze: list[list[float]], letter: list[list[float]]) -> ExampleScores:
+    """N experts, one token per option: ``cloze[o][n]`` is expert n's probability of option o."""
+    return ExampleScores(
+        answer=answer,
+        letter=log(np.array(letter).T),
+        cloze=[log(np.array([p]).T) for p in cloze],
+        cloze_ids=[np.array([o]) for o in range(len(cloze))],
+    )
+
+
+def test_a_bootstrap_interval_holds_the_value_and_narrows_with_more_examples() -> None:
+    few = Outcome(None, np.ones(20, dtype=np.int64), np.zeros(20), np.array([1.0, 0.0] * 10))
+    many = Outcome(None, np.ones(2000, dtype=np.int64), np.zeros(2000), np.tile([1.0, 0.0], 1000))
+    low, high = bootstrap_interval(few, "cloze")
+    assert low < 0.5 < high and high - low > 0.3  # ±2.2 standard errors of 0.11
+    low2, high2 = bootstrap_interval(many, "cloze")
+    assert low2 < 0.5 < high2 and high2 - low2 < 0.05
+    assert bootstrap_interval(few, "letter") == (0.0, 0.0)  # no spread, no width
+    nll = Outcome(np.array([2.0, 4.0]), np.array([1, 3], dtype=np.int64), np.zeros(2), np.zeros(2))
+    low3, high3 = bootstrap_interval(nll, "nll")
+    assert low3 >= 4 / 3 - 1e-9 and high3 <= 2.0 + 1e-9  # ratios of sums between the two
+
+
+def test_the_majority_vote_takes_the_plurality_and_breaks_a_tie_by_the_equal_weights_score() -> (
+    None
+):
+    # three experts; option 1 is right. Experts 0 and 1 choose option 1, expert 2 option 0
+    plurality = _example(1, [[0.2, 0.3, 0.9], [0.8, 0.7, 0.1]], [[0.2, 0.3, 0.9], [0.8, 0.7, 0.1]])
+    # two experts split 1-1: the tie goes to the option with the larger equal-weights score
+    tie = _example(0, [[0.9, 0.4], [0.1, 0.6]], [[0.9, 0.4], [0.1, 0.6]])
+    arrays = ScoreArrays(["a", "b", "c"], ["x"], [plurality])
+    vote = majority_vote(arrays)
+    assert vote.cloze.tolist() == [1.0] and vote.letter.tolist() == [1.0] and vote.nll is None
+    two = ScoreArrays(["a", "b"], ["y"], [tie])
+    assert majority_vote(two).cloze.tolist() == [1.0]  # 0.65 for option 0 against 0.35
+
+
+def test_static_weights_maximise_the_mixture_likelihood() -> None:
+    # expert a gives the gold token 0.9 on three examples and 0.1 on one; b the other way round:
+    # the likelihood 0.75 log(0.9 w + 0.1 (1-w)) + 0.25 log(0.1 w + 0.9 (1-w)) peaks at w = 13/16
+    cases = [(0.9, 0.1)] * 3 + [(0.1, 0.9)]
+    examples = [
+        _example(0, [[pa, pb], [1 - pa, 1 - pb]], [[0.5, 0.5], [0.5, 0.5]]) for pa, pb in cases
+    ]
+    arrays = ScoreArrays(["a", "b"], [f"x{i}" for i in range(4)], examples)
+    w = static_weights(arrays)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] == pytest.approx(13 / 16, abs=1e-4)
+
+
+def test_average_expert_and_base_models() -> None:
+    a = Outcome(np.array([1.0, 3.0]), np.ones(2, dtype=np.int64), np.array([1.0, 0.0]), np.ones(2))
+    b = Outcome(np.array([3.0, 1.0]), np.ones(2, dtype=np.int64), np.array([0.0, 0.0]), np.zeros(2))
+    avg = average_expert([a, b])
+    assert avg.nll is not None and avg.nll.tolist() == [2.0, 2.0]
+    assert avg.letter.tolist() == [0.5, 0.0] and avg.cloze.tolist() == [0.5, 0.5]
+    arrays = ScoreArrays(["g", "s", "l"], [], [])
+    models = {"g": "gemma-3", "s": "SmolLM2", "l": "SmolLM2+lora:cluster-0@12345678"}
+    assert base_models(arrays, models) == ["g", "s"]
+
+
+@pytest.fixture
+def one_torch_thread() -> object:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The anatomist knows anatomy, the philosopher philosophy, the novice neither: the gate
+    routes: MoE² beats the novice and the vote in cloze accuracy and a static weighting in NLL."""
+    from moe2.cli import app
+
+    monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(40), EXPERTS)
+    code, _, err = gating(
+        "train", "--outputs", str(outputs), "--out", str(tmp_path / "gate"), "--max-epochs", "40",
+        "--batch", "8", "--grad-accum", "1", "--lr", "0.03", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    pool = tmp_path / "pool.toml"
+    pool.write_text(
+        MODEL_POOL.format(gate=tmp_path / "gate", outputs=outputs, adapters=ADAPTERS) + MODEL_COSTS
+    )
+    result = CliRunner().invoke(app, ["eval", "--pool", str(pool), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    rows = {r["method"].split(" (")[0]: r for r in report["rows"]}
+    assert report["examples"].startswith("16 held out") and report["S"]
+    for name in ("average expert", "majority voting: equal weights", "static weighting",
+                 "majority voting: a vote of the experts' answers", "oracle"):  # fmt: skip
+        assert any(m.startswith(name) for m in rows), name
+    moe2 = next(r for m, r in rows.items() if m.startswith("MoE²"))
+    assert moe2["cloze_accuracy"] == 1.0
+    assert moe2["ci95"]["cloze"][0] <= 1.0 <= moe2["ci95"]["cloze"][1]
+    vote = rows["majority voting: a vote of the experts' answers"]
+    assert vote["nll_per_unit"] is None
+    better = {
+        (d["baseline"].split(" (")[0], d["metric"]) for d in report["differences"] if d["better"]
+    }
+    assert ("static weighting", "nll") in better  # routing per prompt beats one fixed weighting
+    assert ("single agent: novice", "cloze") in better
+    assert ("majority voting: a vote of the experts' answers", "cloze") in better
+    assert (tmp_path / "r" / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| MoE² (gate, top-" in result.stdout
+
+
+def test_moe2_eval_refuses_a_pool_without_its_gate(tmp_path: Path) -> None:
+    from moe2.cli import app
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text(
+        MODEL_POOL.format(gate=tmp_path / "none", outputs=tmp_path / "none", adapters=ADAPTERS)
+        + MODEL_COSTS
+    )
+    result = CliRunner().invoke(app, ["eval", "--pool", str(pool)])
+    assert result.exit_code == 1 and "moe2 gating" in result.stderr
