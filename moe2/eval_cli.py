@@ -27,8 +27,8 @@ def evaluate(
         Path | None, typer.Option(help="A gating artifact trained on it; default: the pool's.")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Directory for report.md, report.json, fig3.png.")
-    ] = None,
+        Path, typer.Option(help="Directory for report.md, report.json, fig3.png.")
+    ] = Path("moe2-eval"),
     seeds: Annotated[int, typer.Option(help="Seeds of the random-subset baseline.")] = 10,
     threads: Annotated[int, typer.Option(help="torch threads (the embedder).")] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
@@ -53,7 +53,6 @@ def evaluate(
         for what, path in (("outputs", store), ("gate", artifact)):
             if not path.exists():
                 raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
-        out_dir = out or store / "eval"
-        text, _ = run_fig3(store, artifact, pool, out_dir, seeds=seeds)
+        text, _ = run_fig3(store, artifact, pool, out, seeds=seeds)
     typer.echo(text)
-    typer.echo(f"saved {out_dir}/report.md, report.json and fig3.png", err=True)
+    typer.echo(f"saved {out}/report.md, report.json and fig3.png", err=True)
