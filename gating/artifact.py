@@ -5,7 +5,8 @@ the fusion agent calls once per prompt. Its values are renormalised on S by
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,30 @@ WEIGHTS = "model.safetensors"
 METADATA = "gating.json"
 
 
+@dataclass(frozen=True, slots=True)
+class ExpertModel:
+    """What served an expert id: the heartbeat's model string (base model, adapter and context,
+    each with its hash) and its tokenizer ("" when not known: not compared)."""
+
+    model: str
+    tokenizer: str = ""
+
+    def differs(self, other: ExpertModel) -> bool:
+        tokenizers = self.tokenizer and other.tokenizer and self.tokenizer != other.tokenizer
+        return self.model != other.model or bool(tokenizers)
+
+    def describe(self, other: ExpertModel) -> str:
+        """The model string, with the tokenizer when it differs from ``other``'s."""
+        same = self.tokenizer == other.tokenizer or not self.tokenizer or not other.tokenizer
+        return self.model if same else f"{self.model} (tokenizer {self.tokenizer})"
+
+
 class GatingArtifact:
     """A gating network over ``expert_ids`` (in that order) for ``embedder``'s ``dim``-d vectors.
 
     ``metadata`` is the whole ``gating.json``: besides the identity it holds ``architecture``,
-    ``data_hash``, ``config``, ``metrics``, ``split`` (``heldout``: example ids) and ``history``.
+    ``experts`` (what served each expert id in the training data, when recorded), ``data_hash``,
+    ``config``, ``metrics``, ``split`` (``heldout``: example ids) and ``history``.
     """
 
     def __init__(
@@ -37,6 +57,8 @@ class GatingArtifact:
         expert_ids: Sequence[str],
         embedder: str,
         metadata: dict[str, Any] | None = None,
+        *,
+        experts: Mapping[str, ExpertModel] | None = None,
     ) -> None:
         if model.n_experts != len(expert_ids):
             raise _invalid(f"{model.n_experts} gating outputs for {len(expert_ids)} experts")
@@ -45,6 +67,20 @@ class GatingArtifact:
         self.embedder = embedder
         self.dim = model.dim
         self.metadata = {**(metadata or {}), **self._identity()}
+        if experts is not None:
+            self.metadata["experts"] = expert_records(self.expert_ids, experts)
+        self.experts = _recorded_experts(self.metadata)
+
+    def mismatches(
+        self, serving: Mapping[str, ExpertModel]
+    ) -> list[tuple[str, ExpertModel, ExpertModel]]:
+        """(id, trained on, serving now) for each expert of ``serving`` whose model or tokenizer
+        differs from what the gate was trained on; empty when none does or none was recorded."""
+        return [
+            (e, self.experts[e], now)
+            for e, now in serving.items()
+            if e in self.experts and self.experts[e].differs(now)
+        ]
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -93,6 +129,31 @@ class GatingArtifact:
             return cls(model, meta["expert_ids"], meta["embedder"]["name"], meta)
         except (KeyError, TypeError, ValueError) as e:
             raise _invalid(f"{folder / METADATA} is incomplete or malformed ({e!r})") from e
+
+
+def expert_records(
+    expert_ids: Sequence[str], experts: Mapping[str, ExpertModel]
+) -> list[dict[str, str]]:
+    """``gating.json``'s ``experts``: what served each of ``expert_ids``, in that order."""
+    missing = [e for e in expert_ids if e not in experts]
+    if missing:
+        raise _invalid(f"no model recorded for experts {missing}: the gate must know what it gates")
+    return [
+        {"id": e, "model": experts[e].model, "tokenizer": experts[e].tokenizer} for e in expert_ids
+    ]
+
+
+def _recorded_experts(meta: dict[str, Any]) -> dict[str, ExpertModel]:
+    """``gating.json``'s ``experts`` by id; empty for a gate trained before they were recorded."""
+    records = meta.get("experts")
+    if records is None:
+        return {}
+    experts = {
+        str(r["id"]): ExpertModel(str(r["model"]), str(r.get("tokenizer", ""))) for r in records
+    }
+    if sorted(experts) != sorted(meta["expert_ids"]):
+        raise ValueError(f"experts {sorted(experts)} recorded for expert_ids {meta['expert_ids']}")
+    return experts
 
 
 def _read_metadata(folder: Path) -> dict[str, Any]:
@@ -166,6 +227,24 @@ class LearnedGate:
         self.artifact, self.embedder = artifact, embedder
         self._index = {e: i for i, e in enumerate(artifact.expert_ids)}
         self._unknown: set[str] = set()
+        self._noticed: set[tuple[str, ExpertModel]] = set()
+
+    def notice_expert(self, expert: str, model: str, tokenizer: str = "") -> None:
+        """A live expert's heartbeat: warn (once per expert and model) when it serves another
+        model or tokenizer than the gate was trained on. A warning, not a refusal: a restarted
+        expert may legitimately serve a new build, but its gating values were learned for the
+        one recorded in the artifact."""
+        now = ExpertModel(model, tokenizer)
+        if (expert, now) in self._noticed:
+            return
+        self._noticed.add((expert, now))
+        for _, trained, serving in self.artifact.mismatches({expert: now}):
+            log.warning(
+                "gating_expert_changed",
+                expert=expert,
+                trained_on=trained.describe(serving),
+                serving=serving.describe(trained),
+            )
 
     def gate(self, messages: Sequence[ChatMessage], experts: Sequence[str]) -> list[float]:
         values = self.artifact.values(self.embedder.embed([prompt_text(messages)]))[0]

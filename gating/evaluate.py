@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.fusion import ExpertSlice, fuse
@@ -496,6 +497,7 @@ def gated_scores(
 
     store = OutputStore(outputs)
     artifact = GatingArtifact.load(gate, expert_ids=store.expert_ids)
+    check_store_experts(store, artifact, gate)
     ids = heldout_ids(store, artifact.heldout_ids, gate) if split == "heldout" else None
     arrays = store.score_arrays(ids)
     if not arrays.examples:
@@ -503,6 +505,37 @@ def gated_scores(
     texts = [embed_text(store.example(i)) for i in arrays.example_ids]
     embedder = embedder or load_embedder(artifact.embedder)
     return store, arrays, artifact.values(embedder.embed(texts))
+
+
+def check_store_experts(store: Any, artifact: Any, gate: Path) -> None:
+    """Refuse a store whose experts (same ids, same order: ``GatingArtifact.load`` checked
+    those) serve other models, adapters, contexts or tokenizers than the gate was trained on:
+    the heartbeat's model string names all but the tokenizer. A gate that recorded none (trained
+    before they were recorded) passes, with a warning that it could not be checked."""
+    from moe2.gating.artifact import ExpertModel
+
+    if not artifact.experts:
+        structlog.get_logger("moe2.gating").warning(
+            "gating_experts_unchecked",
+            gate=str(gate),
+            outputs=str(store.directory),
+            why="the gate records no model per expert (trained before they were recorded): "
+            "only the expert ids and their order are checked",
+        )
+        return
+    serving = {e.id: ExpertModel(e.model, e.tokenizer) for e in store.meta.experts}
+    differ = [
+        f"expert {e}: the gate was trained on {trained.describe(now)}, "
+        f"this store holds {now.describe(trained)}"
+        for e, trained, now in artifact.mismatches(serving)
+    ]
+    if differ:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"gating artifact {gate} was trained on other experts than {store.directory} holds "
+            f"under the same ids: {'; '.join(differ)}. Evaluate it on a store collected from "
+            "the experts it was trained on, or train a gate on this store's experts",
+        )
 
 
 def heldout_ids(store: Any, ids: Sequence[str], gate: Path) -> list[str]:

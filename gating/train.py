@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from moe2.gating.artifact import GatingArtifact
+from moe2.gating.artifact import ExpertModel, GatingArtifact, expert_records
 from moe2.gating.dataset import GatingData, pad_logprobs, split_three
 from moe2.gating.embed import Embedder
 from moe2.gating.model import (
@@ -197,11 +197,22 @@ def loss_report(gates: np.ndarray, val: Batch) -> dict[str, float]:
 
 
 def train_gating(
-    data: GatingData, embedder: Embedder, config: TrainConfig, out: Path, *, progress: bool = True
+    data: GatingData,
+    embedder: Embedder,
+    config: TrainConfig,
+    out: Path,
+    *,
+    progress: bool = True,
+    identities: Mapping[str, ExpertModel] | None = None,
 ) -> GatingArtifact:
     """Algorithm 1 end to end: embed, split three ways (train; validation for early stopping;
     held out for evaluation only), fit, then write ``out/model.safetensors``,
-    ``out/gating.json`` and ``out/curves.png``; returns the artifact."""
+    ``out/gating.json`` and ``out/curves.png``; returns the artifact. ``identities``: what
+    served each expert id in ``data`` (from the store's meta), recorded in ``gating.json`` for
+    those of ``data.expert_ids`` so that evaluation elsewhere can check it; extra ids are
+    ignored, a missing one is refused."""
+    if identities is not None:
+        expert_records(data.expert_ids, identities)  # refuse a missing one before training
     train_idx, val_idx, held_idx = split_three(
         len(data), config.seed, config.holdout, config.validation
     )
@@ -221,7 +232,7 @@ def train_gating(
         experts=n,
     )
     result = fit(train, val, config, progress=progress)
-    artifact = GatingArtifact(result.model, data.expert_ids, embedder.name)
+    artifact = GatingArtifact(result.model, data.expert_ids, embedder.name, experts=identities)
     artifact.metadata.update(
         data_hash=data.data_hash(),
         config=config.as_dict(),

@@ -230,6 +230,7 @@ def train(
     """Train the gating MLP (eq. 13, Table VI) on a store; writes the artifact to --out."""
     configure_logging(log_level)
     _torch_threads(threads)
+    from moe2.gating.artifact import ExpertModel
     from moe2.gating.embed import load_embedder
     from moe2.gating.store import OutputStore
     from moe2.gating.train import TrainConfig, train_gating
@@ -252,11 +253,15 @@ def train(
         "validation": validation,
     }
     with user_errors():
-        data = OutputStore(_existing(outputs, "outputs")).to_gating_data()
+        store = OutputStore(_existing(outputs, "outputs"))
+        data = store.to_gating_data()
         if experts:
             data = data.with_experts(_ids(experts))
         config = _config(TrainConfig, {k: v for k, v in given.items() if v is not None})
-        artifact = train_gating(data, load_embedder(embedder), config, out, progress=progress)
+        served = {e.id: ExpertModel(e.model, e.tokenizer) for e in store.meta.experts}
+        artifact = train_gating(
+            data, load_embedder(embedder), config, out, progress=progress, identities=served
+        )
     typer.echo(f"gating artifact in {out}: {_metrics_line(artifact.metadata)}", err=True)
 
 

@@ -392,3 +392,121 @@ def test_fold_indices_partition_the_examples() -> None:
     folds = fold_indices(11, 3, seed=4)
     assert sorted(int(i) for f in folds for i in f) == list(range(11))
     assert sorted(len(f) for f in folds) == [3, 4, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval --split all on another store: the models behind the expert ids are checked too
+
+
+LORA = "SmolLM2-135M-Instruct+lora:cluster-0@b96c4cd9"
+
+
+def _trained_gate(outputs: Path, gate: Path, *args: str) -> Path:
+    code, _, err = gating(
+        "train", "--outputs", str(outputs), "--out", str(gate), "--no-progress", *args
+    )
+    assert code == 0, err
+    return gate
+
+
+def _serving(store: Path, **models: str) -> Path:
+    """Edit the store's meta.json as if expert ``id`` had served ``models[id]``."""
+    meta = json.loads((store / "meta.json").read_text())
+    for expert in meta["experts"]:
+        expert["model"] = models.get(expert["id"], expert["model"])
+    (store / "meta.json").write_text(json.dumps(meta))
+    return store
+
+
+def _later_examples(per_subject: int, start: int) -> list[McExample]:
+    """Examples ``start..per_subject-1`` of each subject: none of them in a store of ``start``."""
+    return [ex for ex in synthetic_examples(per_subject) if int(ex.id.rsplit("/", 1)[1]) >= start]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_eval_all_on_another_store_checks_the_models_behind_the_expert_ids(
+    tmp_path: Path,
+) -> None:
+    outputs = _serving(
+        synthetic_store(tmp_path / "outputs", synthetic_examples(8), EXPERTS), anatomist=LORA
+    )
+    gate = _trained_gate(outputs, tmp_path / "gate", "--max-epochs", "2")
+    assert json.loads((gate / "gating.json").read_text())["experts"] == [
+        {"id": "anatomist", "model": LORA, "tokenizer": "bytes"},
+        {"id": "novice", "model": "syn/novice", "tokenizer": "bytes"},
+        {"id": "philosopher", "model": "syn/philosopher", "tokenizer": "bytes"},
+    ]
+
+    test = _serving(
+        synthetic_store(tmp_path / "test", _later_examples(12, 8), EXPERTS), anatomist=LORA
+    )
+    report = tmp_path / "reports" / "test"
+    code, _, err = gating(
+        "eval", "--outputs", str(test), "--gate", str(gate), "--split", "all", "--out", str(report)
+    )
+    assert code == 0, err
+    assert json.loads(report.with_suffix(".json").read_text())["examples"] == 8
+
+    retrained = LORA.replace("b96c4cd9", "12345678")
+    other = _serving(
+        synthetic_store(tmp_path / "other", _later_examples(12, 8), EXPERTS),
+        anatomist=retrained,
+        philosopher="syn/philosopher+ctx:humanities@0badc0de",
+    )
+    code, _, err = gating("eval", "--outputs", str(other), "--gate", str(gate), "--split", "all")
+    assert code == 1 and "error [invalid_field]" in err
+    message = " ".join(err.split())  # the terminal may wrap it
+    assert (
+        f"expert anatomist: the gate was trained on {LORA}, this store holds {retrained}" in message
+    )
+    assert (
+        "expert philosopher: the gate was trained on syn/philosopher, this store holds "
+        "syn/philosopher+ctx:humanities@0badc0de" in message
+    )
+    assert "expert novice" not in message and not (other / "eval-all.json").exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_eval_refuses_a_store_whose_expert_has_another_tokenizer(tmp_path: Path) -> None:
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(6), EXPERTS)
+    gate = _trained_gate(
+        outputs, tmp_path / "gate", "--max-epochs", "1", "--experts", "philosopher,anatomist"
+    )
+    recorded = json.loads((gate / "gating.json").read_text())["experts"]
+    assert [e["id"] for e in recorded] == ["philosopher", "anatomist"]  # --experts only
+    two = synthetic_store(tmp_path / "two", synthetic_examples(6), ["philosopher", "anatomist"])
+    code, _, err = gating("eval", "--outputs", str(two), "--gate", str(gate))
+    assert code == 0, err
+    meta = json.loads((two / "meta.json").read_text())
+    meta["experts"][1]["tokenizer"] = "other-bytes"
+    (two / "meta.json").write_text(json.dumps(meta))
+    code, _, err = gating("eval", "--outputs", str(two), "--gate", str(gate))
+    assert code == 1
+    assert (
+        "expert anatomist: the gate was trained on syn/anatomist (tokenizer bytes), "
+        "this store holds syn/anatomist (tokenizer other-bytes)" in " ".join(err.split())
+    )
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_gate_that_records_no_models_still_evaluates_with_a_warning(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(6), EXPERTS)
+    gate = _trained_gate(outputs, tmp_path / "gate", "--max-epochs", "1")
+    metadata = json.loads((gate / "gating.json").read_text())
+    del metadata["experts"]  # as gating.json was written before the models were recorded
+    (gate / "gating.json").write_text(json.dumps(metadata))
+    other = _serving(
+        synthetic_store(tmp_path / "other", _later_examples(9, 6), EXPERTS), anatomist=LORA
+    )
+    with capture_logs() as logs:
+        code, _, err = gating(
+            "eval", "--outputs", str(other), "--gate", str(gate), "--split", "all",
+            "--out", str(tmp_path / "report"),
+        )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "report.json").read_text())["examples"] == 6
+    unchecked = [e for e in logs if e["event"] == "gating_experts_unchecked"]
+    assert len(unchecked) == 1 and unchecked[0]["log_level"] == "warning"
+    assert unchecked[0]["gate"] == str(gate) and "only the expert ids" in unchecked[0]["why"]

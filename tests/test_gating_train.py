@@ -3,7 +3,9 @@ gradient accumulation, early stopping, and the Theorem 1 check. A fake embedder:
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from moe2.gating.artifact import GatingArtifact
+from moe2.gating.artifact import ExpertModel, GatingArtifact
 from moe2.gating.dataset import GatingData, split_indices, split_three
 from moe2.gating.model import GatingMLP, TrainConfig, mixture_nll_from_logits
 from moe2.gating.theorem import random_subsets, theorem1_check
 from moe2.gating.train import Batch, accumulation_weights, embed_all, fit, train_gating
+from moe2.runtime.errors import Moe2Error
 
 EXPERTS = ["e0", "e1", "e2"]
 FAST = TrainConfig(
@@ -171,3 +174,98 @@ def test_theorem1_check_reports_a_gap_per_subset() -> None:
         pair["full_renormalised"] - pair["retrained"]
     )
     assert "| e0, e2 | 2 |" in rows.markdown()
+
+
+# --- what served each expert: recorded at training, checked where the gate is used ------------
+
+SERVED = {
+    "e0": ExpertModel("SmolLM2-135M-Instruct+lora:cluster-0@b96c4cd9", "smollm2@1111"),
+    "e1": ExpertModel("SmolLM2-135M-Instruct+ctx:stem@0a0a0a0a", "smollm2@1111"),
+    "e2": ExpertModel("gemma-3-270m-it", "gemma3@2222"),
+    "unused": ExpertModel("not-in-the-data", "x"),
+}
+
+
+def test_train_gating_records_what_served_each_expert(tmp_path: Path) -> None:
+    config = TrainConfig(max_epochs=2, seed=1)
+    data = synthetic(60).with_experts(["e2", "e0"])
+    train_gating(data, ClusterEmbedder(), config, tmp_path / "g", progress=False, identities=SERVED)
+    meta = json.loads((tmp_path / "g" / "gating.json").read_text())
+    assert meta["experts"] == [  # those of the data only, in its expert order
+        {"id": "e2", "model": "gemma-3-270m-it", "tokenizer": "gemma3@2222"},
+        {"id": "e0", "model": SERVED["e0"].model, "tokenizer": "smollm2@1111"},
+    ]
+    loaded = GatingArtifact.load(tmp_path / "g", expert_ids=["e2", "e0"])
+    assert loaded.experts == {"e2": SERVED["e2"], "e0": SERVED["e0"]}
+    assert loaded.mismatches({"e0": SERVED["e0"], "e2": SERVED["e2"]}) == []
+    changed = ExpertModel("SmolLM2-135M-Instruct+lora:cluster-0@12345678", "smollm2@1111")
+    assert loaded.mismatches({"e0": changed, "e2": SERVED["e2"]}) == [("e0", SERVED["e0"], changed)]
+    retokenised = ExpertModel("gemma-3-270m-it", "gemma3@3333")
+    assert [e for e, _, _ in loaded.mismatches({"e2": retokenised})] == ["e2"]
+    assert retokenised.describe(SERVED["e2"]) == "gemma-3-270m-it (tokenizer gemma3@3333)"
+    assert changed.describe(SERVED["e0"]) == changed.model  # the model string says it all
+    assert not loaded.mismatches({"e2": ExpertModel("gemma-3-270m-it")})  # no tokenizer known
+
+    train_gating(synthetic(60), ClusterEmbedder(), config, tmp_path / "old", progress=False)
+    old = GatingArtifact.load(tmp_path / "old", expert_ids=EXPERTS)
+    assert "experts" not in old.metadata and old.experts == {}
+    assert old.mismatches({"e0": changed}) == []  # nothing recorded: nothing to compare
+
+
+def test_train_gating_refuses_an_expert_without_a_recorded_model_before_training(
+    tmp_path: Path,
+) -> None:
+    partial = {"e0": SERVED["e0"], "e1": SERVED["e1"]}
+    with pytest.raises(Moe2Error, match=r"no model recorded for experts \['e2'\]"):
+        train_gating(synthetic(30), ClusterEmbedder(), FAST, tmp_path / "g", identities=partial)
+    assert not (tmp_path / "g").exists()
+
+
+def test_malformed_recorded_experts_are_refused_on_load(tmp_path: Path) -> None:
+    config = TrainConfig(max_epochs=1)
+    train_gating(synthetic(30), ClusterEmbedder(), config, tmp_path, progress=False)
+    meta = json.loads((tmp_path / "gating.json").read_text())
+    meta["experts"] = [{"id": "e0", "model": "m"}]  # e1 and e2 missing
+    (tmp_path / "gating.json").write_text(json.dumps(meta))
+    with pytest.raises(Moe2Error, match="incomplete or malformed"):
+        GatingArtifact.load(tmp_path)
+
+
+def test_the_fusion_agent_warns_once_when_a_live_expert_serves_another_model(
+    tmp_path: Path,
+) -> None:
+    from unittest.mock import MagicMock
+
+    from structlog.testing import capture_logs
+
+    from moe2.agents.fusion.agent import FusionAgent
+    from moe2.gating.artifact import LearnedGate
+    from moe2.runtime.endpoint import Request
+    from moe2.runtime.wire import Heartbeat
+
+    config = TrainConfig(max_epochs=1)
+    art = train_gating(
+        synthetic(30), ClusterEmbedder(), config, tmp_path, progress=False, identities=SERVED
+    )
+    agent = FusionAgent(MagicMock(), gate=LearnedGate(art, ClusterEmbedder()))
+
+    def beat(expert: str, model: ExpertModel) -> Request[Heartbeat]:
+        hb = Heartbeat(expert, model.model, model.tokenizer, "transformers", 10, [0])
+        return Request("moe2.v1.members." + expert, "", hb)
+
+    restarted = ExpertModel("SmolLM2-135M-Instruct+lora:cluster-0@12345678", "smollm2@1111")
+    with capture_logs() as logs:
+        for _ in range(3):
+            asyncio.run(agent._on_heartbeat(beat("e0", restarted)))
+            asyncio.run(agent._on_heartbeat(beat("e1", SERVED["e1"])))
+    warned = [e for e in logs if e["event"] == "gating_expert_changed"]
+    assert warned == [
+        {
+            "event": "gating_expert_changed",
+            "log_level": "warning",
+            "expert": "e0",
+            "trained_on": SERVED["e0"].model,
+            "serving": restarted.model,
+        }
+    ]
+    assert sorted(agent.membership.live(time.monotonic())) == ["e0", "e1"]  # not refused

@@ -88,6 +88,9 @@ class FusionAgent:
 
     async def _on_heartbeat(self, request: Request[wire.Heartbeat]) -> None:
         hb = request.message
+        notice = getattr(self.gate, "notice_expert", None)  # a LearnedGate warns on a new model
+        if notice is not None:
+            notice(hb.expert, hb.model, hb.tokenizer)
         if self.membership.seen(hb, time.monotonic()):
             log.info("expert_joined", expert=hb.expert, model=hb.model, backend=hb.backend)
             self._members_changed.set()
