@@ -328,12 +328,13 @@ def run_fig3(
     from moe2.gating.artifact import GatingArtifact
     from moe2.gating.data import embed_text
     from moe2.gating.embed import load_embedder
-    from moe2.gating.evaluate import heldout_ids
+    from moe2.gating.evaluate import check_store_experts, heldout_ids
     from moe2.gating.store import OutputStore
 
     started = time.perf_counter()
     store = OutputStore(outputs)
     artifact = GatingArtifact.load(gate, expert_ids=store.expert_ids)
+    check_store_experts(store, artifact, gate)
     held = heldout_ids(store, artifact.heldout_ids, gate)
     validation = list(artifact.metadata.get("split", {}).get("validation", []))
     if not validation:
@@ -357,6 +358,8 @@ def run_fig3(
     models = {e.id: e.model for e in store.meta.experts}
     result = fig3(arrays, held_values, train_arrays, subset, k, models, seeds=seeds)
     result.notes.extend(notes)
+    fig3_s = time.perf_counter() - started
+    cells = budget_grid(pool_path, arrays, held_values, val_values, gold, seeds=seeds)
     seconds = time.perf_counter() - started
     context: dict[str, object] = {
         "outputs": str(store.directory),
@@ -367,9 +370,10 @@ def run_fig3(
         f"(S chosen on them), {len(train_ids)} train (static weights, best single)",
         "S": ", ".join(subset),
         "k": k,
-        "seconds": round(seconds, 1),
+        "seconds": f"{seconds:.1f} (Fig. 3 {fig3_s:.1f}, the budget grid {seconds - fig3_s:.1f})",
     }
     text = fig3_markdown(result, context)
+    text += "\n## The budget grid (Tables II–IV)\n\n" + grid_markdown(cells, result.unit)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(text)
     body = {
@@ -378,9 +382,14 @@ def run_fig3(
         "rows": [r.as_dict() for r in result.rows],
         "differences": [d.as_dict() for d in result.differences],
         "notes": result.notes,
+        "grid": [
+            {"tau_s": c.tau, "energy_j": c.energy, "subset": c.subset, "methods": c.methods}
+            for c in cells
+        ],
     }
     (out_dir / "report.json").write_text(json.dumps(body, indent=2) + "\n")
     plot_fig3(result, out_dir / "fig3.png")
+    plot_grid(cells, result.unit, out_dir / "grid.png")
     return text, result
 
 
@@ -446,5 +455,173 @@ def plot_fig3(result: Fig3, path: Path) -> None:
             low = min(v - e for v, e in zip(values, errs[0], strict=True))
             ax.set_xlim(left=max(0.0, low * 0.97))
     fig.suptitle("MoE² (red) against the baselines, 95% bootstrap intervals")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: Tables II-IV, a grid of delay limits and energy budgets.
+
+
+@dataclass(frozen=True, slots=True)
+class Cell:
+    tau: float  # seconds per token, every application alike
+    energy: float  # joules per answer
+    subset: list[str]  # S, empty when nothing fits
+    methods: dict[str, tuple[float, float]]  # method -> (NLL per unit, cloze accuracy)
+
+
+def grid_axes(problem: object, steps: int = 4) -> tuple[list[float], list[float]]:
+    """Delay limits from "only the fastest expert fits" to "every expert fits", and energy
+    budgets from "only the thriftiest fits" to "all of them together fit", ``steps`` each."""
+    from moe2.selection.problem import Problem
+
+    assert isinstance(problem, Problem)
+    singles = [problem.describe(1 << i) for i in range(problem.size)]
+    delays = [max(c.delay_s.values()) for c in singles]
+    energies = [c.energy_j for c in singles]
+    everyone = problem.describe((1 << problem.size) - 1)
+    taus = np.linspace(min(delays), max(delays), steps)
+    budgets = np.linspace(min(energies), everyone.energy_j, steps)
+    return [float(t) for t in taus], [float(e) for e in budgets]
+
+
+def budget_grid(
+    pool_path: Path,
+    arrays: ScoreArrays,
+    held_values: F64,
+    val_values: F64,
+    val_gold: Sequence[F64],
+    *,
+    steps: int = 4,
+    seeds: int = 10,
+) -> list[Cell]:
+    """For every (tau, E) of the grid: S by SMO (loss on the validation examples), then MoE²,
+    SMO + equal weights and random + equal weights on the evaluated examples."""
+    from moe2.pool import load_pool
+    from moe2.selection.live import build_problem
+    from moe2.selection.oracle import LossOracle
+    from moe2.selection.smo import smo
+
+    pool = load_pool(pool_path)
+    ids = arrays.expert_ids
+    oracle = LossOracle(ids, val_values, list(val_gold))
+    apps = list(pool.profiles.applications)
+    loose, _ = build_problem(pool.profiles, oracle, {a: 1e9 for a in apps}, 1e12)
+    taus, energies = grid_axes(loose, steps)
+    e, n = len(arrays.examples), len(ids)
+    rng = np.random.default_rng(0)
+    cells = []
+    for tau in taus:
+        for energy in energies:
+            problem, _ = build_problem(pool.profiles, oracle, {a: tau for a in apps}, energy)
+            try:
+                subset = list(smo(problem).experts)
+            except Moe2Error:
+                subset = []
+            methods: dict[str, tuple[float, float]] = {}
+            if subset:
+                s_idx = [ids.index(x) for x in subset]
+                equal = np.zeros((e, n))
+                equal[:, s_idx] = 1.0 / len(s_idx)
+                weightings = {
+                    "MoE²": top_k_weights(held_values, pool.experts_per_prompt, s_idx),
+                    "SMO + equal": equal,
+                }
+                for name, w in weightings.items():
+                    p = per_example(arrays, w)
+                    methods[name] = (
+                        float(p.nll.sum() / max(p.tokens.sum(), 1)),
+                        float(p.cloze_ok.mean()),
+                    )
+                randoms = []
+                for _ in range(seeds):
+                    pick = rng.choice(n, size=len(s_idx), replace=False)
+                    w = np.zeros((e, n))
+                    w[:, pick] = 1.0 / len(pick)
+                    randoms.append(per_example(arrays, w))
+                methods["random + equal"] = (
+                    float(np.mean([p.nll.sum() / max(p.tokens.sum(), 1) for p in randoms])),
+                    float(np.mean([p.cloze_ok.mean() for p in randoms])),
+                )
+            cells.append(Cell(tau, energy, subset, methods))
+    return cells
+
+
+def grid_markdown(cells: Sequence[Cell], unit: str) -> str:
+    """One table per metric: rows the delay limits, columns the energy budgets; each cell MoE²,
+    SMO + equal and random + equal, and |S|."""
+    taus = sorted({c.tau for c in cells})
+    energies = sorted({c.energy for c in cells})
+    at = {(c.tau, c.energy): c for c in cells}
+    out = []
+    for metric, label, fmt in ((0, f"NLL / {unit}", "{:.4f}"), (1, "cloze acc %", "{:.1f}")):
+        scale = 100.0 if metric == 1 else 1.0
+        out += [
+            f"**{label}**: MoE² / SMO + equal / random + equal (|S|); rows τ (s/token), "
+            "columns E (J/answer)",
+            "",
+            "| τ \\\\ E | " + " | ".join(f"{x:.1f}" for x in energies) + " |",
+            "|---|" + "---:|" * len(energies),
+        ]
+        for tau in taus:
+            cells_text = []
+            for energy in energies:
+                c = at[(tau, energy)]
+                if not c.subset:
+                    cells_text.append("nothing fits")
+                    continue
+                vals = [
+                    fmt.format(scale * c.methods[m][metric])
+                    for m in ("MoE²", "SMO + equal", "random + equal")
+                ]
+                cells_text.append(" / ".join(vals) + f" ({len(c.subset)})")
+            out.append(f"| {tau:.3f} | " + " | ".join(cells_text) + " |")
+        out.append("")
+    chosen = sorted({", ".join(c.subset) for c in cells if c.subset})
+    out += ["The subsets S chosen across the grid:", "", *[f"- {{{s}}}" for s in chosen], ""]
+    return "\n".join(out)
+
+
+def plot_grid(cells: Sequence[Cell], unit: str, path: Path) -> None:
+    """MoE²'s NLL and cloze accuracy over the grid as heat maps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    taus = sorted({c.tau for c in cells})
+    energies = sorted({c.energy for c in cells})
+    at = {(c.tau, c.energy): c for c in cells}
+    fig = Figure(figsize=(10, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (metric, label) in enumerate(((0, f"MoE² NLL / {unit}"), (1, "MoE² cloze acc %"))):
+        grid = np.full((len(taus), len(energies)), np.nan)
+        for a, tau in enumerate(taus):
+            for b, energy in enumerate(energies):
+                c = at[(tau, energy)]
+                if c.subset:
+                    grid[a, b] = c.methods["MoE²"][metric] * (100.0 if metric else 1.0)
+        ax = fig.add_subplot(1, 2, i + 1)
+        im = ax.imshow(
+            grid, origin="lower", aspect="auto", cmap="viridis_r" if metric == 0 else "viridis"
+        )
+        ax.set_xticks(range(len(energies)), [f"{x:.0f}" for x in energies])
+        ax.set_yticks(range(len(taus)), [f"{t:.3f}" for t in taus])
+        ax.set_xlabel("energy budget E (J/answer)")
+        ax.set_ylabel("delay limit τ (s/token)")
+        ax.set_title(label)
+        for a in range(len(taus)):
+            for b in range(len(energies)):
+                c = at[(taus[a], energies[b])]
+                ax.text(
+                    b,
+                    a,
+                    str(len(c.subset)) if c.subset else "-",
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=8,
+                )
+        fig.colorbar(im, ax=ax)
+    fig.suptitle("Tables II–IV analog: MoE² over delay and energy budgets (numbers: |S|)")
     fig.tight_layout()
     fig.savefig(path)

@@ -134,6 +134,22 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
     assert ("single agent: novice", "cloze") in better
     assert ("majority voting: a vote of the experts' answers", "cloze") in better
     assert (tmp_path / "r" / "fig3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the budget grid spans "only the thriftiest expert fits" to "all of them fit"
+    grid = report["grid"]
+    assert len(grid) == 16
+    energies = sorted({c["energy_j"] for c in grid})
+    assert energies[0] == pytest.approx(6.6, abs=0.1)  # one LoRA expert's answer (5 ms + 8 steps)
+    assert energies[-1] == pytest.approx(49.2 + 2 * 6.6, abs=0.3)  # all three together
+    tightest = [c for c in grid if c["energy_j"] == energies[0] and c["subset"]]
+    assert tightest and all(len(c["subset"]) == 1 for c in tightest)
+    loosest = max(grid, key=lambda c: (c["tau_s"], c["energy_j"]))
+    assert loosest["subset"] and set(loosest["methods"]) == {
+        "MoE²",
+        "SMO + equal",
+        "random + equal",
+    }
+    assert (tmp_path / "r" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## The budget grid (Tables II–IV)" in result.stdout
     assert "| MoE² (gate, top-" in result.stdout
 
 
