@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from moe2.gating.dataset import GatingData, split_indices
+from moe2.gating.dataset import GatingData, split_three
 from moe2.gating.embed import Embedder
 from moe2.gating.model import GatingMLP, TrainConfig, gating_values
 from moe2.gating.train import Batch, embed_all, fit, loss_report
@@ -59,22 +59,26 @@ def random_subsets(experts: Sequence[str], count: int, seed: int) -> list[list[s
 
 @dataclass(frozen=True)
 class _Split:
+    """Three disjoint sets, as ``gating train`` uses: train, validation (early stopping), and
+    held out (the losses compared; neither trains nor stops a gate)."""
+
     data: GatingData
     x: np.ndarray  # every example's embedding
     train_idx: np.ndarray
+    val_idx: np.ndarray
     held_idx: np.ndarray
 
+    def batch(self, experts: Sequence[str], idx: np.ndarray) -> Batch:
+        lps = self.data.with_experts(experts).gold_logprobs
+        return Batch.of(self.x[idx], [lps[i] for i in idx], len(experts))
+
     def batches(self, experts: Sequence[str]) -> tuple[Batch, Batch]:
-        on_s = self.data.with_experts(experts)
-        lps = on_s.gold_logprobs
-        return (
-            Batch.of(self.x[self.train_idx], [lps[i] for i in self.train_idx], len(experts)),
-            Batch.of(self.x[self.held_idx], [lps[i] for i in self.held_idx], len(experts)),
-        )
+        """(train, held out) on S."""
+        return self.batch(experts, self.train_idx), self.batch(experts, self.held_idx)
 
     def fit(self, experts: Sequence[str], config: TrainConfig, progress: bool) -> GatingMLP:
-        train, held = self.batches(experts)
-        return fit(train, held, config, progress=progress).model
+        train, val = self.batch(experts, self.train_idx), self.batch(experts, self.val_idx)
+        return fit(train, val, config, progress=progress).model
 
 
 def theorem1_check(
@@ -94,7 +98,9 @@ def theorem1_check(
     ``data.texts`` may be passed to skip embedding."""
     config = config or QUICK
     x = embed_all(embedder, data.texts, progress=progress) if embeddings is None else embeddings
-    split = _Split(data, x, *split_indices(len(data), config.seed, config.holdout))
+    split = _Split(
+        data, x, *split_three(len(data), config.seed, config.holdout, config.validation)
+    )
     full = gating_values(split.fit(data.expert_ids, config, progress), x[split.held_idx])
     chosen = random_subsets(data.expert_ids, subsets, seed) if isinstance(subsets, int) else subsets
     return Theorem1Table(_compare(split, full, list(s), config) for s in chosen)

@@ -150,6 +150,15 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
     }
     assert (tmp_path / "r" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## The budget grid (Tables II–IV)" in result.stdout
+    # Theorem 1 for every S the grid chose: one row each, the gap between the renormalised
+    # full-set gate and a gate retrained on S; one expert alone has no gap
+    chosen = {tuple(c["subset"]) for c in grid if c["subset"]}
+    rows_t1 = {tuple(r["subset"]): r for r in report["theorem1"]}
+    assert set(rows_t1) == chosen
+    for subset, r in rows_t1.items():
+        assert r["gap"] == pytest.approx(r["full_renormalised"] - r["retrained"])
+        if len(subset) == 1:
+            assert r["gap"] == pytest.approx(0.0, abs=1e-6)
     assert "| MoE² (gate, top-" in result.stdout
 
 
