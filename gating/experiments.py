@@ -318,11 +318,18 @@ def run_fig3(
     pool_path: Path,
     out_dir: Path,
     *,
+    train_outputs: Path | None = None,
     seeds: int = 10,
     progress: bool = True,
 ) -> tuple[str, Fig3]:
-    """Fig. 3 on the gate's held-out examples of ``outputs``; writes ``out_dir``/report.md,
-    report.json and fig3.png; returns the markdown and the result."""
+    """Fig. 3, the budget grid and Theorem 1; writes ``out_dir``/report.md, report.json,
+    fig3.png and grid.png; returns the markdown and the Fig. 3 result.
+
+    ``train_outputs`` is the store the gate was trained on (default ``outputs``). When it is
+    ``outputs``, the gate's held-out examples are evaluated; otherwise every complete example of
+    ``outputs`` (a test split collected from the same experts) is, and the validation and training
+    examples (for S, the static weighting and the best single expert) come from
+    ``train_outputs``."""
     import time
 
     from moe2.gating.artifact import GatingArtifact
@@ -333,9 +340,25 @@ def run_fig3(
 
     started = time.perf_counter()
     store = OutputStore(outputs)
-    artifact = GatingArtifact.load(gate, expert_ids=store.expert_ids)
-    check_store_experts(store, artifact, gate)
-    held = heldout_ids(store, artifact.heldout_ids, gate)
+    trained_on = store if train_outputs is None else OutputStore(train_outputs)
+    separate = (
+        train_outputs is not None and trained_on.directory.resolve() != store.directory.resolve()
+    )
+    artifact = GatingArtifact.load(gate, expert_ids=trained_on.expert_ids)
+    check_store_experts(trained_on, artifact, gate)
+    if separate:
+        if store.expert_ids != trained_on.expert_ids:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"{outputs} holds experts {store.expert_ids}, the gate's store "
+                f"{trained_on.expert_ids}: collect the test split from the same experts",
+            )
+        check_store_experts(store, artifact, gate)
+        held = [ex.id for ex in store.complete_examples()]
+        if not held:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{outputs} holds no complete example")
+    else:
+        held = heldout_ids(trained_on, artifact.heldout_ids, gate)
     validation = list(artifact.metadata.get("split", {}).get("validation", []))
     if not validation:
         raise Moe2Error(
@@ -343,13 +366,14 @@ def run_fig3(
             f"{gate} records no validation examples (trained before the three-way split): "
             "retrain it with `moe2 gating train`",
         )
-    taken = set(held) | set(validation)
-    train_ids = [ex.id for ex in store.complete_examples() if ex.id not in taken]
+    taken = set(artifact.heldout_ids) | set(validation)
+    train_ids = [ex.id for ex in trained_on.complete_examples() if ex.id not in taken]
     arrays = store.score_arrays(held)
-    val_arrays = store.score_arrays(validation)
-    train_arrays = store.score_arrays(train_ids)
+    val_arrays = trained_on.score_arrays(validation)
+    train_arrays = trained_on.score_arrays(train_ids)
     embedder = load_embedder(artifact.embedder)
-    texts = [embed_text(store.example(i)) for i in [*held, *validation]]
+    texts = [embed_text(store.example(i)) for i in held]
+    texts += [embed_text(trained_on.example(i)) for i in validation]
     x = embedder.embed(texts)
     values = artifact.values(x)
     held_values, val_values = values[: len(held)], values[len(held) :]
@@ -358,27 +382,43 @@ def run_fig3(
     models = {e.id: e.model for e in store.meta.experts}
     result = fig3(arrays, held_values, train_arrays, subset, k, models, seeds=seeds)
     result.notes.extend(notes)
+    by_source = {}
+    for source in dict.fromkeys(_source(i) for i in held):
+        idx = [i for i, ex_id in enumerate(held) if _source(ex_id) == source]
+        part = ScoreArrays(
+            arrays.expert_ids,
+            [arrays.example_ids[i] for i in idx],
+            [arrays.examples[i] for i in idx],
+            arrays.vocab_size,
+            arrays.unit,
+        )
+        by_source[source] = fig3(
+            part, held_values[idx], train_arrays, subset, k, models, seeds=seeds
+        )
     fig3_s = time.perf_counter() - started
     cells = budget_grid(pool_path, arrays, held_values, val_values, gold, seeds=seeds)
     grid_s = time.perf_counter() - started - fig3_s
     from moe2.gating.theorem import theorem1_check
 
     chosen = [list(x) for x in dict.fromkeys(tuple(c.subset) for c in cells if c.subset)]
-    theorem = theorem1_check(store.to_gating_data(), embedder, subsets=chosen)
+    theorem = theorem1_check(trained_on.to_gating_data(), embedder, subsets=chosen)
     seconds = time.perf_counter() - started
     context: dict[str, object] = {
         "outputs": str(store.directory),
         "gate": str(gate),
         "pool": str(pool_path),
         "data": store.meta.dataset.path,
-        "examples": f"{len(held)} held out (evaluated), {len(validation)} validation "
-        f"(S chosen on them), {len(train_ids)} train (static weights, best single)",
+        "examples": f"{len(held)} {'of a separate store' if separate else 'held out'} "
+        f"(evaluated), {len(validation)} validation (S chosen on them), {len(train_ids)} train "
+        "(static weights, best single)",
+        "gate trained on": str(trained_on.directory),
         "S": ", ".join(subset),
         "k": k,
         "seconds": f"{seconds:.1f} (Fig. 3 {fig3_s:.1f}, the budget grid {grid_s:.1f}, "
         f"Theorem 1 {seconds - fig3_s - grid_s:.1f})",
     }
     text = fig3_markdown(result, context)
+    text += "\n## By source\n\n" + by_source_markdown(by_source, result.unit)
     text += "\n## The budget grid (Tables II–IV)\n\n" + grid_markdown(cells, result.unit)
     text += (
         "\n## Theorem 1 on this pool\n\nFor every S the grid chose: the held-out eq. 13 loss "
@@ -395,6 +435,7 @@ def run_fig3(
         "differences": [d.as_dict() for d in result.differences],
         "notes": result.notes,
         "theorem1": list(theorem),
+        "by_source": {src: [r.as_dict() for r in f.rows] for src, f in by_source.items()},
         "grid": [
             {"tau_s": c.tau, "energy_j": c.energy, "subset": c.subset, "methods": c.methods}
             for c in cells
@@ -404,6 +445,33 @@ def run_fig3(
     plot_fig3(result, out_dir / "fig3.png")
     plot_grid(cells, result.unit, out_dir / "grid.png")
     return text, result
+
+
+def _source(example_id: str) -> str:
+    """``mmlu/val``, ``arc_challenge/dev``, …: the data file an example came from."""
+    return "/".join(example_id.split("/")[:2])
+
+
+BY_SOURCE = ("best single, by NLL", "best single, by cloze", "majority voting: equal weights",
+             "static weighting", "SMO + equal weights", "MoE²")  # fmt: skip
+
+
+def by_source_markdown(by_source: dict[str, Fig3], unit: str) -> str:
+    """The main rows of Fig. 3 on each source's held-out examples, with their intervals."""
+    lines = [
+        f"| source | method | NLL / {unit} [95% CI] | cloze acc % [95% CI] |",
+        "|---|---|---:|---:|",
+    ]
+    for source, result in by_source.items():
+        for r in result.rows:
+            if not r.method.startswith(BY_SOURCE) or r.nll is None:
+                continue
+            nll = f"{r.nll:.4f} [{r.ci['nll'][0]:.4f}, {r.ci['nll'][1]:.4f}]"
+            cloze = (
+                f"{100 * r.cloze:.1f} [{100 * r.ci['cloze'][0]:.1f}, {100 * r.ci['cloze'][1]:.1f}]"
+            )
+            lines.append(f"| {source} | {r.method} | {nll} | {cloze} |")
+    return "\n".join(lines) + "\n"
 
 
 def fig3_markdown(result: Fig3, context: dict[str, object]) -> str:

@@ -26,6 +26,13 @@ def evaluate(
     gate: Annotated[
         Path | None, typer.Option(help="A gating artifact trained on it; default: the pool's.")
     ] = None,
+    train_outputs: Annotated[
+        Path | None,
+        typer.Option(
+            help="The store the gate was trained on, when --outputs is another (a test split "
+            "collected from the same experts); default: the pool's outputs."
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Directory for report.md, report.json, fig3.png.")
     ] = Path("moe2-eval"),
@@ -53,6 +60,8 @@ def evaluate(
         for what, path in (("outputs", store), ("gate", artifact)):
             if not path.exists():
                 raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
-        text, _ = run_fig3(store, artifact, pool, out, seeds=seeds)
+        # the pool's gate was trained on the pool's outputs; a gate given alone, on --outputs
+        trained_on = train_outputs or (loaded.outputs if gate is None else None)
+        text, _ = run_fig3(store, artifact, pool, out, train_outputs=trained_on, seeds=seeds)
     typer.echo(text)
     typer.echo(f"saved {out}/report.md, report.json and fig3.png", err=True)

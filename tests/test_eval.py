@@ -150,6 +150,8 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
     }
     assert (tmp_path / "r" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## The budget grid (Tables II–IV)" in result.stdout
+    assert set(report["by_source"]) == {"syn/anatomy", "syn/philosophy"}  # per data file
+    assert "## By source" in result.stdout
     # Theorem 1 for every S the grid chose: one row each, the gap between the renormalised
     # full-set gate and a gate retrained on S; one expert alone has no gap
     chosen = {tuple(c["subset"]) for c in grid if c["subset"]}
@@ -172,3 +174,37 @@ def test_moe2_eval_refuses_a_pool_without_its_gate(tmp_path: Path) -> None:
     )
     result = CliRunner().invoke(app, ["eval", "--pool", str(pool)])
     assert result.exit_code == 1 and "moe2 gating" in result.stderr
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_moe2_eval_on_a_separate_test_store_of_the_same_experts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The use the held-back test splits need: a gate trained on one store, evaluated on every
+    question of another collected from the same experts; other experts are refused."""
+    from moe2.cli import app
+
+    monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
+    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(40), EXPERTS)
+    code, _, err = gating(
+        "train", "--outputs", str(outputs), "--out", str(tmp_path / "gate"), "--max-epochs", "40",
+        "--batch", "8", "--grad-accum", "1", "--lr", "0.03", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    pool = tmp_path / "pool.toml"
+    pool.write_text(
+        MODEL_POOL.format(gate=tmp_path / "gate", outputs=outputs, adapters=ADAPTERS) + MODEL_COSTS
+    )
+    test = synthetic_store(tmp_path / "test", synthetic_examples(47)[40:], EXPERTS)
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["eval", "--pool", str(pool), "--outputs", str(test), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["examples"].startswith("54 of a separate store")  # every one of them
+    assert report["gate trained on"] == str(outputs)
+    other = synthetic_store(tmp_path / "other", synthetic_examples(47)[40:], EXPERTS[:2])
+    refused = runner.invoke(app, ["eval", "--pool", str(pool), "--outputs", str(other)])
+    assert refused.exit_code == 1 and "same experts" in refused.stderr
