@@ -94,14 +94,12 @@ def one_torch_thread() -> object:
     torch.set_num_threads(before)
 
 
-@pytest.mark.usefixtures("one_torch_thread")
-def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The anatomist knows anatomy, the philosopher philosophy, the novice neither: the gate
-    routes: MoE² beats the novice and the vote in cloze accuracy and a static weighting in NLL."""
-    from moe2.cli import app
-
+@pytest.fixture
+def trained_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread: object
+) -> tuple[Path, Path]:
+    """A pool file over the synthetic store of tests/test_gating_cli.py and a gate trained on
+    it (the pool's costs: tests/test_demo.py); returns (pool file, store)."""
     monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
     monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
     outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(40), EXPERTS)
@@ -114,6 +112,17 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
     pool.write_text(
         MODEL_POOL.format(gate=tmp_path / "gate", outputs=outputs, adapters=ADAPTERS) + MODEL_COSTS
     )
+    return pool, outputs
+
+
+def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
+    tmp_path: Path, trained_pool: tuple[Path, Path]
+) -> None:
+    """The anatomist knows anatomy, the philosopher philosophy, the novice neither: the gate
+    routes: MoE² beats the novice and the vote in cloze accuracy and a static weighting in NLL."""
+    from moe2.cli import app
+
+    pool, _ = trained_pool
     result = CliRunner().invoke(app, ["eval", "--pool", str(pool), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -176,26 +185,14 @@ def test_moe2_eval_refuses_a_pool_without_its_gate(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "moe2 gating" in result.stderr
 
 
-@pytest.mark.usefixtures("one_torch_thread")
 def test_moe2_eval_on_a_separate_test_store_of_the_same_experts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, trained_pool: tuple[Path, Path]
 ) -> None:
     """The use the held-back test splits need: a gate trained on one store, evaluated on every
     question of another collected from the same experts; other experts are refused."""
     from moe2.cli import app
 
-    monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
-    monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
-    outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(40), EXPERTS)
-    code, _, err = gating(
-        "train", "--outputs", str(outputs), "--out", str(tmp_path / "gate"), "--max-epochs", "40",
-        "--batch", "8", "--grad-accum", "1", "--lr", "0.03", "--no-progress",
-    )  # fmt: skip
-    assert code == 0, err
-    pool = tmp_path / "pool.toml"
-    pool.write_text(
-        MODEL_POOL.format(gate=tmp_path / "gate", outputs=outputs, adapters=ADAPTERS) + MODEL_COSTS
-    )
+    pool, outputs = trained_pool
     test = synthetic_store(tmp_path / "test", synthetic_examples(47)[40:], EXPERTS)
     runner = CliRunner()
     result = runner.invoke(
