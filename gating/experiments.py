@@ -379,9 +379,15 @@ def run_fig3(
     held_values, val_values = values[: len(held)], values[len(held) :]
     gold = [np.asarray(ex.gold, dtype=np.float64) for ex in val_arrays.examples]
     subset, k, notes = choose_subset(pool_path, arrays.expert_ids, val_values, gold)
+    from tqdm.auto import tqdm
+
+    stages = tqdm(total=4, desc="eval", unit="part", disable=not progress)
+    stages.set_postfix_str("Fig. 3")
     models = {e.id: e.model for e in store.meta.experts}
     result = fig3(arrays, held_values, train_arrays, subset, k, models, seeds=seeds)
     result.notes.extend(notes)
+    stages.update()
+    stages.set_postfix_str("by source")
     by_source = {}
     for source in dict.fromkeys(_source(i) for i in held):
         idx = [i for i, ex_id in enumerate(held) if _source(ex_id) == source]
@@ -396,12 +402,18 @@ def run_fig3(
             part, held_values[idx], train_arrays, subset, k, models, seeds=seeds
         )
     fig3_s = time.perf_counter() - started
+    stages.update()
+    stages.set_postfix_str("budget grid")
     cells = budget_grid(pool_path, arrays, held_values, val_values, gold, seeds=seeds)
     grid_s = time.perf_counter() - started - fig3_s
     from moe2.gating.theorem import theorem1_check
 
     chosen = [list(x) for x in dict.fromkeys(tuple(c.subset) for c in cells if c.subset)]
+    stages.update()
+    stages.set_postfix_str(f"Theorem 1 ({len(chosen)} subsets)")
     theorem = theorem1_check(trained_on.to_gating_data(), embedder, subsets=chosen)
+    stages.update()
+    stages.close()
     seconds = time.perf_counter() - started
     context: dict[str, object] = {
         "outputs": str(store.directory),

@@ -37,6 +37,7 @@ def evaluate(
         Path, typer.Option(help="Directory for report.md, report.json, fig3.png.")
     ] = Path("moe2-eval"),
     seeds: Annotated[int, typer.Option(help="Seeds of the random-subset baseline.")] = 10,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     threads: Annotated[int, typer.Option(help="torch threads (the embedder).")] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "warning",
 ) -> None:
@@ -62,6 +63,8 @@ def evaluate(
                 raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
         # the pool's gate was trained on the pool's outputs; a gate given alone, on --outputs
         trained_on = train_outputs or (loaded.outputs if gate is None else None)
-        text, _ = run_fig3(store, artifact, pool, out, train_outputs=trained_on, seeds=seeds)
+        text, _ = run_fig3(
+            store, artifact, pool, out, train_outputs=trained_on, seeds=seeds, progress=progress
+        )
     typer.echo(text)
-    typer.echo(f"saved {out}/report.md, report.json and fig3.png", err=True)
+    typer.echo(f"saved {out}/report.md, report.json, fig3.png and grid.png", err=True)
