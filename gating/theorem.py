@@ -98,9 +98,7 @@ def theorem1_check(
     ``data.texts`` may be passed to skip embedding."""
     config = config or QUICK
     x = embed_all(embedder, data.texts, progress=progress) if embeddings is None else embeddings
-    split = _Split(
-        data, x, *split_three(len(data), config.seed, config.holdout, config.validation)
-    )
+    split = _Split(data, x, *split_three(len(data), config.seed, config.holdout, config.validation))
     full = gating_values(split.fit(data.expert_ids, config, progress), x[split.held_idx])
     chosen = random_subsets(data.expert_ids, subsets, seed) if isinstance(subsets, int) else subsets
     return Theorem1Table(_compare(split, full, list(s), config) for s in chosen)
