@@ -25,6 +25,14 @@ from tests.test_gating_cli import EXPERTS, gating, synthetic_examples, synthetic
 log = np.log
 
 
+@pytest.fixture(autouse=True)
+def _keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commands configure structlog (cached loggers on the stderr of the moment); in-process
+    runs must keep the test session's logging, or later tests' captured logs come back empty."""
+    monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
+
+
 def _example(answer: int, cloze: list[list[float]], letter: list[list[float]]) -> ExampleScores:
     """N experts, one token per option: ``cloze[o][n]`` is expert n's probability of option o."""
     return ExampleScores(
@@ -100,8 +108,6 @@ def trained_pool(
 ) -> tuple[Path, Path]:
     """A pool file over the synthetic store of tests/test_gating_cli.py and a gate trained on
     it (the pool's costs: tests/test_demo.py); returns (pool file, store)."""
-    monkeypatch.setattr("moe2.gating_cli.configure_logging", lambda *a, **k: None)
-    monkeypatch.setattr("moe2.eval_cli.configure_logging", lambda *a, **k: None)
     outputs = synthetic_store(tmp_path / "outputs", synthetic_examples(40), EXPERTS)
     code, _, err = gating(
         "train", "--outputs", str(outputs), "--out", str(tmp_path / "gate"), "--max-epochs", "40",
