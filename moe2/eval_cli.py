@@ -47,8 +47,8 @@ def evaluate(
     import torch
 
     torch.set_num_threads(threads)
-    from moe2.gating.experiments import run_fig3
     from moe2.pool import load_pool
+    from moe2.selection.experiments import PoolCosts, run_fig3
 
     with user_errors():
         if seeds < 1:
@@ -63,8 +63,9 @@ def evaluate(
                 raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
         # the pool's gate was trained on the pool's outputs; a gate given alone, on --outputs
         trained_on = train_outputs or (loaded.outputs if gate is None else None)
+        costs = PoolCosts(loaded.profiles, loaded.budgets(), loaded.experts_per_prompt, str(pool))
         text, _ = run_fig3(
-            store, artifact, pool, out, train_outputs=trained_on, seeds=seeds, progress=progress
+            store, artifact, costs, out, train_outputs=trained_on, seeds=seeds, progress=progress
         )
     typer.echo(text)
     typer.echo(f"saved {out}/report.md, report.json, fig3.png and grid.png", err=True)

@@ -1,4 +1,4 @@
-"""``moe2 eval`` (gating/experiments.py): the paper's Fig. 3 on collected outputs. The maths on
+"""``moe2 eval`` (selection/experiments.py): the paper's Fig. 3 on collected outputs. The maths on
 cases worked out by hand, then the whole command on a synthetic store with a real gate."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe2.gating.evaluate import ExampleScores, ScoreArrays
-from moe2.gating.experiments import (
+from moe2.selection.experiments import (
     Outcome,
     average_expert,
     base_models,

@@ -47,8 +47,23 @@ from moe2.gating.evaluate import (
 )
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.mixture import fused_log_likelihood, top_k_weights
+from moe2.selection.costs import Budgets
+from moe2.selection.live import build_problem
+from moe2.selection.oracle import LossOracle
+from moe2.selection.profiles import Profiles
+from moe2.selection.smo import smo
 
 F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCosts:
+    """What SMO needs of a pool: its profiles, budgets and the gate's k (from a pool file)."""
+
+    profiles: Profiles
+    budgets: Budgets
+    k: int | None
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,28 +309,21 @@ def _as_per_example(o: Outcome) -> PerExample:
 
 
 def choose_subset(
-    pool_path: Path, expert_ids: Sequence[str], values: F64, gold: Sequence[F64]
-) -> tuple[list[str], int | None, list[str]]:
-    """S by SMO (Algorithm 2) under the pool file's profiles and budgets, its loss measured on
-    the examples given (the gate's validation examples); the pool's k; notes."""
-    from moe2.pool import load_pool
-    from moe2.selection.live import build_problem
-    from moe2.selection.oracle import LossOracle
-    from moe2.selection.smo import smo
-
-    pool = load_pool(pool_path)
-    budgets = pool.budgets()
+    costs: PoolCosts, expert_ids: Sequence[str], values: F64, gold: Sequence[F64]
+) -> tuple[list[str], list[str]]:
+    """S by SMO (Algorithm 2) under the pool's profiles and budgets, its loss measured on the
+    examples given (the gate's validation examples); and SMO's notes."""
+    budgets = costs.budgets
     problem, notes = build_problem(
-        pool.profiles, LossOracle(expert_ids, values, list(gold)), budgets.tau_s, budgets.energy_j
+        costs.profiles, LossOracle(expert_ids, values, list(gold)), budgets.tau_s, budgets.energy_j
     )
-    solution = smo(problem)
-    return list(solution.experts), pool.experts_per_prompt, notes
+    return list(smo(problem).experts), notes
 
 
 def run_fig3(
     outputs: Path,
     gate: Path,
-    pool_path: Path,
+    costs: PoolCosts,
     out_dir: Path,
     *,
     train_outputs: Path | None = None,
@@ -378,7 +386,8 @@ def run_fig3(
     values = artifact.values(x)
     held_values, val_values = values[: len(held)], values[len(held) :]
     gold = [np.asarray(ex.gold, dtype=np.float64) for ex in val_arrays.examples]
-    subset, k, notes = choose_subset(pool_path, arrays.expert_ids, val_values, gold)
+    subset, notes = choose_subset(costs, arrays.expert_ids, val_values, gold)
+    k = costs.k
     from tqdm.auto import tqdm
 
     stages = tqdm(total=4, desc="eval", unit="part", disable=not progress)
@@ -404,7 +413,7 @@ def run_fig3(
     fig3_s = time.perf_counter() - started
     stages.update()
     stages.set_postfix_str("budget grid")
-    cells = budget_grid(pool_path, arrays, held_values, val_values, gold, seeds=seeds)
+    cells = budget_grid(costs, arrays, held_values, val_values, gold, seeds=seeds)
     grid_s = time.perf_counter() - started - fig3_s
     from moe2.gating.theorem import theorem1_check
 
@@ -418,7 +427,7 @@ def run_fig3(
     context: dict[str, object] = {
         "outputs": str(store.directory),
         "gate": str(gate),
-        "pool": str(pool_path),
+        "pool": costs.name,
         "data": store.meta.dataset.path,
         "examples": f"{len(held)} {'of a separate store' if separate else 'held out'} "
         f"(evaluated), {len(validation)} validation (S chosen on them), {len(train_ids)} train "
@@ -580,7 +589,7 @@ def grid_axes(problem: object, steps: int = 4) -> tuple[list[float], list[float]
 
 
 def budget_grid(
-    pool_path: Path,
+    costs: PoolCosts,
     arrays: ScoreArrays,
     held_values: F64,
     val_values: F64,
@@ -591,23 +600,17 @@ def budget_grid(
 ) -> list[Cell]:
     """For every (tau, E) of the grid: S by SMO (loss on the validation examples), then MoE²,
     SMO + equal weights and random + equal weights on the evaluated examples."""
-    from moe2.pool import load_pool
-    from moe2.selection.live import build_problem
-    from moe2.selection.oracle import LossOracle
-    from moe2.selection.smo import smo
-
-    pool = load_pool(pool_path)
     ids = arrays.expert_ids
     oracle = LossOracle(ids, val_values, list(val_gold))
-    apps = list(pool.profiles.applications)
-    loose, _ = build_problem(pool.profiles, oracle, {a: 1e9 for a in apps}, 1e12)
+    apps = list(costs.profiles.applications)
+    loose, _ = build_problem(costs.profiles, oracle, {a: 1e9 for a in apps}, 1e12)
     taus, energies = grid_axes(loose, steps)
     e, n = len(arrays.examples), len(ids)
     rng = np.random.default_rng(0)
     cells = []
     for tau in taus:
         for energy in energies:
-            problem, _ = build_problem(pool.profiles, oracle, {a: tau for a in apps}, energy)
+            problem, _ = build_problem(costs.profiles, oracle, {a: tau for a in apps}, energy)
             try:
                 subset = list(smo(problem).experts)
             except Moe2Error:
@@ -618,7 +621,7 @@ def budget_grid(
                 equal = np.zeros((e, n))
                 equal[:, s_idx] = 1.0 / len(s_idx)
                 weightings = {
-                    "MoE²": top_k_weights(held_values, pool.experts_per_prompt, s_idx),
+                    "MoE²": top_k_weights(held_values, costs.k, s_idx),
                     "SMO + equal": equal,
                 }
                 for name, w in weightings.items():
