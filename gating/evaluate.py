@@ -127,10 +127,27 @@ class MethodResult:
 # Fusion per token.
 
 
+def letter_scores(letter: npt.ArrayLike, weights: npt.ArrayLike) -> F64:
+    """Per option, the fused probability of its letter ``sum_n w_n P_n(letter)``."""
+    p = np.exp(np.asarray(letter, dtype=np.float64))
+    return np.asarray(np.asarray(weights, dtype=np.float64) @ p, dtype=np.float64)
+
+
 def letter_choice(letter: npt.ArrayLike, weights: npt.ArrayLike) -> int:
     """The option with the largest fused probability of its letter."""
-    p = np.exp(np.asarray(letter, dtype=np.float64))
-    return int(np.argmax(np.asarray(weights, dtype=np.float64) @ p))
+    return int(np.argmax(letter_scores(letter, weights)))
+
+
+def cloze_scores(
+    cloze: Sequence[npt.ArrayLike],
+    weights: npt.ArrayLike,
+    lengths: Sequence[int] | None = None,
+) -> F64:
+    """Per option, the length-normalised fused log-likelihood of its text: per token (the mean
+    over its T_o positions), or per ``lengths[o]`` units when given."""
+    sums = [float(fused_log_likelihood(lp, weights).sum()) for lp in cloze]
+    units = [np.asarray(lp).shape[-1] for lp in cloze] if lengths is None else list(lengths)
+    return np.array([s / max(u, 1) for s, u in zip(sums, units, strict=True)])
 
 
 def cloze_choice(
@@ -138,11 +155,8 @@ def cloze_choice(
     weights: npt.ArrayLike,
     lengths: Sequence[int] | None = None,
 ) -> int:
-    """The option with the largest length-normalised fused log-likelihood of its text: per
-    token (the mean over its T_o positions), or per ``lengths[o]`` units when given."""
-    sums = [float(fused_log_likelihood(lp, weights).sum()) for lp in cloze]
-    units = [np.asarray(lp).shape[-1] for lp in cloze] if lengths is None else list(lengths)
-    return int(np.argmax([s / max(u, 1) for s, u in zip(sums, units, strict=True)]))
+    """The option with the largest length-normalised fused log-likelihood of its text."""
+    return int(np.argmax(cloze_scores(cloze, weights, lengths)))
 
 
 def fused_top1(

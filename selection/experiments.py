@@ -37,16 +37,18 @@ from moe2.gating.evaluate import (
     PerExample,
     ScoreArrays,
     cloze_choice,
+    cloze_scores,
     differences_table,
     equal_weights,
     letter_choice,
+    letter_scores,
     one_hot,
     oracle,
     paired_differences,
     per_example,
 )
 from moe2.runtime.errors import ErrorCode, Moe2Error
-from moe2.runtime.mixture import fused_log_likelihood, top_k_weights
+from moe2.runtime.mixture import top_k_weights
 from moe2.selection.costs import Budgets
 from moe2.selection.live import build_problem
 from moe2.selection.oracle import LossOracle
@@ -143,61 +145,37 @@ def majority_vote(arrays: ScoreArrays) -> Outcome:
     """Each expert answers alone (its cloze and its letter choice); the plurality wins, a tie
     goes to the tied option with the highest equal-weights score. No likelihood."""
     n = len(arrays.expert_ids)
+    alone = np.eye(n)
     equal = np.full(n, 1.0 / n)
     letter: list[float] = []
     cloze: list[float] = []
     for ex in arrays.examples:
-        options = len(ex.cloze)
-        for fmt, out in (("letter", letter), ("cloze", cloze)):
-            votes = np.zeros(options)
-            for j in range(n):
-                w = np.zeros(n)
-                w[j] = 1.0
-                votes[_choice(ex, fmt, w)] += 1
-            tied = np.flatnonzero(votes == votes.max())
-            if len(tied) > 1:
-                scores = _scores(ex, fmt, equal)
-                pick = int(tied[np.argmax(scores[tied])])
-            else:
-                pick = int(tied[0])
-            out.append(float(pick == ex.answer))
+        letter_votes = [letter_choice(ex.letter, w) for w in alone]
+        letter.append(_vote(letter_votes, letter_scores(ex.letter, equal), ex.answer))
+        cloze_votes = [cloze_choice(ex.cloze, w, ex.lengths) for w in alone]
+        cloze.append(_vote(cloze_votes, cloze_scores(ex.cloze, equal, ex.lengths), ex.answer))
     units = np.array([ex.length(ex.answer) for ex in arrays.examples], dtype=np.int64)
     return Outcome(None, units, np.array(letter), np.array(cloze))
 
 
-def _choice(ex: object, fmt: str, w: F64) -> int:
-    from moe2.gating.evaluate import ExampleScores
-
-    assert isinstance(ex, ExampleScores)
-    if fmt == "letter":
-        return letter_choice(ex.letter, w)
-    return cloze_choice(ex.cloze, w, ex.lengths)
-
-
-def _scores(ex: object, fmt: str, w: F64) -> F64:
-    from moe2.gating.evaluate import ExampleScores
-
-    assert isinstance(ex, ExampleScores)
-    if fmt == "letter":
-        return np.asarray(w @ np.exp(ex.letter), dtype=np.float64)
-    sums = [float(fused_log_likelihood(lp, w).sum()) for lp in ex.cloze]
-    return np.array([s / max(ex.length(o), 1) for o, s in enumerate(sums)])
+def _vote(choices: Sequence[int], tie_scores: F64, answer: int) -> float:
+    """1.0 if the plurality of ``choices`` (a tie: the tied option with the highest
+    ``tie_scores``) is ``answer``, else 0.0."""
+    votes = np.bincount(choices, minlength=len(tie_scores))
+    tied = np.flatnonzero(votes == votes.max())
+    return float(int(tied[np.argmax(tie_scores[tied])]) == answer)
 
 
-def average_expert(singles: Sequence[Outcome]) -> Outcome:
-    """Each metric averaged over the experts, per example."""
-    nll = np.mean([s.nll for s in singles if s.nll is not None], axis=0)
+def per_example_mean(outcomes: Sequence[Outcome]) -> Outcome:
+    """Each metric averaged over several outcomes, per example: the average expert (over the
+    single experts) and the random baseline (over seeds)."""
+    nll = np.mean([o.nll for o in outcomes if o.nll is not None], axis=0)
     return Outcome(
         nll,
-        singles[0].units,
-        np.mean([s.letter for s in singles], axis=0),
-        np.mean([s.cloze for s in singles], axis=0),
+        outcomes[0].units,
+        np.mean([o.letter for o in outcomes], axis=0),
+        np.mean([o.cloze for o in outcomes], axis=0),
     )
-
-
-def mean_outcome(outcomes: Sequence[Outcome]) -> Outcome:
-    """The per-example mean of several weightings' outcomes (the random baseline over seeds)."""
-    return average_expert(outcomes)
 
 
 def static_weights(train: ScoreArrays, *, iterations: int = 500, tol: float = 1e-10) -> F64:
@@ -223,10 +201,29 @@ def base_models(arrays: ScoreArrays, models: dict[str, str]) -> list[str]:
     return [e for e in arrays.expert_ids if "+" not in models.get(e, "+")]
 
 
+@dataclass(frozen=True, slots=True)
+class TrainChoices:
+    """What the baselines take from the training examples, computed once for every table."""
+
+    best_nll: int  # expert index: the lowest NLL per unit on train
+    best_cloze: int  # expert index: the highest cloze accuracy on train
+    static: F64  # (N,) the static weighting (``static_weights``)
+
+    @classmethod
+    def of(cls, train: ScoreArrays) -> TrainChoices:
+        e, n = len(train.examples), len(train.expert_ids)
+        singles = [per_example(train, one_hot(e, n, j)) for j in range(n)]
+        return cls(
+            best_nll=int(np.argmin([p.nll.sum() / max(p.tokens.sum(), 1) for p in singles])),
+            best_cloze=int(np.argmax([p.cloze_ok.mean() for p in singles])),
+            static=static_weights(train),
+        )
+
+
 def fig3(
     arrays: ScoreArrays,
     gate_values: npt.ArrayLike,
-    train: ScoreArrays,
+    train: TrainChoices,
     subset: Sequence[str],
     k: int | None,
     models: dict[str, str],
@@ -234,10 +231,11 @@ def fig3(
     seeds: int = 10,
     resamples: int = 2000,
 ) -> Fig3:
-    """Every method of the module docstring on ``arrays`` (the evaluated examples)."""
+    """Every method of the module docstring on ``arrays`` (the evaluated examples); ``train``:
+    what the baselines chose on the training examples of the same experts, in the same order."""
     ids = arrays.expert_ids
     e, n = len(arrays.examples), len(ids)
-    if list(train.expert_ids) != list(ids):
+    if len(train.static) != n:
         raise ValueError("train and evaluated arrays must have the same experts in order")
     singles_p = [per_example(arrays, one_hot(e, n, j)) for j in range(n)]
     singles = [Outcome.of(p) for p in singles_p]
@@ -251,13 +249,11 @@ def fig3(
 
     for base in base_models(arrays, models):
         add(f"single agent: {base}", singles[ids.index(base)], models.get(base, ""))
-    train_singles = [per_example(train, one_hot(len(train.examples), n, j)) for j in range(n)]
-    best_nll = int(np.argmin([p.nll.sum() / max(p.tokens.sum(), 1) for p in train_singles]))
-    best_cloze = int(np.argmax([p.cloze_ok.mean() for p in train_singles]))
+    best_nll, best_cloze = train.best_nll, train.best_cloze
     add(f"best single, by NLL on train: {ids[best_nll]}", singles[best_nll])
     if best_cloze != best_nll:
         add(f"best single, by cloze on train: {ids[best_cloze]}", singles[best_cloze])
-    add("average expert", average_expert(singles))
+    add("average expert", per_example_mean(singles))
     add("majority voting: equal weights", Outcome.of(per_example(arrays, equal_weights(e, n))))
     add("majority voting: a vote of the experts' answers", majority_vote(arrays))
     s_idx = [ids.index(x) for x in subset]
@@ -271,8 +267,8 @@ def fig3(
         w = np.zeros((e, n))
         w[:, pick] = 1.0 / len(pick)
         randoms.append(Outcome.of(per_example(arrays, w)))
-    add(f"random {len(s_idx)} + equal weights (mean of {seeds} seeds)", mean_outcome(randoms))
-    static = static_weights(train)
+    add(f"random {len(s_idx)} + equal weights (mean of {seeds} seeds)", per_example_mean(randoms))
+    static = train.static
     top = ", ".join(f"{ids[j]} {static[j]:.2f}" for j in np.argsort(-static)[:3])
     add(
         "static weighting (fitted on train)",
@@ -393,7 +389,8 @@ def run_fig3(
     stages = tqdm(total=4, desc="eval", unit="part", disable=not progress)
     stages.set_postfix_str("Fig. 3")
     models = {e.id: e.model for e in store.meta.experts}
-    result = fig3(arrays, held_values, train_arrays, subset, k, models, seeds=seeds)
+    chosen_on_train = TrainChoices.of(train_arrays)
+    result = fig3(arrays, held_values, chosen_on_train, subset, k, models, seeds=seeds)
     result.notes.extend(notes)
     stages.update()
     stages.set_postfix_str("by source")
@@ -408,7 +405,7 @@ def run_fig3(
             arrays.unit,
         )
         by_source[source] = fig3(
-            part, held_values[idx], train_arrays, subset, k, models, seeds=seeds
+            part, held_values[idx], chosen_on_train, subset, k, models, seeds=seeds
         )
     fig3_s = time.perf_counter() - started
     stages.update()

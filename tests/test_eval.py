@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from moe2.gating.evaluate import ExampleScores, ScoreArrays
 from moe2.selection.experiments import (
     Outcome,
-    average_expert,
     base_models,
     bootstrap_interval,
     majority_vote,
+    per_example_mean,
     static_weights,
 )
 from tests.test_demo import ADAPTERS, MODEL_COSTS, MODEL_POOL
@@ -83,10 +83,10 @@ def test_static_weights_maximise_the_mixture_likelihood() -> None:
     assert w[0] == pytest.approx(13 / 16, abs=1e-4)
 
 
-def test_average_expert_and_base_models() -> None:
+def test_per_example_mean_and_base_models() -> None:
     a = Outcome(np.array([1.0, 3.0]), np.ones(2, dtype=np.int64), np.array([1.0, 0.0]), np.ones(2))
     b = Outcome(np.array([3.0, 1.0]), np.ones(2, dtype=np.int64), np.array([0.0, 0.0]), np.zeros(2))
-    avg = average_expert([a, b])
+    avg = per_example_mean([a, b])
     assert avg.nll is not None and avg.nll.tolist() == [2.0, 2.0]
     assert avg.letter.tolist() == [0.5, 0.0] and avg.cloze.tolist() == [0.5, 0.5]
     arrays = ScoreArrays(["g", "s", "l"], [], [])
