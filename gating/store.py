@@ -240,11 +240,8 @@ class OutputStore:
             else [self.example(i) for i in example_ids]
         )
         identities = {e.id: e for e in self.meta.experts}
-        mixed = len({identities[e].tokenizer for e in chosen_experts}) > 1
-        scores = [
-            example_scores(ex, [self._record(ex.id, e) for e in chosen_experts], by_text=mixed)
-            for ex in chosen
-        ]
+        mixed = self.mixes(chosen_experts)
+        scores = [self._example_scores(ex, chosen_experts) for ex in chosen]
         vocab = {identities[e].vocab_size for e in chosen_experts}
         return ScoreArrays(
             expert_ids=chosen_experts,
@@ -257,7 +254,12 @@ class OutputStore:
     @property
     def mixed(self) -> bool:
         """The experts use more than one tokenizer: scores are per answer text, lengths in bytes."""
-        return len({e.tokenizer for e in self.meta.experts}) > 1
+        return self.mixes(self.expert_ids)
+
+    def mixes(self, experts: Sequence[str]) -> bool:
+        """Whether ``experts`` use more than one tokenizer between them."""
+        tokenizers = {e.id: e.tokenizer for e in self.meta.experts}
+        return len({tokenizers[e] for e in experts}) > 1
 
     def to_gating_data(self) -> GatingData:
         """The training data (contract: gating/dataset.py) over every complete example."""
@@ -285,9 +287,11 @@ class OutputStore:
             raise Moe2Error(ErrorCode.INVALID_FIELD, f"example {example_id!r} is not in this store")
         return ex
 
-    def _example_scores(self, ex: McExample) -> ExampleScores:
-        recs = [self._record(ex.id, e) for e in self.expert_ids]
-        return example_scores(ex, recs, by_text=self.mixed)
+    def _example_scores(self, ex: McExample, experts: Sequence[str] | None = None) -> ExampleScores:
+        """``ex`` scored by ``experts`` (default: all), per answer text if they mix tokenizers."""
+        chosen = self.expert_ids if experts is None else experts
+        recs = [self._record(ex.id, e) for e in chosen]
+        return example_scores(ex, recs, by_text=self.mixes(chosen))
 
     def _record(self, example_id: str, expert: str) -> ScoreRecord:
         rec = self._records.get((example_id, expert))
