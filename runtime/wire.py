@@ -146,6 +146,7 @@ class Heartbeat(_Message, frozen=True, tag="moe2.v1.heartbeat"):
     backend: str
     vocab_size: int
     eos_ids: list[int]
+    quantisation: str = ""  # the weights' precision: "Q4_1", "Q4_K_M", "bfloat16"... ("": unknown)
     device: DeviceProfile | None = None  # None: no profile, so never costed from heartbeats
     energy_source: str = "declared"
     sessions: int = 0

@@ -25,7 +25,7 @@ from moe2.agents.expert.backends.transformers_backend import (
     conversion_dir,
     load_transformers,
 )
-from moe2.agents.expert.models import BUILTIN_MODELS, BuiltinModel, resolve_model
+from moe2.agents.expert.models import BUILTIN_MODELS, BuiltinModel, quantisation, resolve_model
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
@@ -112,6 +112,51 @@ def test_a_builtin_that_is_not_installed_names_the_pip_command(
         resolve_model("missing")
 
 
+def written_gguf(path: Path, file_type: int | None) -> Path:
+    """A real GGUF file (gguf's own writer) with a long vocabulary before ``general.file_type``."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    writer.add_token_scores([0.5] * 300)
+    if file_type is not None:
+        writer.add_file_type(file_type)
+    writer.add_tensor("w", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_the_quantisation_is_read_from_the_gguf_header_not_the_file_name(tmp_path: Path) -> None:
+    q4km = written_gguf(tmp_path / "model.Q8_0.gguf", gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    f16 = written_gguf(tmp_path / "f16.gguf", gguf.LlamaFileType.MOSTLY_F16)
+    silent = written_gguf(tmp_path / "silent.gguf", None)
+    assert quantisation(resolve_model(str(q4km))) == "Q4_K_M"
+    assert quantisation(resolve_model(str(f16))) == "F16"
+    assert quantisation(resolve_model(str(silent))) == "unknown"
+
+
+def test_a_model_directory_names_its_dtype(tmp_path: Path) -> None:
+    (tmp_path / "bf16").mkdir()
+    (tmp_path / "bf16" / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    assert quantisation(resolve_model(str(tmp_path / "bf16"))) == "bfloat16"
+    assert quantisation(resolve_model(str(tmp_path / "plain"))) == "float32"
+
+
+def test_a_cut_or_foreign_gguf_header_is_a_clear_error(tmp_path: Path) -> None:
+    whole = written_gguf(tmp_path / "whole.gguf", gguf.LlamaFileType.MOSTLY_Q4_0).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole[:200])  # inside the token list, before general.file_type
+    foreign = tmp_path / "foreign.gguf"
+    foreign.write_bytes(b"NOTGGUF-" * 4)
+    with pytest.raises(Moe2Error, match="ends inside its GGUF header"):
+        quantisation(resolve_model(str(cut)))
+    with pytest.raises(Moe2Error, match="not a GGUF"):
+        quantisation(resolve_model(str(foreign)))
+
+
 def test_an_unknown_backend_is_refused() -> None:
     with pytest.raises(Moe2Error, match="unknown backend 'onnx'"):
         load_backend("onnx", resolve_model())
@@ -144,6 +189,7 @@ def test_info_describes_smollm2(backend: TransformersBackend) -> None:
     )
     assert info.eos_ids == (2,) and info.max_context == 8192
     assert info.tokenizer == SMOLLM2_IDENTITY
+    assert info.quantisation == "Q4_1"  # the file's own general.file_type, not its name
 
 
 @pytest.mark.model

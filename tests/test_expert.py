@@ -193,6 +193,7 @@ async def test_heartbeats_announce_the_model_and_the_declared_device(
     assert (first.expert, first.model, first.backend) == (EXPERT, info.model, "transformers")
     assert first.tokenizer == info.tokenizer and first.tokenizer.startswith("SmolLM2")
     assert (first.vocab_size, first.eos_ids) == (49152, [2])
+    assert first.quantisation == info.quantisation == "Q4_1"
     assert first.device is not None
     assert (first.device.name, first.device.power_w, first.device.profile) == ("pi5", 7.5, 1)
     assert first.energy_source == "declared"

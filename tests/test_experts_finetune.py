@@ -138,6 +138,7 @@ async def test_moe2_expert_with_the_adapter_names_it_in_its_heartbeat(
         await nc.close()
     assert isinstance(beat, wire.Heartbeat)
     assert beat.model == f"SmolLM2-135M-Instruct+lora:cluster-1@{weights_sha256(adapter)[:8]}"
+    assert beat.quantisation == "Q4_1"  # the base's weights, the adapter merged into them
 
 
 def test_data_changed_since_clustering_and_unknown_clusters_are_refused(

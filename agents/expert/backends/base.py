@@ -34,6 +34,9 @@ class BackendInfo:
     vocab_size: int  # the width of the logits, so every id in a slice is below it
     eos_ids: tuple[int, ...]
     max_context: int  # the model's own context length
+    quantisation: str = (
+        ""  # the weights' precision: "Q4_1", "Q4_K_M", "bfloat16"... ("": not known)
+    )
 
 
 @dataclass(frozen=True, slots=True)

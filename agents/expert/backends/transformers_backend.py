@@ -43,7 +43,7 @@ from moe2.agents.expert.backends.transformers_scoring import (
     reusable,
     score_targets,
 )
-from moe2.agents.expert.models import ModelSource, cache_root
+from moe2.agents.expert.models import ModelSource, cache_root, quantisation
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
@@ -57,7 +57,15 @@ _MARKER: Final = "moe2-conversion.json"
 class TransformersBackend:
     """A loaded transformers model and tokenizer; implements ``Backend``."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str, label: str | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        label: str | None = None,
+        quantisation: str = "",
+    ) -> None:
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._caches: dict[str, Any] = {}
@@ -71,6 +79,7 @@ class TransformersBackend:
             vocab_size=vocab_size,
             eos_ids=eos_ids(model, tokenizer),
             max_context=int(model.config.max_position_embeddings),
+            quantisation=quantisation,
         )
 
     @property
@@ -249,13 +258,16 @@ def load_transformers(
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_model_and_tokenizer(source, use_cache=use_cache)
+    precision = quantisation(source)
     if source.adapter is None:
-        return TransformersBackend(model, tokenizer, name=source.name)
+        return TransformersBackend(model, tokenizer, name=source.name, quantisation=precision)
     from moe2.agents.expert.adapters import adapter_label, merged_with_adapter
 
     merged = merged_with_adapter(model, source.adapter)
     label = adapter_label(source.name, source.adapter)
-    return TransformersBackend(merged, tokenizer, name=source.name, label=label)
+    return TransformersBackend(
+        merged, tokenizer, name=source.name, label=label, quantisation=precision
+    )
 
 
 def load_model_and_tokenizer(source: ModelSource, *, use_cache: bool = True) -> tuple[Any, Any]:
