@@ -108,7 +108,7 @@ async def _demonstrate(
         agent: FusionAgent = await tg.start(serve, url, config)
         selection = SelectionWatch([p.expert for p in started])
         await selection.watch(agent)
-        await _wait_for_experts(agent, started, settings.start_timeout_s)
+        await wait_for_experts(agent, started, settings.start_timeout_s)
         _say(f"· experts live after {time.monotonic() - began:.0f} s; fusion agent ready")
         _say(_selection_lines(pool, budgets, await selection.chosen(30.0)))
         async with moe2.connect(url) as client:
@@ -188,7 +188,7 @@ def _pool_table(pool: Pool, experts: Sequence[PoolExpert], logs: Path) -> str:
     )
 
 
-async def _wait_for_experts(
+async def wait_for_experts(
     agent: FusionAgent, started: Sequence[ExpertProcess], limit_s: float
 ) -> None:
     """Until every started expert is live; an expert that exits first is the error."""

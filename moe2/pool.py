@@ -22,7 +22,15 @@ from moe2.selection.profiles import EXPERT_KEYS, SECTIONS, Profiles, parse_profi
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POOL = ROOT / "deploy" / "pools" / "default" / "pool.toml"
-POOL_KEYS = {"name", "gate", "outputs", "demo_experts", "experts_per_prompt", "energy_j"}
+POOL_KEYS = {
+    "name",
+    "gate",
+    "outputs",
+    "sessions",
+    "demo_experts",
+    "experts_per_prompt",
+    "energy_j",
+}
 RUN_KEYS = {"adapter", "domain"}  # an expert's keys besides the profile format's
 
 
@@ -52,6 +60,7 @@ class Pool:
     profiles: Profiles
     gate: Path
     outputs: Path
+    sessions: Path  # recorded sessions of chosen subsets: the cost side of ``moe2 eval``
     demo_experts: int
     experts_per_prompt: int | None
     energy_j: float | None
@@ -123,6 +132,7 @@ def load_pool(path: Path) -> Pool:
         profiles=profiles,
         gate=folder / str(head.get("gate", "gate")),
         outputs=folder / str(head.get("outputs", "outputs")),
+        sessions=folder / str(head.get("sessions", "sessions")),
         demo_experts=_count(path, "demo_experts", head.get("demo_experts", len(experts))),
         experts_per_prompt=_optional_count(path, head.get("experts_per_prompt")),
         energy_j=_optional_float(path, "energy_j", head.get("energy_j")),

@@ -25,7 +25,7 @@ the examples it is reported on.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +53,7 @@ from moe2.selection.costs import Budgets
 from moe2.selection.live import build_problem
 from moe2.selection.oracle import LossOracle
 from moe2.selection.profiles import Profiles
+from moe2.selection.session_costs import SubsetCost, cost_side_markdown, plot_costs, subset_costs
 from moe2.selection.smo import smo
 
 F64 = npt.NDArray[np.float64]
@@ -66,6 +67,17 @@ class PoolCosts:
     budgets: Budgets
     k: int | None
     name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPlan:
+    """Part 3, the cost side: where the recorded sessions of each S are (one trace per S,
+    ``selection.session_costs.trace_name``), and, to record them first, a recorder called with
+    the subsets the grid chose and the questions to ask (the first ``count`` evaluated ones)."""
+
+    directory: Path
+    record: Callable[[Sequence[Sequence[str]], Sequence[str], Path], object] | None = None
+    count: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,9 +337,11 @@ def run_fig3(
     train_outputs: Path | None = None,
     seeds: int = 10,
     progress: bool = True,
+    sessions: SessionsPlan | None = None,
 ) -> tuple[str, Fig3]:
-    """Fig. 3, the budget grid and Theorem 1; writes ``out_dir``/report.md, report.json,
-    fig3.png and grid.png; returns the markdown and the Fig. 3 result.
+    """Fig. 3, the budget grid, the cost side (with ``sessions``) and Theorem 1; writes
+    ``out_dir``/report.md, report.json, fig3.png, grid.png and costs.png; returns the markdown
+    and the Fig. 3 result.
 
     ``train_outputs`` is the store the gate was trained on (default ``outputs``). When it is
     ``outputs``, the gate's held-out examples are evaluated; otherwise every complete example of
@@ -386,7 +400,7 @@ def run_fig3(
     k = costs.k
     from tqdm.auto import tqdm
 
-    stages = tqdm(total=4, desc="eval", unit="part", disable=not progress)
+    stages = tqdm(total=5, desc="eval", unit="part", disable=not progress)
     stages.set_postfix_str("Fig. 3")
     models = {e.id: e.model for e in store.meta.experts}
     chosen_on_train = TrainChoices.of(train_arrays)
@@ -416,6 +430,13 @@ def run_fig3(
 
     chosen = [list(x) for x in dict.fromkeys(tuple(c.subset) for c in cells if c.subset)]
     stages.update()
+    costs_text, costs_s = "", 0.0
+    measured: dict[tuple[str, ...], SubsetCost] = {}
+    if sessions is not None:
+        stages.set_postfix_str("the cost side")
+        questions = [embed_text(store.example(i)) for i in held[: sessions.count]]
+        costs_text, measured, costs_s = cost_side(sessions, chosen, questions, cells, out_dir)
+    stages.update()
     stages.set_postfix_str(f"Theorem 1 ({len(chosen)} subsets)")
     theorem = theorem1_check(trained_on.to_gating_data(), embedder, subsets=chosen)
     stages.update()
@@ -433,11 +454,14 @@ def run_fig3(
         "S": ", ".join(subset),
         "k": k,
         "seconds": f"{seconds:.1f} (Fig. 3 {fig3_s:.1f}, the budget grid {grid_s:.1f}, "
-        f"Theorem 1 {seconds - fig3_s - grid_s:.1f})",
+        f"the cost side {costs_s:.1f}, Theorem 1 {seconds - fig3_s - grid_s - costs_s:.1f})",
     }
     text = fig3_markdown(result, context)
     text += "\n## By source\n\n" + by_source_markdown(by_source, result.unit)
     text += "\n## The budget grid (Tables II–IV)\n\n" + grid_markdown(cells, result.unit)
+    text += "\n## The cost side: predicted against measured\n\n" + (
+        costs_text or "Not measured: no recorded sessions (`moe2 eval --record-sessions N`).\n"
+    )
     text += (
         "\n## Theorem 1 on this pool\n\nFor every S the grid chose: the held-out eq. 13 loss "
         "(per answer in a pool of two tokenizers, else per token) of the full-set gate "
@@ -455,14 +479,50 @@ def run_fig3(
         "theorem1": list(theorem),
         "by_source": {src: [r.as_dict() for r in f.rows] for src, f in by_source.items()},
         "grid": [
-            {"tau_s": c.tau, "energy_j": c.energy, "subset": c.subset, "methods": c.methods}
+            {
+                "tau_s": c.tau,
+                "energy_j": c.energy,
+                "subset": c.subset,
+                "methods": c.methods,
+                "modelled": {"delay_s_per_token": c.delay_s, "energy_j": c.energy_j},
+            }
             for c in cells
         ],
+        "costs": [m.as_dict() for m in measured.values()],
     }
     (out_dir / "report.json").write_text(json.dumps(body, indent=2) + "\n")
     plot_fig3(result, out_dir / "fig3.png")
     plot_grid(cells, result.unit, out_dir / "grid.png")
     return text, result
+
+
+def cost_side(
+    sessions: SessionsPlan,
+    chosen: Sequence[Sequence[str]],
+    questions: Sequence[str],
+    cells: Sequence[Cell],
+    out_dir: Path,
+) -> tuple[str, dict[tuple[str, ...], SubsetCost], float]:
+    """Record the sessions if asked, then read every trace: the markdown, the figures by S and
+    the seconds it took; costs.png is written when any session was read."""
+    import time
+
+    began = time.perf_counter()
+    if sessions.record is not None:
+        sessions.record(chosen, questions, sessions.directory)
+    traces = sorted(sessions.directory.glob("*.trace")) if sessions.directory.is_dir() else []
+    measured = subset_costs(traces)
+    if not measured:
+        return "", measured, time.perf_counter() - began
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_costs(measured, out_dir / "costs.png")
+    text = (
+        f"Sessions recorded in `{sessions.directory}`. SMO chose each S with the pool's costs "
+        '(the devices the pool declares); the sessions ran here, so "predicted here" prices '
+        "the same S with the costs its experts announced in their heartbeats on this box, and "
+        "that is what the measurement checks.\n\n" + cost_side_markdown(cells, measured)
+    )
+    return text, measured, time.perf_counter() - began
 
 
 def _source(example_id: str) -> str:
@@ -568,6 +628,8 @@ class Cell:
     energy: float  # joules per answer
     subset: list[str]  # S, empty when nothing fits
     methods: dict[str, tuple[float, float]]  # method -> (NLL per unit, cloze accuracy)
+    delay_s: float = 0.0  # S's delay per token (the slowest application) under the pool's costs
+    energy_j: float = 0.0  # S's energy per answer under the pool's costs
 
 
 def grid_axes(problem: object, steps: int = 4) -> tuple[list[float], list[float]]:
@@ -613,7 +675,10 @@ def budget_grid(
             except Moe2Error:
                 subset = []
             methods: dict[str, tuple[float, float]] = {}
+            modelled = (0.0, 0.0)
             if subset:
+                chosen = problem.describe(sum(1 << problem.expert_ids.index(x) for x in subset))
+                modelled = (max(chosen.delay_s.values()), chosen.energy_j)
                 s_idx = [ids.index(x) for x in subset]
                 equal = np.zeros((e, n))
                 equal[:, s_idx] = 1.0 / len(s_idx)
@@ -637,7 +702,7 @@ def budget_grid(
                     float(np.mean([p.nll.sum() / max(p.tokens.sum(), 1) for p in randoms])),
                     float(np.mean([p.cloze_ok.mean() for p in randoms])),
                 )
-            cells.append(Cell(tau, energy, subset, methods))
+            cells.append(Cell(tau, energy, subset, methods, *modelled))
     return cells
 
 

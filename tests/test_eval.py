@@ -129,7 +129,11 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
     from moe2.cli import app
 
     pool, _ = trained_pool
-    result = CliRunner().invoke(app, ["eval", "--pool", str(pool), "--out", str(tmp_path / "r")])
+    sessions = recorded_sessions(tmp_path / "sessions")
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--pool", str(pool), "--out", str(tmp_path / "r"), "--sessions", str(sessions)],
+    )
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     rows = {r["method"].split(" (")[0]: r for r in report["rows"]}
@@ -177,6 +181,42 @@ def test_moe2_eval_writes_fig3_with_every_baseline_on_a_synthetic_pool(
         if len(subset) == 1:
             assert r["gap"] == pytest.approx(0.0, abs=1e-6)
     assert "| MoE² (gate, top-" in result.stdout
+    # the cost side: each chosen S against its recorded sessions (tests/test_session_costs.py
+    # works the figures out by hand); a row per cell, and the plot
+    measured = {tuple(c["experts"]): c for c in report["costs"]}
+    assert {tuple(sorted(s)) for s in chosen} <= set(measured)
+    for subset in chosen:
+        got = measured[tuple(sorted(subset))]
+        assert got["sessions"] == 1 and got["tokens"] == 3
+        assert got["measured_delay_s_per_token"] > got["measured_compute_s_per_token"] > 0
+        assert got["delay_relative_error"] == pytest.approx(
+            got["predicted_delay_s_per_token"] / got["measured_delay_s_per_token"] - 1
+        )
+    side = result.stdout.split("## The cost side: predicted against measured")[1]
+    assert side.count("\n| 0.") + side.count("\n| 1.") >= len(grid)  # a row per cell
+    assert "no recorded sessions" not in side
+    assert (tmp_path / "r" / "costs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "the cost side" in report["seconds"]
+
+
+def recorded_sessions(directory: Path) -> Path:
+    """One hand-written trace per non-empty subset of the synthetic experts (one session of
+    three steps each; the experts answer in 0.1-0.3 s)."""
+    from itertools import combinations
+
+    from moe2.selection.session_costs import trace_name
+    from tests.test_session_costs import Box, session_records, write_trace
+
+    directory.mkdir()
+    boxes = {e: Box(0.05 * (i + 1), 0.002, 10.0, 0.08 * (i + 1), 0.1 * (i + 1))
+             for i, e in enumerate(EXPERTS)}  # fmt: skip
+    for n in range(1, len(EXPERTS) + 1):
+        for subset in combinations(EXPERTS, n):
+            chosen = {e: boxes[e] for e in subset}
+            write_trace(
+                directory / trace_name(subset), chosen, [session_records("s", chosen, 3, start=1)]
+            )
+    return directory
 
 
 def test_moe2_eval_refuses_a_pool_without_its_gate(tmp_path: Path) -> None:
