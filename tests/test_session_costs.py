@@ -199,3 +199,25 @@ def test_the_table_has_a_row_per_cell_and_says_where_nothing_was_recorded(tmp_pa
     )
     assert "| {fast} | 0.120, 4.0 | no recorded sessions |" in table[4]
     assert "| {fast, slow} | 1 | 33.3% | 19.4% | declared |" in table
+
+
+@pytest.mark.model
+def test_real_sessions_of_a_real_expert_are_recorded_and_priced(tmp_path: Path) -> None:
+    """The shipped pool's SmolLM2 expert as a process, two questions: the trace holds both
+    sessions, measured on the bus, and the heartbeat's costs predict them to within a factor."""
+    from moe2.cost_sessions import record_subsets
+    from moe2.pool import DEFAULT_POOL, load_pool
+
+    questions = ["What is the boiling point of water?", "Name a primary colour."]
+    pool = load_pool(DEFAULT_POOL)
+    [path] = record_subsets(pool, [["smollm2"]], questions, tmp_path, max_tokens=8, progress=False)
+    assert path == tmp_path / "smollm2.trace"
+    assert not list(tmp_path.glob("*.partial"))
+    sessions = read_sessions(path)
+    assert len(sessions) == 2
+    for s in sessions:
+        assert s.experts == ("smollm2",) and 1 <= s.tokens <= 8
+        assert s.prompt_tokens["smollm2"] > 20  # the chat template and the question
+        assert s.delay_s > s.compute_s > 0
+        assert s.energy_j == pytest.approx(15.0 * s.compute_s, rel=0.01)  # declared 15 W
+        assert 1 / 3 < s.predicted_delay_s / s.compute_s < 3
