@@ -38,6 +38,13 @@ def evaluate(
     out: Annotated[
         Path, typer.Option(help="Directory for report.md, report.json, fig3.png.")
     ] = Path("moe2-eval"),
+    source: Annotated[
+        str,
+        typer.Option(
+            help="Evaluate only the examples of one data file, by id prefix: mmlu/val, "
+            "arc_challenge/dev, arc_easy/test."
+        ),
+    ] = "",
     sessions: Annotated[
         Path | None,
         typer.Option(
@@ -101,6 +108,7 @@ def evaluate(
             seeds=seeds,
             progress=progress,
             sessions=plan,
+            source=source,
         )
     typer.echo(text)
     typer.echo(f"saved {out}/report.md, report.json and its figures", err=True)

@@ -338,6 +338,7 @@ def run_fig3(
     seeds: int = 10,
     progress: bool = True,
     sessions: SessionsPlan | None = None,
+    source: str = "",
 ) -> tuple[str, Fig3]:
     """Fig. 3, the budget grid, the cost side (with ``sessions``) and Theorem 1; writes
     ``out_dir``/report.md, report.json, fig3.png, grid.png and costs.png; returns the markdown
@@ -347,7 +348,8 @@ def run_fig3(
     ``outputs``, the gate's held-out examples are evaluated; otherwise every complete example of
     ``outputs`` (a test split collected from the same experts) is, and the validation and training
     examples (for S, the static weighting and the best single expert) come from
-    ``train_outputs``."""
+    ``train_outputs``. Either way an example the gate trained on or chose S with is left out,
+    and with ``source`` (``mmlu/val``) only the examples of that data file are evaluated."""
     import time
 
     from moe2.gating.artifact import GatingArtifact
@@ -364,19 +366,6 @@ def run_fig3(
     )
     artifact = GatingArtifact.load(gate, expert_ids=trained_on.expert_ids)
     check_store_experts(trained_on, artifact, gate)
-    if separate:
-        if store.expert_ids != trained_on.expert_ids:
-            raise Moe2Error(
-                ErrorCode.INVALID_FIELD,
-                f"{outputs} holds experts {store.expert_ids}, the gate's store "
-                f"{trained_on.expert_ids}: collect the test split from the same experts",
-            )
-        check_store_experts(store, artifact, gate)
-        held = [ex.id for ex in store.complete_examples()]
-        if not held:
-            raise Moe2Error(ErrorCode.INVALID_FIELD, f"{outputs} holds no complete example")
-    else:
-        held = heldout_ids(trained_on, artifact.heldout_ids, gate)
     validation = list(artifact.metadata.get("split", {}).get("validation", []))
     if not validation:
         raise Moe2Error(
@@ -386,6 +375,28 @@ def run_fig3(
         )
     taken = set(artifact.heldout_ids) | set(validation)
     train_ids = [ex.id for ex in trained_on.complete_examples() if ex.id not in taken]
+    if separate:
+        if store.expert_ids != trained_on.expert_ids:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"{outputs} holds experts {store.expert_ids}, the gate's store "
+                f"{trained_on.expert_ids}: collect the test split from the same experts",
+            )
+        check_store_experts(store, artifact, gate)
+        candidates = [ex.id for ex in store.complete_examples()]
+    else:
+        candidates = heldout_ids(trained_on, artifact.heldout_ids, gate)
+    # a question the gate trained on or chose S with is never evaluated, whatever store it is in
+    seen = set(train_ids) | set(validation)
+    held = [i for i in candidates if i not in seen and i.startswith(source)]
+    left_out = sum(1 for i in candidates if i in seen and i.startswith(source))
+    if not held:
+        where = f" from {source!r}" if source else ""
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{outputs} holds no complete example{where} that the gate did not train on or "
+            "choose S with",
+        )
     arrays = store.score_arrays(held)
     val_arrays = trained_on.score_arrays(validation)
     train_arrays = trained_on.score_arrays(train_ids)
@@ -409,8 +420,8 @@ def run_fig3(
     stages.update()
     stages.set_postfix_str("by source")
     by_source = {}
-    for source in dict.fromkeys(_source(i) for i in held):
-        idx = [i for i, ex_id in enumerate(held) if _source(ex_id) == source]
+    for data_file in dict.fromkeys(_source(i) for i in held):
+        idx = [i for i, ex_id in enumerate(held) if _source(ex_id) == data_file]
         part = ScoreArrays(
             arrays.expert_ids,
             [arrays.example_ids[i] for i in idx],
@@ -418,7 +429,7 @@ def run_fig3(
             arrays.vocab_size,
             arrays.unit,
         )
-        by_source[source] = fig3(
+        by_source[data_file] = fig3(
             part, held_values[idx], chosen_on_train, subset, k, models, seeds=seeds
         )
     fig3_s = time.perf_counter() - started
@@ -448,7 +459,9 @@ def run_fig3(
         "pool": costs.name,
         "data": store.meta.dataset.path,
         "examples": f"{len(held)} {'of a separate store' if separate else 'held out'} "
-        f"(evaluated), {len(validation)} validation (S chosen on them), {len(train_ids)} train "
+        f"(evaluated{', ' + source + ' only' if source else ''}"
+        f"{f'; {left_out} left out: the gate trained on or chose S with them' if left_out else ''}"
+        f"), {len(validation)} validation (S chosen on them), {len(train_ids)} train "
         "(static weights, best single)",
         "gate trained on": str(trained_on.directory),
         "S": ", ".join(subset),

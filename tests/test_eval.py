@@ -246,8 +246,26 @@ def test_moe2_eval_on_a_separate_test_store_of_the_same_experts(
     )
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["examples"].startswith("54 of a separate store")  # every one of them
+    # the 54 questions: anatomy 40-46 are new; philosophy 0-39 are also in the gate's store,
+    # and those it trained on or chose S with are left out (its held-out ones stay)
+    split = json.loads((tmp_path / "gate" / "gating.json").read_text())["split"]
+    reused = {f"syn/philosophy/{i}" for i in range(40)}
+    left = len(reused - set(split["heldout"]))  # every other one is a train or validation one
+    assert 0 < left < 40
+    assert report["examples"].startswith(
+        f"{54 - left} of a separate store (evaluated; {left} left out: the gate trained on or "
+        "chose S with them)"
+    )
     assert report["gate trained on"] == str(outputs)
+    anatomy = runner.invoke(
+        app,
+        ["eval", "--pool", str(pool), "--outputs", str(test), "--source", "syn/anatomy",
+         "--out", str(tmp_path / "a")],
+    )  # fmt: skip
+    assert anatomy.exit_code == 0, anatomy.stderr
+    only = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert only["examples"].startswith("7 of a separate store (evaluated, syn/anatomy only)")
+    assert set(only["by_source"]) == {"syn/anatomy"}
     other = synthetic_store(tmp_path / "other", synthetic_examples(47)[40:], EXPERTS[:2])
     refused = runner.invoke(app, ["eval", "--pool", str(pool), "--outputs", str(other)])
     assert refused.exit_code == 1 and "same experts" in refused.stderr
