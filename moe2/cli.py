@@ -232,6 +232,42 @@ def ask(
     run_async(main)
 
 
+@app.command()
+def gateway(
+    nats_url: NatsUrl = DEFAULT_URL,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    prefix: Annotated[
+        list[str] | None,
+        typer.Option(help="A subject prefix to serve as a model (repeatable; default: moe2)."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="Answer length when a request sets no max_tokens.")
+    ] = 128,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait between two messages of an answer.")
+    ] = 120.0,
+    log_level: LogLevel = "info",
+    json_logs: JsonLogs = False,
+) -> None:
+    """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP,
+    answered by the fusion agents on the bus (docs/gateway.md)."""
+    configure_logging(log_level, json=json_logs)
+    try:
+        from moe2.gateway import GatewaySettings, serve_gateway
+        from moe2.gateway_bodies import QuestionDefaults
+    except ImportError as exc:
+        fail("internal", f"{exc.name} is missing: pip install 'moe2[gateway]'", status=2)
+    settings = GatewaySettings(
+        nats_url=nats_url,
+        host=host,
+        port=port,
+        prefixes=tuple(prefix or ["moe2"]),
+        defaults=QuestionDefaults(max_tokens=max_tokens, timeout_s=timeout),
+    )
+    run_async(lambda: serve_gateway(settings))
+
+
 def summary_line(final: Any) -> str:
     t = final.timings
     late = sum(final.late.values())

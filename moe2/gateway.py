@@ -1,0 +1,279 @@
+"""``moe2 gateway``: the OpenAI API over HTTP, answered by the fusion agents on the bus.
+
+``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed as
+server-sent events or not (docs/gateway.md). FastAPI on uvicorn; one NATS connection; one model
+per subject prefix served. A client that goes away cancels its session on the bus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+import structlog
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from nats.aio.client import Client as NATS
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from moe2.gateway_bodies import ChatBody, CompletionBody, QuestionDefaults, _Body
+from moe2.gateway_errors import ApiError
+from moe2.gateway_replies import Reply
+from moe2.runtime import wire
+from moe2.runtime.client import Answer, Client
+from moe2.runtime.connection import nats_connection
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import DEFAULT_PREFIX
+
+log = structlog.get_logger("moe2.gateway")
+GRACEFUL_SHUTDOWN_S: Final = 3  # open answers get this long to end when the gateway stops
+CLIENT_GONE: Final = 499  # nginx's status for a request whose client closed the connection
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    nats_url: str = "nats://127.0.0.1:4222"
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (``serve_gateway`` reports it)
+    prefixes: tuple[str, ...] = (DEFAULT_PREFIX,)  # each one is a model of /v1/models
+    defaults: QuestionDefaults = field(default_factory=QuestionDefaults)
+
+
+class Gateway:
+    """What the routes share: a client per served prefix on one NATS connection."""
+
+    def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.clients = {p: Client(nc, prefix=p) for p in settings.prefixes}
+
+    def models(self) -> dict[str, Any]:
+        data = [
+            {"id": p, "object": "model", "created": 0, "owned_by": "moe2"} for p in self.clients
+        ]
+        return {"object": "list", "data": data}
+
+    async def respond(self, body: _Body, request: Request, *, chat: bool) -> Response:
+        client = self._client(body.model)
+        answer = body.question(self.settings.defaults).ask(client)
+        chunks = aiter(answer)
+        reply = Reply(chat=chat, model=body.model, include_usage=body.include_usage)
+        first = await _unless_disconnected(request, lambda: anext(chunks, None))
+        if first is _GONE:
+            return Response(status_code=CLIENT_GONE)
+        if body.stream:
+            return EventSourceResponse(self._events(reply, answer, chunks, first), sep="\n")
+        if await _unless_disconnected(request, lambda: _drain(chunks)) is _GONE:
+            return Response(status_code=CLIENT_GONE)
+        assert answer.final is not None, "a stream read to its end has its final message"
+        reply.named(answer.final.session)
+        _log_done(reply, answer.final, stream=False)
+        return JSONResponse(reply.complete(answer.final))
+
+    def _client(self, model: str) -> Client:
+        client = self.clients.get(model)
+        if client is None:
+            served = ", ".join(self.clients)
+            message = f"the model {model!r} does not exist; this gateway serves: {served}"
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return client
+
+    async def _events(
+        self,
+        reply: Reply,
+        answer: Answer,
+        chunks: AsyncIterator[wire.Chunk],
+        first: wire.Chunk | None,
+    ) -> AsyncIterator[dict[str, str]]:
+        """The answer as server-sent events; an error after the first chunk is an error event."""
+        try:
+            if first is not None:
+                reply.named(first.session)
+                yield _event(reply.delta(first.text, first=True))
+            async for chunk in chunks:
+                yield _event(reply.delta(chunk.text, first=False))
+            final = answer.final
+            assert final is not None, "a stream read to its end has its final message"
+            reply.named(final.session)
+            yield _event(reply.last(final, first=first is None))
+            if reply.include_usage:
+                yield _event(reply.usage_chunk(final))
+            yield {"data": "[DONE]"}
+            _log_done(reply, final, stream=True)
+        except Moe2Error as exc:
+            log.info("answer_failed", id=reply.id, code=str(exc.code), error=exc.message)
+            yield _event(ApiError.of(exc).body())
+        finally:
+            await _close(chunks)
+
+
+_GONE: Final = object()
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+    """``await work()``, unless the client disconnects first: then it is cancelled (and with it
+    the answer's session on the bus) and ``_GONE`` is returned."""
+    result: list[Any] = []
+    failed: list[BaseException] = []
+
+    async def run(scope: anyio.CancelScope) -> None:
+        try:
+            result.append(await work())
+        except Exception as exc:  # re-raised below, outside the task group
+            failed.append(exc)
+        scope.cancel()
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            continue
+        log.info("client_gone", path=request.url.path)
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, tg.cancel_scope)
+        tg.start_soon(watch, tg.cancel_scope)
+    if failed:
+        raise failed[0]
+    return result[0] if result else _GONE
+
+
+async def _drain(chunks: AsyncIterator[wire.Chunk]) -> None:
+    async for _ in chunks:
+        pass
+
+
+async def _close(chunks: AsyncIterator[wire.Chunk]) -> None:
+    """Close the answer's stream: a session still running on the bus is cancelled."""
+    if isinstance(chunks, AsyncGenerator):
+        await chunks.aclose()
+
+
+def _event(body: dict[str, Any]) -> dict[str, str]:
+    return {"data": json.dumps(body, separators=(",", ":"))}
+
+
+def _log_done(reply: Reply, final: wire.Final, *, stream: bool) -> None:
+    log.info(
+        "answer_done",
+        id=reply.id,
+        model=reply.model,
+        stream=stream,
+        tokens=final.usage.completion_tokens,
+        experts=final.experts,
+        finish=final.finish_reason,
+    )
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    app = FastAPI(title="moe2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    _answer_errors_in_openai_shape(app)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return gateway.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request) -> Response:
+        return await gateway.respond(body, request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        return await gateway.respond(body, request, chat=False)
+
+    return app
+
+
+def _answer_errors_in_openai_shape(app: FastAPI) -> None:
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        log.info("request_refused", status=exc.status, code=exc.code, error=exc.message)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    async def moe2_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Moe2Error)
+        return await api_error(request, ApiError.of(exc))
+
+    async def invalid_body(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body") or None
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        return await api_error(request, ApiError.invalid(message, param))
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return await api_error(request, ApiError(exc.status_code, str(exc.detail)))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(Moe2Error, moe2_error)
+    app.add_exception_handler(RequestValidationError, invalid_body)
+    app.add_exception_handler(HTTPException, http_error)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, stopped by cancelling ``serve_gateway`` (as every moe2 agent is), not by its own
+    signal handlers: ``moe2 gateway`` handles SIGTERM and SIGINT like the other commands."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait here until uvicorn accepts them
+    except OSError as exc:
+        sock.close()
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD, f"cannot listen on {host}:{port}: {exc.strerror}"
+        ) from None
+    return sock
+
+
+async def serve_gateway(
+    settings: GatewaySettings,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; ``await tg.start(serve_gateway, settings)`` gives the port once
+    connections are accepted."""
+    sock = listening_socket(settings.host, settings.port)
+    async with nats_connection(settings.nats_url, name="moe2-gateway") as nc:
+        config = uvicorn.Config(
+            create_app(Gateway(nc, settings)),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        server = _Server(config)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_shielded, server, sock, tg.cancel_scope)
+            port = int(sock.getsockname()[1])
+            log.info(
+                "gateway_ready", url=f"http://{settings.host}:{port}/v1", models=settings.prefixes
+            )
+            task_status.started(port)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                server.should_exit = True  # uvicorn's graceful shutdown, bounded
+
+
+async def _serve_shielded(
+    server: uvicorn.Server, sock: socket.socket, scope: anyio.CancelScope
+) -> None:
+    with anyio.CancelScope(shield=True):
+        await server.serve(sockets=[sock])
+    scope.cancel()  # uvicorn stopped by itself (it failed to start): stop waiting for it
