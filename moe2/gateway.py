@@ -7,10 +7,9 @@ per subject prefix served. A client that goes away cancels its session on the bu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -203,27 +202,22 @@ def _answer_errors_in_openai_shape(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            message = f"the body is not JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            return await api_error(request, ApiError(400, message, code=str(ErrorCode.MALFORMED)))
         param = ".".join(str(p) for p in first["loc"] if p != "body") or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         return await api_error(request, ApiError.invalid(message, param))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return await api_error(request, ApiError(exc.status_code, str(exc.detail)))
+        refused = ApiError(exc.status_code, str(exc.detail))
+        return JSONResponse(refused.body(), status_code=exc.status_code, headers=exc.headers)
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(Moe2Error, moe2_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(HTTPException, http_error)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, stopped by cancelling ``serve_gateway`` (as every moe2 agent is), not by its own
-    signal handlers: ``moe2 gateway`` handles SIGTERM and SIGINT like the other commands."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -246,8 +240,12 @@ async def serve_gateway(
     *,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; ``await tg.start(serve_gateway, settings)`` gives the port once
-    connections are accepted."""
+    """Serve until cancelled, or until uvicorn's own SIGTERM/SIGINT handlers stop it (they are
+    installed while it serves; the signal is raised again for the caller's handlers after). Either
+    way, open streams end within a second (sse-starlette watches the server), which cancels their
+    sessions; other requests get ``GRACEFUL_SHUTDOWN_S``.
+
+    ``await tg.start(serve_gateway, settings)`` gives the port once connections are accepted."""
     sock = listening_socket(settings.host, settings.port)
     async with nats_connection(settings.nats_url, name="moe2-gateway") as nc:
         config = uvicorn.Config(
@@ -257,7 +255,7 @@ async def serve_gateway(
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
-        server = _Server(config)
+        server = uvicorn.Server(config)
         async with anyio.create_task_group() as tg:
             tg.start_soon(_serve_shielded, server, sock, tg.cancel_scope)
             port = int(sock.getsockname()[1])
@@ -276,4 +274,4 @@ async def _serve_shielded(
 ) -> None:
     with anyio.CancelScope(shield=True):
         await server.serve(sockets=[sock])
-    scope.cancel()  # uvicorn stopped by itself (it failed to start): stop waiting for it
+    scope.cancel()  # uvicorn stopped by itself (a signal): stop waiting for it

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import openai
 import pytest
+from anyio.abc import TaskStatus
 from anyio.streams.text import TextReceiveStream
 from nats.aio.msg import Msg
 
@@ -48,6 +49,7 @@ class Stack:
     nats_url: str
     experts: list[ExpertAgent]
     fusion: FusionAgent | None
+    gateway: anyio.CancelScope  # cancel it to stop the gateway alone
     steps: list[wire.Step] = field(default_factory=list)  # every Step sent to an expert
     closes: list[wire.Close] = field(default_factory=list)  # every Close sent to an expert
 
@@ -104,13 +106,18 @@ async def stack(
                 await tg.start(experts[0].run)
             if agent is not None:
                 await agent.wait_for_experts(len(experts), limit_s=10)
-            port = await tg.start(
-                serve_gateway, GatewaySettings(nats_url=url, port=0, prefixes=(prefix,))
-            )
+            gateway = anyio.CancelScope()
+
+            async def serve(*, task_status: TaskStatus[int]) -> None:
+                with gateway:
+                    settings = GatewaySettings(nats_url=url, port=0, prefixes=(prefix,))
+                    await serve_gateway(settings, task_status=task_status)
+
+            port = await tg.start(serve)
             client = openai.AsyncOpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60
             )
-            s = Stack(client, prefix, url, experts, agent)
+            s = Stack(client, prefix, url, experts, agent, gateway)
             await _record(nc, Subjects(prefix), s)
             yield s
             await client.close()
@@ -137,6 +144,12 @@ async def _record(nc: Any, subjects: Subjects, s: Stack) -> None:
     await nc.subscribe(subjects.expert_step("*"), cb=note)
     await nc.subscribe(subjects.expert_close("*"), cb=note)
     await flush_subscriptions(nc)
+
+
+async def _first(stream: Any, n: int) -> AsyncIterator[Any]:
+    """The first ``n`` chunks of an open stream, which goes on."""
+    for _ in range(n):
+        yield await anext(stream)
 
 
 def error_of(caught: pytest.ExceptionInfo[openai.APIStatusError]) -> dict[str, Any]:
@@ -374,11 +387,7 @@ async def test_a_client_that_disconnects_mid_stream_frees_the_expert_within_a_st
 ) -> None:
     with anyio.fail_after(60):
         stream = await pool.chat(STORY, max_tokens=300, stream=True, temperature=0)
-        got = 0
-        async for _ in stream:
-            got += 1
-            if got == 4:
-                break
+        assert len([c async for c in _first(stream, 4)]) == 4
         steps_at_close = len(pool.steps)
         await stream.close()
         assert pool.experts[0].sessions == 1  # it was still writing
@@ -395,6 +404,19 @@ async def test_a_client_that_gives_up_on_a_whole_answer_ends_its_session(
         await pool.chat(STORY, max_tokens=300, timeout=1.0)
     await pool.cancelled()
     assert len(pool.steps) < 100  # nowhere near the 300 asked for
+
+
+@pytest.mark.model
+async def test_a_gateway_that_stops_ends_its_open_streams_and_their_sessions(pool: Stack) -> None:
+    with anyio.fail_after(30):
+        stream = await pool.chat(STORY, max_tokens=300, stream=True)
+        pieces = [c async for c in _first(stream, 3)]
+        pool.gateway.cancel()
+        with pytest.raises(openai.APIConnectionError):
+            async for _ in stream:
+                pass
+        await pool.cancelled()
+    assert len(pieces) == 3 and len(pool.steps) < 100
 
 
 @pytest.mark.model
