@@ -2,8 +2,9 @@
 
 For each subset S: a local nats-server, the experts of S as separate ``moe2 expert`` processes
 (as ``moe2 demo`` starts them), a fusion agent in this process with the pool's gate and k and no
-selection (S is every live expert), and a recorder on the whole bus. The questions are asked one
-at a time, so no session slows another down, each for the pool's answer length. The trace is
+selection (S is every live expert), and a recorder on the subjects the cost side reads (requests,
+slices, heartbeats). The questions are asked one at a time, so no session slows another down,
+each for the pool's answer length. The trace is
 ``<directory>/<experts of S joined by +>.trace``; ``selection.session_costs`` reads it.
 """
 
@@ -80,7 +81,14 @@ async def _record_one(
             agent: FusionAgent = await tg.start(serve_fusion, server.url, config)
             await wait_for_experts(agent, started, start_timeout_s)
             async with anyio.create_task_group() as recording:
-                recorder: Recorder = await recording.start(Recorder(server.url, partial).run)
+                subjects = Subjects()  # what the cost side reads: requests, slices, heartbeats
+                wanted = [
+                    f"{subjects.root}.expert.>",
+                    f"{subjects.root}.session.>",
+                    subjects.members,
+                ]
+                recorder = Recorder(server.url, partial, subjects=wanted)
+                await recording.start(recorder.run)
                 # every expert's costs, as its heartbeat announces them, before the first Open
                 await _next_heartbeats(agent, [e.id for e in experts])
                 async with moe2.connect(server.url) as client:
