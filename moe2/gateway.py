@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from moe2.gateway_bodies import ChatBody, CompletionBody, QuestionDefaults, _Body
+from moe2.gateway_bodies import ChatBody, CompletionBody, QuestionDefaults, RequestBody
 from moe2.gateway_errors import ApiError
 from moe2.gateway_replies import Reply
 from moe2.runtime import wire
@@ -59,7 +59,7 @@ class Gateway:
         ]
         return {"object": "list", "data": data}
 
-    async def respond(self, body: _Body, request: Request, *, chat: bool) -> Response:
+    async def respond(self, body: RequestBody, request: Request, *, chat: bool) -> Response:
         client = self._client(body.model)
         answer = body.question(self.settings.defaults).ask(client)
         chunks = aiter(answer)
@@ -68,7 +68,7 @@ class Gateway:
         if first is _GONE:
             return Response(status_code=CLIENT_GONE)
         if body.stream:
-            return EventSourceResponse(self._events(reply, answer, chunks, first), sep="\n")
+            return EventSourceResponse(_events(reply, answer, chunks, first), sep="\n")
         if await _unless_disconnected(request, lambda: _drain(chunks)) is _GONE:
             return Response(status_code=CLIENT_GONE)
         assert answer.final is not None, "a stream read to its end has its final message"
@@ -84,36 +84,36 @@ class Gateway:
             raise ApiError(404, message, param="model", code="model_not_found")
         return client
 
-    async def _events(
-        self,
-        reply: Reply,
-        answer: Answer,
-        chunks: AsyncIterator[wire.Chunk],
-        first: wire.Chunk | None,
-    ) -> AsyncIterator[dict[str, str]]:
-        """The answer as server-sent events; an error after the first chunk is an error event."""
-        try:
-            if first is not None:
-                reply.named(first.session)
-                yield _event(reply.delta(first.text, first=True))
-            async for chunk in chunks:
-                yield _event(reply.delta(chunk.text, first=False))
-            final = answer.final
-            assert final is not None, "a stream read to its end has its final message"
-            reply.named(final.session)
-            yield _event(reply.last(final, first=first is None))
-            if reply.include_usage:
-                yield _event(reply.usage_chunk(final))
-            yield {"data": "[DONE]"}
-            _log_done(reply, final, stream=True)
-        except Moe2Error as exc:
-            log.info("answer_failed", id=reply.id, code=str(exc.code), error=exc.message)
-            yield _event(ApiError.of(exc).body())
-        finally:
-            await _close(chunks)
-
 
 _GONE: Final = object()
+
+
+async def _events(
+    reply: Reply,
+    answer: Answer,
+    chunks: AsyncIterator[wire.Chunk],
+    first: wire.Chunk | None,
+) -> AsyncIterator[dict[str, str]]:
+    """The answer as server-sent events; an error after the first chunk is an error event."""
+    try:
+        if first is not None:
+            reply.named(first.session)
+            yield _event(reply.delta(first.text, first=True))
+        async for chunk in chunks:
+            yield _event(reply.delta(chunk.text, first=False))
+        final = answer.final
+        assert final is not None, "a stream read to its end has its final message"
+        reply.named(final.session)
+        yield _event(reply.last(final, first=first is None))
+        if reply.include_usage:
+            yield _event(reply.usage_chunk(final))
+        yield {"data": "[DONE]"}
+        _log_done(reply, final, stream=True)
+    except Moe2Error as exc:
+        log.info("answer_failed", id=reply.id, code=str(exc.code), error=exc.message)
+        yield _event(ApiError.of(exc).body())
+    finally:
+        await _close(chunks)
 
 
 async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:

@@ -61,7 +61,7 @@ class ChatMessageIn(BaseModel):
         return wire.ChatMessage(role=ROLES[self.role], content=text)
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     """What chat and completion requests share."""
 
     model_config = ConfigDict(extra="allow")  # other fields are ignored, or refused (HARMLESS)
@@ -109,7 +109,7 @@ class _Body(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class ChatBody(_Body):
+class ChatBody(RequestBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -120,7 +120,7 @@ class ChatBody(_Body):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionBody(_Body):
+class CompletionBody(RequestBody):
     prompt: str | list[str]
 
     def wire_messages(self) -> list[wire.ChatMessage]:
