@@ -72,6 +72,13 @@ def expert(
             "$MOE2_ADAPTERS adds directories to look in)."
         ),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="transformers, onnx (ONNX Runtime, float32), onnx-int8 (dynamic int8) or "
+            "llamacpp (the GGUF file as it is); docs/backends.md."
+        ),
+    ] = "transformers",
     nats_url: NatsUrl = DEFAULT_URL,
     top_k: Annotated[int, typer.Option(help="Ids per slice (K).")] = 32,
     threads: Annotated[
@@ -116,6 +123,7 @@ def expert(
     # backend's per-session KV caches go through it): once per process is enough.
     warnings.filterwarnings("once", message=".*past_key_values.*", category=FutureWarning)
     from moe2.agents.expert.agent import ExpertConfig, serve_expert
+    from moe2.agents.expert.backends import check_backend
     from moe2.runtime.contexts import load_context
 
     try:
@@ -124,6 +132,7 @@ def expert(
             expert_id=id,
             model=model,
             adapter=Path(adapter) if adapter else None,
+            backend=check_backend(backend),
             top_k=top_k,
             threads=threads or None,
             max_context=max_context,
