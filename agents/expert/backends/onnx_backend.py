@@ -1,0 +1,210 @@
+"""The ONNX Runtime backend: the model exported to ONNX (``onnx_export``), float32 or dynamic int8.
+
+Each session keeps its KV cache as numpy arrays, one key and one value per layer, fed back as
+the graph's ``past`` inputs at the next step; a rewrite cuts them to the shared head. Tokenising
+is the reference's (``chat_tokenizer``), so ids and tokenizer identity equal the transformers
+backend's. ``onnxruntime`` runs it on the CPU; on an NVIDIA box install ``onnxruntime-gpu``
+instead and the CUDA provider is used first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import structlog
+
+from moe2.agents.expert.backends.base import (
+    BackendInfo,
+    PrefixCache,
+    TargetLogprobs,
+    TopK,
+    common_prefix,
+)
+from moe2.agents.expert.backends.chat_tokenizer import ChatTokenizer, reference_directory
+from moe2.agents.expert.backends.logits import teacher_forced, top_k_of
+from moe2.agents.expert.backends.onnx_export import Precision, exported
+from moe2.agents.expert.models import ModelSource
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.wire import ChatMessage
+
+log = structlog.get_logger("moe2.backend")
+
+NAME: Final = "onnxruntime"
+Past = list[npt.NDArray[np.float32]]
+
+
+@dataclass(slots=True)
+class _Session:
+    ids: list[int]  # what the cache holds
+    past: Past
+
+
+class OnnxBackend:
+    """An ONNX Runtime session over an exported model; implements ``Backend``."""
+
+    def __init__(
+        self,
+        model_file: Path,
+        tokenizer: ChatTokenizer,
+        *,
+        name: str,
+        precision: Precision,
+        threads: int | None = None,
+    ) -> None:
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = [p for p in ort.get_available_providers() if p in _PREFERRED]
+        self._session = ort.InferenceSession(str(model_file), options, providers=providers)
+        self._tokenizer = tokenizer
+        self._layers = sum(1 for i in self._session.get_inputs() if i.name.startswith("past."))
+        self._layers //= 2
+        shape = self._session.get_inputs()[4].shape  # past.0.key: (1, heads, held, head_dim)
+        self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)
+        self._sessions: dict[str, _Session] = {}
+        self._info = BackendInfo(
+            model=name,
+            tokenizer=tokenizer.identity,
+            backend=NAME,
+            vocab_size=tokenizer.vocab_size,
+            eos_ids=tokenizer.eos_ids,
+            max_context=tokenizer.max_context,
+            quantisation=precision,
+        )
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        return self._tokenizer.token_bytes
+
+    @property
+    def sessions(self) -> int:
+        return len(self._sessions)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self._tokenizer.encode_chat(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def encode_answer(self, text: str) -> list[int]:
+        return self._tokenizer.encode_answer(text)
+
+    def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
+        if not ids:
+            return None
+        _, past = self._forward([int(i) for i in ids], self._empty_past(), last_only=True)
+        return PrefixCache(ids=tuple(int(i) for i in ids), state=past)
+
+    def prefill(
+        self,
+        session: str,
+        prompt_ids: Sequence[int],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> TopK:
+        self._sessions.pop(session, None)
+        ids = [int(i) for i in prompt_ids]
+        logits, past = self._prefill(ids, prefix)
+        self._sessions[session] = _Session(ids=ids, past=past)
+        return top_k_of(logits[-1], top_k)
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        targets_ids: Sequence[Sequence[int]],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> list[TargetLogprobs]:
+        targets = [[int(i) for i in t] for t in targets_ids]
+        if not all(targets):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "every target needs at least one token")
+        k = min(top_k, self._info.vocab_size)
+        logits, past = self._prefill([int(i) for i in prompt_ids], prefix)
+        scored = []
+        for target in targets:
+            following = (
+                self._forward(target[:-1], past, last_only=False)[0] if target[1:] else logits[:0]
+            )
+            scored.append(teacher_forced(logits[-1], following, target, k))
+        return scored
+
+    def decode(self, session: str, token: int, top_k: int) -> TopK:
+        held = self._held(session)
+        logits, held.past = self._forward([int(token)], held.past, last_only=True)
+        held.ids.append(int(token))
+        return top_k_of(logits[-1], top_k)
+
+    def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
+        held, new = self._held(session), [int(i) for i in ids]
+        keep = min(common_prefix(held.ids, new), len(new) - 1)
+        past = [a[:, :, :keep] for a in held.past]
+        logits, held.past = self._forward(new[keep:], past, last_only=True)
+        held.ids = new
+        return top_k_of(logits[-1], top_k)
+
+    def release(self, session: str) -> None:
+        self._sessions.pop(session, None)
+
+    def _held(self, session: str) -> _Session:
+        held = self._sessions.get(session)
+        if held is None:
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        return held
+
+    def _empty_past(self) -> Past:
+        return [self._empty] * (2 * self._layers)
+
+    def _prefill(
+        self, ids: list[int], prefix: PrefixCache | None
+    ) -> tuple[npt.NDArray[np.float32], Past]:
+        """The last position's logits (1, V) and the cache, from ``prefix``'s shared head."""
+        if not ids:
+            raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no tokens")
+        shared = 0 if prefix is None else min(common_prefix(ids, prefix.ids), len(ids) - 1)
+        if prefix is None or not shared:
+            return self._forward(ids, self._empty_past(), last_only=True)
+        state: Past = prefix.state  # type: ignore[assignment]  # this backend's own PrefixCache
+        return self._forward(ids[shared:], [a[:, :, :shared] for a in state], last_only=True)
+
+    def _forward(
+        self, ids: list[int], past: Past, *, last_only: bool
+    ) -> tuple[npt.NDArray[np.float32], Past]:
+        """Logits (M, V) of the last position (or of every new one) and the extended cache."""
+        held, new = past[0].shape[2], len(ids)
+        feed: dict[str, npt.NDArray[np.generic]] = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, held + new), dtype=np.int64),
+            "position_ids": np.arange(held, held + new, dtype=np.int64)[None, :],
+            "logit_positions": np.arange(new - 1 if last_only else 0, new, dtype=np.int64),
+        }
+        for i in range(self._layers):
+            feed[f"past.{i}.key"], feed[f"past.{i}.value"] = past[2 * i], past[2 * i + 1]
+        logits, *present = self._session.run(None, feed)
+        return logits[0], present
+
+
+_PREFERRED: Final = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def load_onnx(
+    source: ModelSource, *, precision: Precision = "float32", threads: int | None = None
+) -> OnnxBackend:
+    """Load ``source`` through its cached ONNX export at ``precision`` (exported now if missing)."""
+    reference = reference_directory(source)
+    model_file = exported(reference, precision)
+    tokenizer = ChatTokenizer(reference, source.name)
+    log.info("onnx_loaded", model=source.name, precision=precision, path=str(model_file))
+    return OnnxBackend(
+        model_file, tokenizer, name=source.name, precision=precision, threads=threads
+    )
