@@ -88,8 +88,9 @@ async def stack(
     fusion: dict[str, Any] | None = None,
     expert: dict[str, Any] | None = None,
     with_fusion: bool = True,
+    n_experts: int = 1,
 ) -> AsyncIterator[Stack]:
-    """One SmolLM2 expert (none without ``backend``), a fusion agent and a gateway."""
+    """SmolLM2 experts e0, e1… (none without ``backend``), a fusion agent and a gateway."""
     prefix = next(_prefixes)
     nc = await connect_nats(url, name="test-gateway")
     try:
@@ -100,10 +101,10 @@ async def stack(
                 agent = FusionAgent(nc, FusionConfig(prefix=prefix, **settings))
                 await tg.start(agent.run)
             experts = []
-            if backend is not None:
-                cfg = ExpertConfig("e0", prefix=prefix, warmup=False, **(expert or {}))
+            for i in range(n_experts if backend is not None else 0):
+                cfg = ExpertConfig(f"e{i}", prefix=prefix, warmup=False, **(expert or {}))
                 experts.append(ExpertAgent(nc, backend, cfg))
-                await tg.start(experts[0].run)
+                await tg.start(experts[-1].run)
             if agent is not None:
                 await agent.wait_for_experts(len(experts), limit_s=10)
             gateway = anyio.CancelScope()
@@ -330,6 +331,43 @@ async def test_stop_ends_before_the_stop_string_and_a_seed_repeats_a_sampled_ans
     assert cut.choices[0].finish_reason == "stop"
     assert once.choices[0].message.content == again.choices[0].message.content
     assert once.choices[0].message.content != text[: len(once.choices[0].message.content or "")]
+
+
+@pytest.mark.model
+async def test_the_moe2_field_picks_how_many_experts_answer(
+    nats_url: str, smollm2: TransformersBackend
+) -> None:
+    async with stack(nats_url, smollm2, n_experts=2) as s:
+        with anyio.fail_after(60):
+            both = await s.chat(**GREEDY)
+            one = await s.chat(extra_body={"moe2": {"experts": 1}}, **GREEDY)
+    assert both.model_extra["moe2"]["experts"] == ["e0", "e1"]
+    assert both.model_extra["moe2"]["weights"] == [0.5, 0.5]
+    assert one.model_extra["moe2"]["experts"] == ["e0"]
+    assert one.model_extra["moe2"]["weights"] == [1.0]
+    # two copies of one model with equal weights fuse to that model's own greedy answer
+    assert both.choices[0].message.content == one.choices[0].message.content
+
+
+@pytest.mark.model
+async def test_a_step_with_no_slice_is_504_or_an_error_event_once_streaming(
+    nats_url: str, smollm2: TransformersBackend
+) -> None:
+    # the prefill has its own deadline; every decode step after it is late
+    async with stack(nats_url, smollm2, fusion={"step_deadline_s": 0.001}) as s:
+        with anyio.fail_after(60):
+            with pytest.raises(openai.InternalServerError) as caught:
+                await s.chat(**GREEDY)
+            stream = await s.chat(stream=True, **GREEDY)
+            first = await anext(stream)
+            with pytest.raises(openai.APIError) as mid_stream:
+                await anext(stream)
+    assert caught.value.status_code == 504
+    assert error_of(caught)["code"] == "no_slices"
+    assert first.choices[0].delta.content  # the prefill's token came through
+    assert mid_stream.value.body is not None
+    assert mid_stream.value.body["code"] == "no_slices"  # type: ignore[index]
+    assert "no slice arrived for step 1" in mid_stream.value.message
 
 
 @pytest.mark.model
