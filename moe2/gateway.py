@@ -20,8 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from moe2.gateway_bodies import ChatBody, CompletionBody, QuestionDefaults, RequestBody
 from moe2.gateway_errors import ApiError
@@ -30,6 +32,7 @@ from moe2.runtime import wire
 from moe2.runtime.client import Answer, Client
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.metrics import CountedHttp, HttpMetrics, MetricsApp, serve_metrics
 from moe2.runtime.subjects import DEFAULT_PREFIX
 
 log = structlog.get_logger("moe2.gateway")
@@ -44,6 +47,7 @@ class GatewaySettings:
     port: int = 8000  # 0: any free port (``serve_gateway`` reports it)
     prefixes: tuple[str, ...] = (DEFAULT_PREFIX,)  # each one is a model of /v1/models
     defaults: QuestionDefaults = field(default_factory=QuestionDefaults)
+    metrics_port: int | None = None  # /metrics on a port of its own too (it is always at /metrics)
 
 
 class Gateway:
@@ -52,6 +56,7 @@ class Gateway:
     def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
         self.settings = settings
         self.clients = {p: Client(nc, prefix=p) for p in settings.prefixes}
+        self.registry = CollectorRegistry()  # this gateway's metrics (docs/metrics.md)
 
     def models(self) -> dict[str, Any]:
         data = [
@@ -173,6 +178,9 @@ def _log_done(reply: Reply, final: wire.Final, *, stream: bool) -> None:
 def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="moe2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
     _answer_errors_in_openai_shape(app)
+    routes = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics")
+    app.add_middleware(CountedHttp, metrics=HttpMetrics(gateway.registry, routes))
+    app.router.routes.append(Route("/metrics", MetricsApp(gateway.registry), methods=["GET"]))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -248,15 +256,19 @@ async def serve_gateway(
     ``await tg.start(serve_gateway, settings)`` gives the port once connections are accepted."""
     sock = listening_socket(settings.host, settings.port)
     async with nats_connection(settings.nats_url, name="moe2-gateway") as nc:
+        gateway = Gateway(nc, settings)
         config = uvicorn.Config(
-            create_app(Gateway(nc, settings)),
+            create_app(gateway),
             lifespan="off",
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
         server = uvicorn.Server(config)
-        async with anyio.create_task_group() as tg:
+        async with (
+            serve_metrics(gateway.registry, settings.metrics_port, settings.host),
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(_serve_shielded, server, sock, tg.cancel_scope)
             port = int(sock.getsockname()[1])
             log.info(

@@ -54,6 +54,7 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry
 
 from moe2.agents.expert.answer_tokens import AnswerTokenizer
 from moe2.agents.expert.backends import Backend, PrefixCache, TopK, load_backend
@@ -63,6 +64,7 @@ from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
 from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
+from moe2.agents.metrics import ExpertMetrics
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, publish_or_log
 from moe2.runtime.endpoint import (
@@ -74,6 +76,7 @@ from moe2.runtime.endpoint import (
 )
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.lifecycle import cancel_on_signals
+from moe2.runtime.metrics import EndpointCollector, serve_metrics
 from moe2.runtime.subjects import Subjects, valid_token
 
 log = structlog.get_logger("moe2.expert")
@@ -97,6 +100,7 @@ class _Session:
     next_step: int = 0  # the step of the next slice; 0 until the prefill is done
     prompt_ids: list[int] = field(default_factory=list)
     answer: bytes = b""  # the answer's bytes so far: the pieces of its tokens, or the texts
+    ended: str = "stopped"  # why it ended, for metrics: a Close's reason, idle, refused, failed
 
 
 class ExpertAgent:
@@ -144,6 +148,32 @@ class ExpertAgent:
             ),
         )
         self._open_ep, self._step_ep, _, self._score_ep = self.endpoints
+        self.metrics = self._metrics()
+        self.metrics_port: int | None = None  # where /metrics is served, once running
+
+    def _metrics(self) -> ExpertMetrics:
+        metrics = ExpertMetrics(
+            CollectorRegistry(),
+            energy_source=self.meter.source,
+            sessions=lambda: len(self._sessions),
+            queued=lambda: sum(
+                s.inbox.statistics().current_buffer_used for s in self._sessions.values()
+            ),
+            waiting=lambda: self._limiter.statistics().tasks_waiting,
+        )
+        info = self.info
+        metrics.info.info(
+            {
+                "expert": self.config.expert_id,
+                "model": self.model_label,
+                "backend": info.backend,
+                "quantisation": info.quantisation,
+                "device": self.config.declared.name,
+                "energy_source": self.meter.source,
+            }
+        )
+        metrics.registry.register(EndpointCollector(lambda: [e.stats for e in self.endpoints]))
+        return metrics
 
     def _endpoint(
         self,
@@ -187,7 +217,10 @@ class ExpertAgent:
             await self._in_worker(partial(self._prepare_context))
         if self.config.warmup:
             await self._in_worker(partial(self._warm_up))
-        async with anyio.create_task_group() as tg:
+        async with (
+            serve_metrics(self.metrics.registry, self.config.metrics_port) as self.metrics_port,
+            anyio.create_task_group() as tg,
+        ):
             self._tg = tg
             for endpoint in self.endpoints:
                 await tg.start(endpoint.serve)
@@ -249,6 +282,7 @@ class ExpertAgent:
         send, receive = anyio.create_memory_object_stream[Queued](_INBOX_SIZE)
         session = _Session(id=open_.session, inbox=send, top_k=self._top_k(open_.top_k))
         self._sessions[session.id] = session
+        self.metrics.opened.inc()
         send.send_nowait((open_, reply))
         self._tg.start_soon(self._serve_session, session, receive)
 
@@ -293,6 +327,7 @@ class ExpertAgent:
             self._sessions.pop(session.id, None)
             self._backend.release(session.id)
             session.inbox.close()
+            self.metrics.session_ended(session.ended)
 
     async def _session_loop(
         self, session: _Session, inbox: MemoryObjectReceiveStream[Queued]
@@ -304,6 +339,7 @@ class ExpertAgent:
                 queued = await inbox.receive()
             if queued is None:
                 self._log.info("session_idle_freed", session=session.id, idle_s=idle_s)
+                session.ended = "idle"
                 return
             if not await self._handle(session, *queued):
                 return
@@ -331,12 +367,16 @@ class ExpertAgent:
                 await self._step(session, message)
             else:
                 self._log.debug("session_closed", session=session.id, reason=message.reason)
+                session.ended = message.reason
                 return False
         except Moe2Error as exc:
             await self._reply_error(exc, session.id, step, reply)
+            if session.next_step == 0:
+                session.ended = "refused"
             return session.next_step > 0  # a refused open ends the session
         except Exception:
             self._log.exception("handler_failed", session=session.id, step=step)
+            session.ended = "failed"
             failed = Moe2Error(ErrorCode.INTERNAL, "the expert failed on this message")
             await self._reply_error(failed, session.id, step, reply)
             return False
@@ -362,7 +402,9 @@ class ExpertAgent:
             )
         with self.meter.measure() as reading:
             top = self._backend.prefill(session, ids, top_k, self._context_head)
-        self.stats.note_prefill(reading.compute_s, prefilled_tokens(ids, self._context_head))
+        prefilled = prefilled_tokens(ids, self._context_head)
+        self.stats.note_prefill(reading.compute_s, prefilled)
+        self.metrics.computed("prefill", prefilled, reading.compute_s, reading.energy_j)
         return top, ids, reading
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
@@ -370,6 +412,7 @@ class ExpertAgent:
         top, reading = await self._in_worker(partial(self._timed_decode, session, step))
         session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
         self.stats.note_decode(reading.compute_s)
+        self.metrics.computed("decode", 1, reading.compute_s, reading.energy_j)
         await self._publish_slice(session, step.step, top, reading)
 
     def _check_step(self, session: _Session, step: wire.Step) -> None:
@@ -488,6 +531,7 @@ class ExpertAgent:
             prompt_tokens=session.prompt_tokens if step == 0 else 0,
         )
         self.stats.slices += 1
+        self.metrics.slices.inc()
         await self._publish(self.subjects.slice(session.id, self.config.expert_id), message)
 
     async def _reply_error(self, exc: Moe2Error, session: str, step: int, reply: str) -> None:

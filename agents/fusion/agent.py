@@ -10,16 +10,19 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry
 
 from moe2.agents.fusion.config import FusionConfig
 from moe2.agents.fusion.membership import Membership, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
 from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPlan
+from moe2.agents.metrics import FusionMetrics
 from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.endpoint import Endpoint, EndpointStats, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.metrics import EndpointCollector, serve_metrics
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
 from moe2.selection.live import LiveSelection
@@ -62,6 +65,15 @@ class FusionAgent:
             self._on_heartbeat,
             identity=publisher_named_by("expert"),
         )
+        self.metrics = FusionMetrics(
+            CollectorRegistry(),
+            max_sessions=self.config.max_sessions,
+            sessions=lambda: self.sessions,
+            live=lambda: len(self.membership.live(time.monotonic())),
+            selection=self.live_selection,
+        )
+        self.metrics.registry.register(EndpointCollector(self.endpoint_stats))
+        self.metrics_port: int | None = None  # where /metrics is served, once running
 
     def endpoint_stats(self) -> list[EndpointStats]:
         """Every subject this agent serves, its sessions' slice and cancel subjects included."""
@@ -74,7 +86,10 @@ class FusionAgent:
         ]
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
+        async with (
+            serve_metrics(self.metrics.registry, self.config.metrics_port) as self.metrics_port,
+            anyio.create_task_group() as tg,
+        ):
             self._tg = tg
             await tg.start(self.members_endpoint.serve)
             if self.live_selection is not None:
@@ -126,19 +141,22 @@ class FusionAgent:
 
     async def _serve(self, prompt: wire.Prompt, reply: str, started: float) -> None:
         done = False
+        session: FusionSession | None = None
 
-        def ended() -> None:
+        def ended(failure: str = "") -> None:
             """Once: the session is over for the client (its clean-up may go on a moment)."""
             nonlocal done
             if not done:
                 done = True
                 self.sessions -= 1
                 self.served += 1
+                self.metrics.session_ended(session.machine if session else None, failure)
 
         try:
             plan = await self._plan(prompt)
+            self.metrics.planned(plan.experts, plan.weights)
             observe = self.live_selection.observe if self.live_selection is not None else None
-            await FusionSession(
+            session = FusionSession(
                 self.nc,
                 self.subjects,
                 self.config,
@@ -148,13 +166,14 @@ class FusionAgent:
                 observe,
                 ended,
                 self.session_counters,
-            ).run()
+            )
+            await session.run()
         except Moe2Error as exc:
-            ended()
+            ended(str(exc.code))
             await self._refuse(reply, exc)
         except Exception as exc:  # a handler's bug becomes an error reply, never a dead agent
             log.exception("session_crashed")
-            ended()
+            ended(str(ErrorCode.INTERNAL))
             await self._refuse(reply, Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             ended()

@@ -39,6 +39,7 @@ class FusionConfig:
     # how a session fuses (docs/protocol.md §7, §10): "auto" by token id when its experts share
     # one tokenizer, else by bytes; "bytes" always by bytes; "ids" only experts of one tokenizer
     fusion_path: str = "auto"
+    metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profiles", tuple(self.profiles))  # a TOML list is welcome
