@@ -19,6 +19,7 @@ from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
 from moe2.select_cli import select as select_command
 from moe2.select_cli import watch as watch_selection
+from moe2.status import status as status_command
 
 app = typer.Typer(
     help="moe2: collaborative inference over heterogeneous edge LLMs on a NATS bus.",
@@ -32,6 +33,9 @@ NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar=
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
 JsonLogs = Annotated[bool, typer.Option("--json-logs", help="Log JSON lines to stderr.")]
+MetricsPort = Annotated[
+    int, typer.Option(help="Serve Prometheus /metrics on this port; 0: off (docs/metrics.md).")
+]
 
 
 @app.command()
@@ -114,6 +118,7 @@ def expert(
         bool, typer.Option(help="Compute the context's KV cache once and start from a copy.")
     ] = True,
     prefix: Prefix = "moe2",
+    metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
 ) -> None:
@@ -143,6 +148,7 @@ def expert(
             context=loaded.messages if loaded else (),
             context_name=loaded.name if loaded else "context",
             context_cache=context_cache,
+            metrics_port=metrics_port or None,
         )
     except Moe2Error as exc:
         fail(exc.code, exc.message, status=2)
@@ -174,6 +180,7 @@ def fusion(
         typer.Option(help="auto (by id for one tokenizer, else by bytes), bytes, or ids."),
     ] = None,
     prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
+    metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
 ) -> None:
@@ -197,6 +204,7 @@ def fusion(
             tau_s=limits,
             energy_j=energy,
             fusion_path=fusion_path,
+            metrics_port=metrics_port or None,
         )
         await serve_fusion(nats_url, cfg)
 
@@ -256,6 +264,9 @@ def gateway(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait between two messages of an answer.")
     ] = 120.0,
+    metrics_port: Annotated[
+        int, typer.Option(help="Also serve /metrics on this port (it is always on the API's).")
+    ] = 0,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
 ) -> None:
@@ -273,6 +284,7 @@ def gateway(
         port=port,
         prefixes=tuple(prefix or ["moe2"]),
         defaults=QuestionDefaults(max_tokens=max_tokens, timeout_s=timeout),
+        metrics_port=metrics_port or None,
     )
     run_async(lambda: serve_gateway(settings))
 
@@ -377,5 +389,6 @@ def demo(
 app.command(name="profile")(profile_command)
 app.command(name="select")(select_command)
 app.command(name="selection")(watch_selection)
+app.command(name="status")(status_command)  # the pool live: experts, health, S, tokens/s
 # the paper's experiments on a pool, from its collected outputs
 app.command(name="eval")(eval_command)
