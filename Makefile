@@ -34,6 +34,7 @@ bench: $(VENV)/.test
 	$(PY) bench/bus_overhead.py
 	$(PY) bench/smo_vs_brute_force.py
 	$(PY) bench/byte_path.py
+	$(PY) bench/backends.py  # the backends that are installed, against transformers
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -46,8 +46,11 @@ def load_backend(name: str, source: ModelSource, *, threads: int | None = None) 
         if name in ("onnx", "onnx-int8"):
             from moe2.agents.expert.backends.onnx_backend import load_onnx
 
-            precision = "int8-dynamic" if name == "onnx-int8" else "float32"
-            return load_onnx(source, precision=precision, threads=threads)
+            return load_onnx(
+                source,
+                precision="int8-dynamic" if name == "onnx-int8" else "float32",
+                threads=threads,
+            )
         from moe2.agents.expert.backends.llamacpp_backend import load_llamacpp
 
         return load_llamacpp(source, threads=threads)

@@ -15,7 +15,12 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from moe2.agents.expert.backends.base import plain_chat_answer, plain_chat_text, tokenizer_identity
+from moe2.agents.expert.backends.base import (
+    BackendInfo,
+    plain_chat_answer,
+    plain_chat_text,
+    tokenizer_identity,
+)
 from moe2.agents.expert.backends.transformers_backend import (
     build_token_bytes,
     conversion_dir,
@@ -83,6 +88,44 @@ class ChatTokenizer:
         if self._tokenizer.chat_template is None:  # the answer follows "Assistant:"
             return self.encode(plain_chat_answer(text))
         return self.encode(text)
+
+
+class TokenizedBackend:
+    """The ``Backend`` members a backend with a ``ChatTokenizer`` gets from it and its info."""
+
+    _tokenizer: ChatTokenizer
+    _info: BackendInfo
+    _sessions: dict[str, Any]
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    @property
+    def token_bytes(self) -> Sequence[bytes]:
+        return self._tokenizer.token_bytes
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions hold a KV cache."""
+        return len(self._sessions)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self._tokenizer.encode_chat(messages)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def encode_answer(self, text: str) -> list[int]:
+        return self._tokenizer.encode_answer(text)
+
+
+def scored_targets(targets_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """A Score's targets as lists of ids; each must hold at least one token."""
+    targets = [[int(i) for i in t] for t in targets_ids]
+    if not all(targets):
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "every target needs at least one token")
+    return targets
 
 
 def _generation(directory: Path) -> Any:

@@ -21,7 +21,8 @@ def log_softmax(logits: Logits) -> npt.NDArray[np.float64]:
     """Natural-log softmax over the last axis."""
     wide = logits.astype(np.float64)
     shifted = wide - wide.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    result: npt.NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return result
 
 
 def top_ids(logprobs: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.intp]:

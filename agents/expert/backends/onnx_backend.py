@@ -26,12 +26,16 @@ from moe2.agents.expert.backends.base import (
     TopK,
     common_prefix,
 )
-from moe2.agents.expert.backends.chat_tokenizer import ChatTokenizer, reference_directory
+from moe2.agents.expert.backends.chat_tokenizer import (
+    ChatTokenizer,
+    TokenizedBackend,
+    reference_directory,
+    scored_targets,
+)
 from moe2.agents.expert.backends.logits import teacher_forced, top_k_of
 from moe2.agents.expert.backends.onnx_export import Precision, exported
 from moe2.agents.expert.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
-from moe2.runtime.wire import ChatMessage
 
 log = structlog.get_logger("moe2.backend")
 
@@ -45,7 +49,7 @@ class _Session:
     past: Past
 
 
-class OnnxBackend:
+class OnnxBackend(TokenizedBackend):
     """An ONNX Runtime session over an exported model; implements ``Backend``."""
 
     def __init__(
@@ -69,6 +73,10 @@ class OnnxBackend:
         shape = self._session.get_inputs()[4].shape  # past.0.key: (1, heads, held, head_dim)
         self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)
         self._sessions: dict[str, _Session] = {}
+        # Dynamic int8 quantises each call's activations with one scale, and the first
+        # position's are far larger than the rest (an attention sink): computed with the others,
+        # it would cost them their precision.
+        self._first_alone = precision == "int8-dynamic"
         self._info = BackendInfo(
             model=name,
             tokenizer=tokenizer.identity,
@@ -79,31 +87,10 @@ class OnnxBackend:
             quantisation=precision,
         )
 
-    @property
-    def info(self) -> BackendInfo:
-        return self._info
-
-    @property
-    def token_bytes(self) -> Sequence[bytes]:
-        return self._tokenizer.token_bytes
-
-    @property
-    def sessions(self) -> int:
-        return len(self._sessions)
-
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self._tokenizer.encode_chat(messages)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def encode_answer(self, text: str) -> list[int]:
-        return self._tokenizer.encode_answer(text)
-
     def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
         if not ids:
             return None
-        _, past = self._forward([int(i) for i in ids], self._empty_past(), last_only=True)
+        _, past = self._prefill([int(i) for i in ids], None)
         return PrefixCache(ids=tuple(int(i) for i in ids), state=past)
 
     def prefill(
@@ -126,9 +113,7 @@ class OnnxBackend:
         top_k: int,
         prefix: PrefixCache | None = None,
     ) -> list[TargetLogprobs]:
-        targets = [[int(i) for i in t] for t in targets_ids]
-        if not all(targets):
-            raise Moe2Error(ErrorCode.INVALID_FIELD, "every target needs at least one token")
+        targets = scored_targets(targets_ids)
         k = min(top_k, self._info.vocab_size)
         logits, past = self._prefill([int(i) for i in prompt_ids], prefix)
         scored = []
@@ -173,6 +158,9 @@ class OnnxBackend:
             raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no tokens")
         shared = 0 if prefix is None else min(common_prefix(ids, prefix.ids), len(ids) - 1)
         if prefix is None or not shared:
+            if self._first_alone and len(ids) > 1:  # see ``_first_alone``
+                _, past = self._forward(ids[:1], self._empty_past(), last_only=True)
+                return self._forward(ids[1:], past, last_only=True)
             return self._forward(ids, self._empty_past(), last_only=True)
         state: Past = prefix.state  # type: ignore[assignment]  # this backend's own PrefixCache
         return self._forward(ids[shared:], [a[:, :, :shared] for a in state], last_only=True)

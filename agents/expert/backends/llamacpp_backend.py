@@ -1,0 +1,238 @@
+"""The llama.cpp backend: a GGUF file run as it is, with llama.cpp's own quantised kernels.
+
+Sessions are llama.cpp *sequences* of one context. The context holds one KV cache of ``cells``
+positions shared by up to ``slots`` sequences (``kv_unified``); each session owns one sequence
+id while it lives, so its cache stays where it is between steps and nothing is copied when the
+expert switches from one session to another. ``save_state``/``load_state`` would copy a
+session's whole cache in and out at every switch (and the high-level ``Llama`` keeps a
+vocab-wide score row per position with ``logits_all``), and a ``Llama`` per session would
+hold a context, its buffers and a full-size cache per session. A rewrite removes the tail of
+its sequence (``llama_memory_seq_rm``); a prefix (``keep_prefix``) is a sequence of its own that
+prompts start from by ``llama_memory_seq_cp``, which shares the cells rather than copying
+them. Logits are asked for per token: the last position of a step, every position of a
+scored target. Tokenising is the reference's (``chat_tokenizer``), so ids and the tokenizer
+identity equal the transformers backend's. Install: ``pip install 'moe2[llamacpp]'`` (builds
+llama.cpp from source: about 9-14 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from typing import Any, Final
+
+import llama_cpp
+import numpy as np
+import numpy.typing as npt
+import structlog
+from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
+
+from moe2.agents.expert.backends.base import (
+    BackendInfo,
+    PrefixCache,
+    TargetLogprobs,
+    TopK,
+    common_prefix,
+)
+from moe2.agents.expert.backends.chat_tokenizer import (
+    ChatTokenizer,
+    TokenizedBackend,
+    reference_directory,
+    scored_targets,
+)
+from moe2.agents.expert.backends.logits import teacher_forced, top_k_of
+from moe2.agents.expert.models import ModelSource, quantisation
+from moe2.runtime.errors import ErrorCode, Moe2Error
+
+log = structlog.get_logger("moe2.backend")
+
+NAME: Final = "llama.cpp"
+SLOTS: Final = 34  # sequences: the expert's 32 sessions, one for scoring, one for a prefix
+CELLS: Final = 16384  # KV positions shared by all sequences (SmolLM2: 23 KB each in f16)
+BATCH: Final = 512  # tokens per llama_decode call
+
+
+class LlamaCppBackend(TokenizedBackend):
+    """One llama.cpp model and context, a sequence per session; implements ``Backend``."""
+
+    def __init__(
+        self, source: ModelSource, tokenizer: ChatTokenizer, *, threads: int | None = None
+    ) -> None:
+        model_params = llama_cpp.llama_model_default_params()
+        self._model = LlamaModel(path_model=str(source.path), params=model_params, verbose=False)
+        self._context = LlamaContext(
+            model=self._model, params=_context_params(threads), verbose=False
+        )
+        self._batch = LlamaBatch(n_tokens=BATCH, embd=0, n_seq_max=1, verbose=False)
+        self._vocab = self._model.n_vocab()
+        if self._vocab != tokenizer.vocab_size:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"{source.path}: llama.cpp has {self._vocab} logits, the tokenizer "
+                f"{tokenizer.vocab_size}",
+            )
+        self._tokenizer = tokenizer
+        self._free = list(range(SLOTS - 1, -1, -1))  # sequence ids not in use, popped from the end
+        self._sessions: dict[str, tuple[int, list[int]]] = {}  # session -> (sequence, ids held)
+        self._info = BackendInfo(
+            model=source.name,
+            tokenizer=tokenizer.identity,
+            backend=NAME,
+            vocab_size=self._vocab,
+            eos_ids=tokenizer.eos_ids,
+            max_context=tokenizer.max_context,
+            quantisation=quantisation(source),
+        )
+
+    def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
+        if not ids:
+            return None
+        held = [int(i) for i in ids]
+        sequence = self._take()  # kept for the life of the backend: nothing else writes to it
+        self._feed(sequence, held, 0, every=False)
+        return PrefixCache(ids=tuple(held), state=sequence)
+
+    def prefill(
+        self, session: str, prompt_ids: Sequence[int], top_k: int, prefix: PrefixCache | None = None
+    ) -> TopK:
+        self.release(session)
+        ids = [int(i) for i in prompt_ids]
+        sequence = self._take()
+        try:
+            logits = self._start(sequence, ids, prefix)
+        except BaseException:
+            self._give_back(sequence)
+            raise
+        self._sessions[session] = (sequence, ids)
+        return top_k_of(logits, top_k)
+
+    def score(
+        self,
+        prompt_ids: Sequence[int],
+        targets_ids: Sequence[Sequence[int]],
+        top_k: int,
+        prefix: PrefixCache | None = None,
+    ) -> list[TargetLogprobs]:
+        targets = scored_targets(targets_ids)
+        k, prompt = min(top_k, self._vocab), [int(i) for i in prompt_ids]
+        sequence = self._take()
+        try:
+            last = self._start(sequence, prompt, prefix)
+            return [self._score_one(sequence, len(prompt), last, t, k) for t in targets]
+        finally:
+            self._give_back(sequence)
+
+    def decode(self, session: str, token: int, top_k: int) -> TopK:
+        sequence, held = self._held(session)
+        logits = self._feed(sequence, [int(token)], len(held), every=False)
+        held.append(int(token))
+        return top_k_of(logits[-1], top_k)
+
+    def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
+        sequence, held = self._held(session)
+        new = [int(i) for i in ids]
+        keep = min(common_prefix(held, new), len(new) - 1)
+        self._context.kv_cache_seq_rm(sequence, keep, -1)
+        self._sessions[session] = (sequence, new)
+        logits = self._feed(sequence, new[keep:], keep, every=False)
+        return top_k_of(logits[-1], top_k)
+
+    def release(self, session: str) -> None:
+        entry = self._sessions.pop(session, None)
+        if entry is not None:
+            self._give_back(entry[0])
+
+    def _held(self, session: str) -> tuple[int, list[int]]:
+        entry = self._sessions.get(session)
+        if entry is None:
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        return entry
+
+    def _take(self) -> int:
+        if not self._free:
+            raise Moe2Error(ErrorCode.BUSY, f"all {SLOTS} llama.cpp sequences are in use")
+        return self._free.pop()
+
+    def _give_back(self, sequence: int) -> None:
+        self._context.kv_cache_seq_rm(sequence, 0, -1)
+        self._free.append(sequence)
+
+    def _start(self, sequence: int, ids: list[int], prefix: PrefixCache | None) -> Any:
+        """Fill the empty ``sequence`` with ``ids`` (from ``prefix``'s head): the last logits."""
+        if not ids:
+            raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no tokens")
+        shared = 0 if prefix is None else min(common_prefix(ids, prefix.ids), len(ids) - 1)
+        if prefix is not None and shared:
+            self._context.kv_cache_seq_cp(int(prefix.state), sequence, 0, shared)  # type: ignore[call-overload]  # this backend's own state: a sequence id
+        return self._feed(sequence, ids[shared:], shared, every=False)[-1]
+
+    def _score_one(
+        self, sequence: int, prompt: int, last: Any, target: list[int], k: int
+    ) -> TargetLogprobs:
+        following = self._feed(sequence, target[:-1], prompt, every=True) if target[1:] else None
+        self._context.kv_cache_seq_rm(sequence, prompt, -1)  # back to the prompt alone
+        rows = following if following is not None else np.zeros((0, self._vocab), np.float32)
+        return teacher_forced(last, rows, target, k)
+
+    def _feed(
+        self, sequence: int, ids: list[int], start: int, *, every: bool
+    ) -> npt.NDArray[np.float32]:
+        """Decode ``ids`` at positions ``start``… of ``sequence``: the logits of each position
+        (``every``) or of the last one, (N, V)."""
+        rows: list[npt.NDArray[np.float32]] = []
+        for at in range(0, len(ids), BATCH):
+            chunk = ids[at : at + BATCH]
+            self._fill_batch(sequence, chunk, start + at, every)
+            self._context.decode(self._batch)
+            wanted = range(len(chunk)) if every else range(len(chunk) - 1, len(chunk))
+            if every or at + BATCH >= len(ids):
+                rows += [self._logits(i) for i in wanted]
+        return np.stack(rows)
+
+    def _fill_batch(self, sequence: int, ids: list[int], start: int, every: bool) -> None:
+        batch = self._batch.batch
+        batch.n_tokens = len(ids)
+        for i, token in enumerate(ids):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.seq_id[i][0] = sequence
+            batch.n_seq_id[i] = 1
+            batch.logits[i] = every or i == len(ids) - 1
+
+    def _logits(self, index: int) -> npt.NDArray[np.float32]:
+        pointer = self._context.get_logits_ith(index)
+        row = np.ctypeslib.as_array(
+            ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)), (self._vocab,)
+        )
+        return row.copy()
+
+
+def _context_params(threads: int | None) -> Any:
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = CELLS
+    params.n_batch = BATCH
+    params.n_ubatch = BATCH
+    params.n_seq_max = SLOTS
+    params.kv_unified = True  # one pool of cells for all sessions, whatever their lengths
+    params.swa_full = True  # sliding-window layers keep every position, so a tail can be cut
+    params.n_threads = params.n_threads_batch = threads or os.cpu_count() or 1
+    return params
+
+
+def load_llamacpp(source: ModelSource, *, threads: int | None = None) -> LlamaCppBackend:
+    """Load the GGUF file of ``source`` into llama.cpp (a model directory is refused)."""
+    if source.format != "gguf":
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "the llama.cpp backend serves GGUF files only")
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    tokenizer = ChatTokenizer(reference_directory(source), source.name)
+    backend = LlamaCppBackend(source, tokenizer, threads=threads)
+    log.info("llamacpp_loaded", model=source.name, quantisation=backend.info.quantisation)
+    return backend
+
+
+def _ignore(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's own log lines (model metadata, buffer sizes) would flood the expert's stderr."""
+
+
+_QUIET: Final = llama_cpp.llama_log_callback(_ignore)  # kept alive: C holds the pointer

@@ -1,0 +1,115 @@
+"""bench/backends: what one decode step costs on each installed backend, against transformers.
+
+Every installed backend (transformers, ONNX Runtime float32 and dynamic int8, llama.cpp) serves
+SmolLM2-135M-Instruct with one thread. The backends take turns step by step (one decode each,
+then the next step), so a noisy machine slows them alike; the ratio to transformers' time in the
+same run is the figure to read. Each backend decodes its own greedy chain (top-32 slices, as an
+expert serves them); a prefill of each prompt is timed too, per prompt token.
+
+    python bench/backends.py [--steps 64] [--threads 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from typing import Any
+
+from _common import Latency, machine, markdown_table, quiet_logs
+
+from moe2.agents.expert.backends import Backend, load_backend
+from moe2.agents.expert.models import resolve_model
+from moe2.runtime.wire import ChatMessage
+
+TOP_K = 32
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Why is the sky blue?",
+    "Name three colours of the rainbow.",
+]
+LIBRARIES = {"transformers": "torch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime"}
+LIBRARIES["llamacpp"] = "llama_cpp"
+
+
+def installed() -> list[str]:
+    return [name for name, lib in LIBRARIES.items() if importlib.util.find_spec(lib) is not None]
+
+
+def measure(backends: dict[str, Backend], steps: int) -> dict[str, dict[str, list[float]]]:
+    """Per backend: decode and prefill-per-token times (ms), the backends taking turns."""
+    ms: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in backends}
+    for question in PROMPTS:
+        prompt = next(iter(backends.values())).encode_chat([ChatMessage("user", question)])
+        last: dict[str, int] = {}
+        for name, backend in backends.items():
+            start = time.perf_counter()
+            last[name] = int(backend.prefill("bench", prompt, TOP_K).ids[0])
+            ms[name]["prefill"].append((time.perf_counter() - start) * 1e3 / len(prompt))
+        for _ in range(steps):
+            for name, backend in backends.items():
+                start = time.perf_counter()
+                last[name] = int(backend.decode("bench", last[name], TOP_K).ids[0])
+                ms[name]["decode"].append((time.perf_counter() - start) * 1e3)
+        for backend in backends.values():
+            backend.release("bench")
+    return ms
+
+
+def report(backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]) -> str:
+    base = Latency.of(ms["transformers"]["decode"]).p50_ms
+    base_prefill = Latency.of(ms["transformers"]["prefill"]).p50_ms
+    header = [
+        "backend",
+        "quantisation",
+        "decode p50 ms",
+        "decode mean ms",
+        "× transformers (p50)",
+        "prefill ms/token p50",
+        "× transformers",
+    ]
+    rows = []
+    for name, backend in backends.items():
+        decode, prefill = Latency.of(ms[name]["decode"]), Latency.of(ms[name]["prefill"])
+        rows.append(
+            [
+                f"{name} ({backend.info.backend})",
+                backend.info.quantisation,
+                f"{decode.p50_ms:.1f}",
+                f"{decode.mean_ms:.1f}",
+                f"{decode.p50_ms / base:.2f}",
+                f"{prefill.p50_ms:.2f}",
+                f"{prefill.p50_ms / base_prefill:.2f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=64, help="decode steps per prompt")
+    parser.add_argument("--threads", type=int, default=1, help="threads per backend")
+    parser.add_argument("--json", help="also write the samples and the machine here")
+    args = parser.parse_args(argv)
+    quiet_logs()
+    source = resolve_model()
+    names = installed()
+    if "transformers" not in names:
+        print("transformers (torch) is not installed: nothing to compare with", file=sys.stderr)
+        return 1
+    backends = {name: load_backend(name, source, threads=args.threads) for name in names}
+    ms = measure(backends, args.steps)
+    print(report(backends, ms))
+    print(f"\n{args.steps} steps x {len(PROMPTS)} prompts, {args.threads} thread(s); {machine()}")
+    if args.json:
+        out: dict[str, Any] = {"samples_ms": ms, "machine": machine(), "args": vars(args)}
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
