@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Final
 
@@ -208,16 +208,18 @@ def summary_line(view: PoolView, now: float) -> str:
     held = sum(seen.heartbeat.sessions for seen in view.experts.values() if seen.live(now))
     window = view.window(now)
     return (
-        f"{live} of {len(view.experts)} experts live · {held} sessions held by experts · "
-        f"{view.recent_sessions()} sessions and {view.tokens_per_s(now):.1f} tokens/s "
-        f"in the last {window:.0f} s"
+        f"{live} of {len(view.experts)} experts live · sessions held by experts: {held} · "
+        f"in the last {window:.0f} s: {view.recent_sessions()} sessions, "
+        f"{view.tokens_per_s(now):.1f} tokens/s"
     )
 
 
 async def watch_pool(nc: NATS, subjects: Subjects, view: PoolView) -> None:
     """Feed ``view`` from the bus (four subscriptions, callbacks only) until cancelled."""
 
-    def listener(take: Callable[[wire.Message, float], None]) -> Callable[[Msg], object]:
+    def listener(
+        take: Callable[[wire.Message, float], None],
+    ) -> Callable[[Msg], Awaitable[None]]:
         async def on_message(msg: Msg) -> None:
             try:
                 message = wire.decode(msg.data)
