@@ -16,6 +16,7 @@ import importlib.util
 import json
 import sys
 import time
+import warnings
 from typing import Any
 
 from _common import Latency, machine, markdown_table, quiet_logs
@@ -76,7 +77,7 @@ def report(backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]) 
         decode, prefill = Latency.of(ms[name]["decode"]), Latency.of(ms[name]["prefill"])
         rows.append(
             [
-                f"{name} ({backend.info.backend})",
+                name,
                 backend.info.quantisation,
                 f"{decode.p50_ms:.1f}",
                 f"{decode.mean_ms:.1f}",
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the samples and the machine here")
     args = parser.parse_args(argv)
     quiet_logs()
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers, every step
     source = resolve_model()
     names = installed()
     if "transformers" not in names:
