@@ -7,6 +7,7 @@ should move is compared before and after."""
 
 from __future__ import annotations
 
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Pool:
     expert: str  # http://host:port/metrics of each
     fusion: str
     gateway: str
+    gateway_own: str  # the same registry on a port of its own (--metrics-port)
     api: str  # the gateway's /v1
     energy_source: str
     nats_url: str
@@ -67,12 +69,16 @@ async def pool(nats_url: str, smollm2: TransformersBackend) -> AsyncIterator[Poo
             with anyio.fail_after(5):  # SMO runs again within 0.2 s of the join
                 while fusion.selector.select(["e0"]) != ["e0"]:  # noqa: ASYNC110  # no event for it
                     await anyio.sleep(0.05)
-            settings = GatewaySettings(nats_url=nats_url, port=0, prefixes=(PREFIX,))
+            own = free_port()
+            settings = GatewaySettings(
+                nats_url=nats_url, port=0, prefixes=(PREFIX,), metrics_port=own
+            )
             port = await tg.start(serve_gateway, settings)
             yield Pool(
                 expert=f"http://127.0.0.1:{expert.metrics_port}/metrics",
                 fusion=f"http://127.0.0.1:{fusion.metrics_port}/metrics",
                 gateway=f"http://127.0.0.1:{port}/metrics",
+                gateway_own=f"http://127.0.0.1:{own}/metrics",
                 api=f"http://127.0.0.1:{port}/v1",
                 energy_source=expert.meter.source,
                 nats_url=nats_url,
@@ -80,6 +86,12 @@ async def pool(nats_url: str, smollm2: TransformersBackend) -> AsyncIterator[Poo
             tg.cancel_scope.cancel()
     finally:
         await close_nats(nc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Scrape:
@@ -193,8 +205,10 @@ async def test_refusals_are_counted_by_endpoint_and_code(pool: Pool) -> None:
         with pytest.raises(openai.BadRequestError):
             await api.chat.completions.create(model=PREFIX, messages=[], max_tokens=-1)
     gateway = await scrape(pool.gateway)
+    own_port = await scrape(pool.gateway_own)
     errors = {"endpoint": "step", "code": "unknown_session"}
     assert expert.value("moe2_endpoint_errors_total", **errors) == 1
     assert expert.value("moe2_endpoint_requests_total", endpoint="step") == 1
     route = {"route": "/v1/chat/completions", "status": "400"}
     assert gateway.value("moe2_gateway_requests_total", **route) == 1
+    assert own_port.value("moe2_gateway_requests_total", **route) == 1
