@@ -22,6 +22,7 @@ from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.expert.models import resolve_model
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
+from tests.test_expert import expert_on_bus, greedy_alone, greedy_over_bus
 
 pytestmark = pytest.mark.model
 
@@ -300,3 +301,16 @@ def follow_first_two(backend: Backend, prompt: list[int]) -> list[int]:
     second = backend.decode("check", int(first.ids[0]), K)
     backend.release("check")
     return second.ids.tolist()
+
+
+@pytest.mark.anyio
+async def test_an_expert_on_the_bus_names_its_backend_and_serves_it(
+    name: str, backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url) as bus:
+        beat = await bus.heartbeat()
+        tokens = await greedy_over_bus(bus, "over-the-bus", 8)
+    expected = TOLERANCES[name]
+    assert (beat.backend, beat.quantisation) == (expected.backend, expected.quantisation)
+    assert beat.tokenizer == backend.info.tokenizer
+    assert tokens == greedy_alone(backend, 8)
