@@ -82,6 +82,7 @@ def _write_atomically(target: Path, write: Callable[[Path], None], marker: dict[
     try:
         write(tmp / MODEL_FILE)
         (tmp / MARKER).write_text(json.dumps(marker))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide it from other users of the cache
         tmp.rename(target)  # atomic; fails if another process got there first, which is fine
         log.info("onnx_cache_written", path=str(target))
     except OSError as exc:
