@@ -158,8 +158,8 @@ def test_a_cut_or_foreign_gguf_header_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_an_unknown_backend_is_refused() -> None:
-    with pytest.raises(Moe2Error, match="unknown backend 'onnx'"):
-        load_backend("onnx", resolve_model())
+    with pytest.raises(Moe2Error, match="unknown backend 'tensorrt'; known: transformers, onnx"):
+        load_backend("tensorrt", resolve_model())
 
 
 # --- the real model --------------------------------------------------------------------------
