@@ -184,7 +184,10 @@ class LlamaCppBackend(TokenizedBackend):
         for at in range(0, len(ids), BATCH):
             chunk = ids[at : at + BATCH]
             self._fill_batch(sequence, chunk, start + at, every)
-            self._context.decode(self._batch)
+            try:
+                self._context.decode(self._batch)
+            except RuntimeError as exc:  # llama_decode's 1: no free cells for this batch
+                raise Moe2Error(ErrorCode.BUSY, f"llama.cpp's {CELLS} KV cells: {exc}") from None
             wanted = range(len(chunk)) if every else range(len(chunk) - 1, len(chunk))
             if every or at + BATCH >= len(ids):
                 rows += [self._logits(i) for i in wanted]
