@@ -68,9 +68,9 @@ class OnnxBackend(TokenizedBackend):
         providers = [p for p in ort.get_available_providers() if p in _PREFERRED]
         self._session = ort.InferenceSession(str(model_file), options, providers=providers)
         self._tokenizer = tokenizer
-        self._layers = sum(1 for i in self._session.get_inputs() if i.name.startswith("past."))
-        self._layers //= 2
-        shape = self._session.get_inputs()[4].shape  # past.0.key: (1, heads, held, head_dim)
+        inputs = {i.name: i.shape for i in self._session.get_inputs()}
+        self._layers = sum(1 for name in inputs if name.startswith("past.")) // 2
+        shape = inputs["past.0.key"]  # (1, heads, held, head_dim)
         self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)
         self._sessions: dict[str, _Session] = {}
         # Dynamic int8 quantises each call's activations with one scale, and the first
