@@ -4,7 +4,9 @@ Every installed backend (transformers, ONNX Runtime float32 and dynamic int8, ll
 SmolLM2-135M-Instruct with one thread. The backends take turns step by step (one decode each,
 then the next step), so a noisy machine slows them alike; the ratio to transformers' time in the
 same run is the figure to read. Each backend decodes its own greedy chain (top-32 slices, as an
-expert serves them); a prefill of each prompt is timed too, per prompt token.
+expert serves them); a prefill of each prompt is timed too, per prompt token. Beside each backend,
+its library driven directly (``raw_decode``: one token in, the argmax out, no sessions, no
+top-k) is timed at the same steps: the backend's own overhead is the ratio to it.
 
     python bench/backends.py [--steps 64] [--threads 1] [--json out.json]
 """
@@ -20,6 +22,7 @@ import warnings
 from typing import Any
 
 from _common import Latency, machine, markdown_table, quiet_logs
+from raw_decode import RawLoop, raw_loop
 
 from moe2.agents.expert.backends import Backend, load_backend
 from moe2.agents.expert.models import resolve_model
@@ -40,12 +43,17 @@ def installed() -> list[str]:
     return [name for name, lib in LIBRARIES.items() if importlib.util.find_spec(lib) is not None]
 
 
-def measure(backends: dict[str, Backend], steps: int) -> dict[str, dict[str, list[float]]]:
-    """Per backend: decode and prefill-per-token times (ms), the backends taking turns."""
-    ms: dict[str, dict[str, list[float]]] = {n: {"decode": [], "prefill": []} for n in backends}
+def measure(
+    backends: dict[str, Backend], raws: dict[str, RawLoop], steps: int
+) -> dict[str, dict[str, list[float]]]:
+    """Per backend: decode and prefill-per-token times (ms), and its raw library loop's decode
+    times; the backends and the loops taking turns at every step."""
+    kinds = ("decode", "prefill", "raw")
+    ms: dict[str, dict[str, list[float]]] = {n: {k: [] for k in kinds} for n in backends}
     for question in PROMPTS:
         prompt = next(iter(backends.values())).encode_chat([ChatMessage("user", question)])
         last: dict[str, int] = {}
+        raw_last = {name: raw.start(prompt) for name, raw in raws.items()}
         for name, backend in backends.items():
             start = time.perf_counter()
             last[name] = int(backend.prefill("bench", prompt, TOP_K).ids[0])
@@ -55,6 +63,9 @@ def measure(backends: dict[str, Backend], steps: int) -> dict[str, dict[str, lis
                 start = time.perf_counter()
                 last[name] = int(backend.decode("bench", last[name], TOP_K).ids[0])
                 ms[name]["decode"].append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                raw_last[name] = raws[name].step(raw_last[name])
+                ms[name]["raw"].append((time.perf_counter() - start) * 1e3)
         for backend in backends.values():
             backend.release("bench")
     return ms
@@ -69,12 +80,15 @@ def report(backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]) 
         "decode p50 ms",
         "decode mean ms",
         "× transformers (p50)",
+        "raw library loop p50 ms",
+        "× raw loop (p50)",
         "prefill ms/token p50",
         "× transformers",
     ]
     rows = []
     for name, backend in backends.items():
         decode, prefill = Latency.of(ms[name]["decode"]), Latency.of(ms[name]["prefill"])
+        raw = Latency.of(ms[name]["raw"])
         rows.append(
             [
                 name,
@@ -82,6 +96,8 @@ def report(backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]) 
                 f"{decode.p50_ms:.1f}",
                 f"{decode.mean_ms:.1f}",
                 f"{decode.p50_ms / base:.2f}",
+                f"{raw.p50_ms:.1f}",
+                f"{decode.p50_ms / raw.p50_ms:.2f}",
                 f"{prefill.p50_ms:.2f}",
                 f"{prefill.p50_ms / base_prefill:.2f}",
             ]
@@ -103,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print("transformers (torch) is not installed: nothing to compare with", file=sys.stderr)
         return 1
     backends = {name: load_backend(name, source, threads=args.threads) for name in names}
-    ms = measure(backends, args.steps)
+    raws = {name: raw_loop(name, source, args.threads) for name in names}
+    ms = measure(backends, raws, args.steps)
     print(report(backends, ms))
     print(f"\n{args.steps} steps x {len(PROMPTS)} prompts, {args.threads} thread(s); {machine()}")
     if args.json:
