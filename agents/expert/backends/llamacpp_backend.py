@@ -75,6 +75,7 @@ class LlamaCppBackend(TokenizedBackend):
         self._tokenizer = tokenizer
         self._free = list(range(SLOTS - 1, -1, -1))  # sequence ids not in use, popped from the end
         self._sessions: dict[str, tuple[int, list[int]]] = {}  # session -> (sequence, ids held)
+        self._prefixes: dict[tuple[int, ...], PrefixCache] = {}
         self._info = BackendInfo(
             model=source.name,
             tokenizer=tokenizer.identity,
@@ -88,10 +89,12 @@ class LlamaCppBackend(TokenizedBackend):
     def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
         if not ids:
             return None
-        held = [int(i) for i in ids]
-        sequence = self._take()  # kept for the life of the backend: nothing else writes to it
-        self._feed(sequence, held, 0, every=False)
-        return PrefixCache(ids=tuple(held), state=sequence)
+        held = tuple(int(i) for i in ids)
+        if held not in self._prefixes:  # the same head asked again: the same sequence
+            sequence = self._take()  # kept for the life of the backend: nothing writes to it
+            self._feed(sequence, list(held), 0, every=False)
+            self._prefixes[held] = PrefixCache(ids=held, state=sequence)
+        return self._prefixes[held]
 
     def prefill(
         self, session: str, prompt_ids: Sequence[int], top_k: int, prefix: PrefixCache | None = None
