@@ -269,3 +269,40 @@ def test_moe2_eval_on_a_separate_test_store_of_the_same_experts(
     other = synthetic_store(tmp_path / "other", synthetic_examples(47)[40:], EXPERTS[:2])
     refused = runner.invoke(app, ["eval", "--pool", str(pool), "--outputs", str(other)])
     assert refused.exit_code == 1 and "same experts" in refused.stderr
+
+
+@pytest.mark.model
+def test_moe2_eval_gives_all_five_parts_on_the_shipped_pool(tmp_path: Path) -> None:
+    """The shipped pool as a fresh clone has it: its real outputs, gate and recorded sessions,
+    one data file's held-out questions; Fig. 3, the grid, the cost side for every S the grid
+    chose, Theorem 1 and the timings."""
+    from moe2.cli import app
+
+    out = tmp_path / "r"
+    args = ["eval", "--source", "arc_challenge/dev", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["by_source"]) == {"arc_challenge/dev"}
+    assert (
+        report["examples"].split(" ")[0].isdigit()
+        and "arc_challenge/dev only" in (report["examples"])
+    )
+    methods = [r["method"] for r in report["rows"]]
+    assert any(m.startswith("MoE²") for m in methods) and any(
+        m.startswith("oracle") for m in methods
+    )
+    assert len(report["grid"]) == 16
+    chosen = {tuple(sorted(c["subset"])) for c in report["grid"] if c["subset"]}
+    measured = {tuple(c["experts"]): c for c in report["costs"]}
+    assert chosen <= set(measured)  # the pool ships sessions for every S its grid chooses
+    for subset in chosen:
+        got = measured[subset]
+        assert got["sessions"] == 8 and got["tokens"] >= 8  # the shipped eight sessions of S
+        assert got["measured_delay_s_per_token"] > got["measured_compute_s_per_token"] > 0
+        assert abs(got["delay_relative_error"]) < 1.0  # the model is within a factor of two
+    assert {tuple(sorted(r["subset"])) for r in report["theorem1"]} == chosen
+    for part in ("Fig. 3", "the budget grid", "the cost side", "Theorem 1"):
+        assert part in report["seconds"]
+    for png in ("fig3.png", "grid.png", "costs.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
