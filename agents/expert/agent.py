@@ -51,11 +51,13 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
+import msgspec
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
+from moe2.agents.discovery import EXPERT_SERVICE, Served, micro_service
 from moe2.agents.expert.answer_tokens import AnswerTokenizer
 from moe2.agents.expert.backends import Backend, PrefixCache, TopK, load_backend
 from moe2.agents.expert.backends.base import common_prefix
@@ -226,6 +228,8 @@ class ExpertAgent:
                 await tg.start(endpoint.serve)
             await self._heartbeat()
             tg.start_soon(self._heartbeat_loop)
+            if self.config.discovery:
+                await tg.start(self._discoverable)
             self._log.info(
                 "expert_ready",
                 model=self.model_label,
@@ -236,6 +240,31 @@ class ExpertAgent:
                 prefill_s_per_token=self.stats.prefill_s_per_token,
             )
             task_status.started()
+
+    async def _discoverable(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Registered on ``$SRV`` as ``moe2-expert`` until cancelled (docs/discovery.md)."""
+        served = [Served(e.stats, e.queue) for e in self.endpoints]
+        about = "moe2 expert: top-k slices of one model"
+        async with micro_service(self._nc, EXPERT_SERVICE, about, self.describe, lambda: served):
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def describe(self) -> dict[str, object]:
+        """``$SRV`` metadata: what the heartbeats announce, the device profile as JSON."""
+        info, config = self.info, self.config
+        return {
+            "expert": config.expert_id,
+            "model": self.model_label,
+            "adapter": str(config.adapter) if config.adapter is not None else "",
+            "backend": info.backend,
+            "quantisation": info.quantisation,
+            "tokenizer": info.tokenizer,
+            "device": config.declared.name,
+            "device_profile": msgspec.structs.asdict(self._device()),
+            "energy_source": self.meter.source,
+            "prefix": config.prefix,
+            "sessions": len(self._sessions),
+        }
 
     def _prepare_context(self) -> None:
         """Worker thread: check that the context fits, and keep its KV cache if configured."""

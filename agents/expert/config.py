@@ -93,6 +93,7 @@ class ExpertConfig:
     warmup: bool = True
     remeasure_idle_s: float | None = 30.0  # idle this long: warm up again (None: never)
     metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
+    discovery: bool = True  # $SRV.PING/INFO/STATS as the micro service moe2-expert
     declared: DeclaredDevice = field(init=False, repr=False, compare=False)  # ``device``, checked
 
     def __post_init__(self) -> None:

@@ -12,6 +12,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
+from moe2.agents.agent_protocol import agent_protocol_service
+from moe2.agents.discovery import FUSION_SERVICE, Served, as_metadata, micro_service
 from moe2.agents.fusion.config import FusionConfig
 from moe2.agents.fusion.membership import Membership, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
@@ -98,8 +100,63 @@ class FusionAgent:
                 )
                 await tg.start(reselector.run)
             await tg.start(self.prompt_endpoint.serve)
+            if self.config.discovery:
+                await tg.start(self._discoverable)
             log.info("fusion_ready", prompt=self.subjects.prompt)
             task_status.started()
+
+    async def _discoverable(self, *, task_status: TaskStatus[None]) -> None:
+        """Registered on ``$SRV`` and as a protocol agent until cancelled (docs/discovery.md)."""
+        config = self.config
+        async with (
+            micro_service(
+                self.nc, FUSION_SERVICE, "moe2 fusion agent", self.describe, self.served_endpoints
+            ),
+            agent_protocol_service(
+                self.nc,
+                prefix=config.prefix,
+                owner=config.agent_owner,
+                session_name=config.prefix,
+                metadata=as_metadata(self.settings()),
+                max_concurrent=config.max_sessions,
+                max_tokens=config.agent_max_tokens,
+                timeout_s=config.prefill_deadline_s + 60,
+            ),
+        ):
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def settings(self) -> dict[str, object]:
+        """What this agent is set to do: the prefix, gate, k and selection."""
+        config = self.config
+        return {
+            "prefix": config.prefix,
+            "gate": config.gate or "uniform",
+            "k": config.experts_per_prompt or "all",
+            "slice_k": config.slice_k,
+            "selection": "smo" if config.selects else "all-live",
+            "tau_s": config.tau_s,
+            "energy_j": config.energy_j,
+            "fusion_path": config.fusion_path,
+            "step_deadline_s": config.step_deadline_s,
+            "max_sessions": config.max_sessions,
+        }
+
+    def describe(self) -> dict[str, object]:
+        """``$SRV`` metadata: the settings, this agent's id and what it serves now."""
+        live = len(self.membership.live(time.monotonic()))
+        return {
+            **self.settings(),
+            "agent": self.agent_id,
+            "experts": live,
+            "sessions": self.sessions,
+        }
+
+    def served_endpoints(self) -> list[Served]:
+        return [
+            Served(s, FUSION_QUEUE if s is self.prompt_endpoint.stats else "")
+            for s in self.endpoint_stats()
+        ]
 
     async def _on_heartbeat(self, request: Request[wire.Heartbeat]) -> None:
         hb = request.message

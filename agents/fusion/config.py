@@ -40,6 +40,11 @@ class FusionConfig:
     # one tokenizer, else by bytes; "bytes" always by bytes; "ids" only experts of one tokenizer
     fusion_path: str = "auto"
     metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
+    # $SRV.PING/INFO/STATS as the micro service moe2-fusion, and an agent of the Synadia Agent
+    # Protocol (agents.prompt.moe2.<agent_owner>.<prefix>) answering agent_max_tokens at most
+    discovery: bool = True
+    agent_owner: str = "moe2"
+    agent_max_tokens: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "profiles", tuple(self.profiles))  # a TOML list is welcome
