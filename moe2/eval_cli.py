@@ -71,7 +71,7 @@ def evaluate(
     import torch
 
     torch.set_num_threads(threads)
-    from moe2.pool import load_pool
+    from moe2.pool import load_pool, shown
     from moe2.selection.experiments import PoolCosts, SessionsPlan, run_fig3
 
     with user_errors():
@@ -84,15 +84,18 @@ def evaluate(
         loaded = load_pool(pool)
         if outputs is None or gate is None:
             loaded.check_artifacts()
-        store = outputs or loaded.outputs
-        artifact = gate or loaded.gate
+        # paths under the working directory are reported relative to it (shipped reports)
+        store = shown(outputs or loaded.outputs)
+        artifact = shown(gate or loaded.gate)
         for what, path in (("outputs", store), ("gate", artifact)):
             if not path.exists():
                 raise Moe2Error(ErrorCode.INVALID_FIELD, f"{what} {path} does not exist")
         # the pool's gate was trained on the pool's outputs; a gate given alone, on --outputs
         trained_on = train_outputs or (loaded.outputs if gate is None else None)
-        costs = PoolCosts(loaded.profiles, loaded.budgets(), loaded.experts_per_prompt, str(pool))
-        plan = SessionsPlan(sessions or loaded.sessions, count=record_sessions)
+        trained_on = None if trained_on is None else shown(trained_on)
+        pool_name = str(shown(pool))
+        costs = PoolCosts(loaded.profiles, loaded.budgets(), loaded.experts_per_prompt, pool_name)
+        plan = SessionsPlan(shown(sessions or loaded.sessions), count=record_sessions)
         if record_sessions:
             from moe2.cost_sessions import record_subsets
 
