@@ -88,9 +88,11 @@ async def stack(
     fusion: dict[str, Any] | None = None,
     expert: dict[str, Any] | None = None,
     with_fusion: bool = True,
-    n_experts: int = 1,
+    more: tuple[TransformersBackend, ...] = (),
 ) -> AsyncIterator[Stack]:
-    """SmolLM2 experts e0, e1… (none without ``backend``), a fusion agent and a gateway."""
+    """SmolLM2 experts e0 (``backend``), e1… (``more``; none without ``backend``), a fusion
+    agent and a gateway. Each expert has its own backend: a backend serves one agent's worker
+    thread at a time, and two agents on one would call it from two threads at once."""
     prefix = next(_prefixes)
     nc = await connect_nats(url, name="test-gateway")
     try:
@@ -101,9 +103,9 @@ async def stack(
                 agent = FusionAgent(nc, FusionConfig(prefix=prefix, **settings))
                 await tg.start(agent.run)
             experts = []
-            for i in range(n_experts if backend is not None else 0):
+            for i, own in enumerate((backend, *more) if backend is not None else ()):
                 cfg = ExpertConfig(f"e{i}", prefix=prefix, warmup=False, **(expert or {}))
-                experts.append(ExpertAgent(nc, backend, cfg))
+                experts.append(ExpertAgent(nc, own, cfg))
                 await tg.start(experts[-1].run)
             if agent is not None:
                 await agent.wait_for_experts(len(experts), limit_s=10)
@@ -337,7 +339,11 @@ async def test_stop_ends_before_the_stop_string_and_a_seed_repeats_a_sampled_ans
 async def test_the_moe2_field_picks_how_many_experts_answer(
     nats_url: str, smollm2: TransformersBackend
 ) -> None:
-    async with stack(nats_url, smollm2, n_experts=2) as s:
+    from moe2.agents.expert.backends.transformers_backend import load_transformers
+    from moe2.agents.expert.models import resolve_model
+
+    second = load_transformers(resolve_model())  # from the conversion cache: seconds
+    async with stack(nats_url, smollm2, more=(second,)) as s:
         with anyio.fail_after(60):
             both = await s.chat(**GREEDY)
             one = await s.chat(extra_body={"moe2": {"experts": 1}}, **GREEDY)
