@@ -141,9 +141,8 @@ def predicted_costs(
                 "record sessions from experts that warm up (the default)",
             )
         app = Application("session", max(prompt_tokens[expert], 1), tokens)
-        steps = cost.step_compute_s(app)
-        per_step.append(steps)
-        energy += cost.compute.power_w * float(steps @ weights)  # eq. 10; no link: no eq. 11
+        per_step.append(cost.step_compute_s(app))
+        energy += cost.energy_j(app, k=0)  # eq. 10-11; a heartbeat's cost has no radio power
     slowest = np.max(np.stack(per_step), axis=0)
     return float(slowest @ weights), energy
 
