@@ -35,7 +35,10 @@ async def bus(
 ) -> AsyncIterator[tuple[moe2.Client, list[FusionAgent]]]:
     """Scripted experts and fusion agents under a fresh prefix; yields a client and the agents."""
     prefix = next(_prefixes)
-    cfg = FusionConfig(prefix=prefix, **{"step_deadline_s": 1.0, **config})  # type: ignore[arg-type]
+    # a loaded CI box can stall the loop past two 0.2 s heartbeats: the experts then count as
+    # gone for a moment, so a prompt waits for them instead of failing with no_experts
+    defaults = {"step_deadline_s": 1.0, "wait_for_experts_s": 3.0 if scripts else 0.0}
+    cfg = FusionConfig(prefix=prefix, **{**defaults, **config})  # type: ignore[arg-type]
     nc = await connect_nats(url, name="test-bus")
     try:
         async with anyio.create_task_group() as tg, moe2.connect(url, prefix=prefix) as client:
