@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+import uuid
 from contextlib import asynccontextmanager
 
 import anyio
@@ -25,6 +26,11 @@ log = structlog.get_logger("moe2.client")
 NO_RESPONDER_RETRIES = 3
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
+
+
+def new_conversation() -> str:
+    """A fresh conversation id (32 hex digits) for ``Client.ask(..., conversation=...)``."""
+    return uuid.uuid4().hex
 
 
 def to_messages(prompt: PromptInput) -> list[wire.ChatMessage]:
@@ -166,9 +172,11 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] = (),
         experts: int | None = None,
+        step_deadline_s: float | None = None,
         timeout: float = 60.0,
     ) -> Answer:
-        """Ask the fusion agents; iterate the result for streamed chunks."""
+        """Ask the fusion agents; iterate the result for streamed chunks. ``step_deadline_s``
+        overrides the agent's per-step deadline for this answer."""
         message = wire.Prompt(
             messages=to_messages(prompt),
             max_tokens=max_tokens,
@@ -177,6 +185,7 @@ class Client:
             seed=seed,
             stop=list(stop),
             experts=experts,
+            step_deadline_s=step_deadline_s,
         )
         return Answer(self, message, timeout)
 

@@ -152,6 +152,7 @@ class Choice:
     token: int  # byte path: the id under which the first slice (session order) listed it
     piece: bytes
     eos: bool
+    dominant: str = ""  # the expert whose weight x probability of the choice was largest
 
 
 class _ContextFull(Exception):
@@ -178,6 +179,7 @@ class Decoding:
         self.outcome = ""  # the finish reason, the error code, or "cancelled"
         self._wait = StepWait(0, started, started + settings.prefill_deadline_s, set())
         self._pending: list[int] = []  # chosen ids whose text has not gone out yet
+        self._pending_dominant: list[str] = []  # per pending id: its dominant expert
         self._chunks = 0
         self._chosen_at = started
         self.log = log.bind(session=plan.session)
@@ -201,6 +203,7 @@ class Decoding:
             messages=p.prompt.messages,
             top_k=self.settings.slice_k,
             max_tokens=p.prompt.max_tokens,
+            conversation=p.prompt.conversation,
         )
         return [ToExpert(e, open_) for e in self.active]
 
@@ -357,6 +360,7 @@ class Decoding:
             self._finish("eos", now, out)
             return
         self._pending.append(choice.token)
+        self._pending_dominant.append(choice.dominant)
         if delta := self.text.push(choice.piece):
             self._chunk(delta, now, out)
         if self.text.stopped:
@@ -390,7 +394,9 @@ class Decoding:
             [self.weight[s.expert] for s in slices],
         )
         at = self.sampler.choose_index(dist)
-        return Choice(dist.tokens[at], dist.candidates[at], dist.is_eos(at))
+        weights = np.array([self.weight[s.expert] for s in slices])
+        dominant = slices[int(np.argmax(weights * dist.values[:, at]))].expert
+        return Choice(dist.tokens[at], dist.candidates[at], dist.is_eos(at), dominant)
 
     def _by_id(self, slices: list[wire.Slice]) -> Choice:
         """Fuse this step's slices (eq. 28-29), sample an id, and take its bytes from the first
@@ -402,22 +408,42 @@ class Decoding:
         )
         at = self.sampler.choose_index(dist)
         token, first = int(dist.ids[at]), int(dist.source[at])
+        dominant = self._dominant_by_id(slices, token)
         for s in slices:
             if first < len(s.pieces):
-                return Choice(token, s.pieces[first], token in self.plan.eos_ids)
+                return Choice(token, s.pieces[first], token in self.plan.eos_ids, dominant)
             first -= len(s.pieces)
         raise AssertionError("a fused id always comes from some slice")
+
+    def _dominant_by_id(self, slices: list[wire.Slice], token: int) -> str:
+        """The expert whose ``w_n f_n(token)`` is largest, an unlisted id valued as in ``fuse``:
+        ``r_n / (V - K_n)``; ties go to the first in session order."""
+        values = []
+        for s in slices:
+            ids = s.ids_array()
+            hit = np.flatnonzero(ids == token)
+            p = (
+                float(np.exp(s.logprobs_array()[hit[0]]))
+                if hit.size
+                else s.rest / max(self.plan.vocab_size - ids.size, 1)
+            )
+            values.append(self.weight[s.expert] * p)
+        return slices[int(np.argmax(values))].expert
 
     # --- endings ----------------------------------------------------------------------------------
 
     def _chunk(self, text: str, now: float, out: list[Action]) -> None:
         self.ttft = self.ttft or now - self.started
         chunk = wire.Chunk(
-            session=self.plan.session, index=self._chunks, text=text, tokens=self._pending
+            session=self.plan.session,
+            index=self._chunks,
+            text=text,
+            tokens=self._pending,
+            dominant=self._pending_dominant,
         )
         out.append(ToClient(chunk))
         self._chunks += 1
-        self._pending = []
+        self._pending, self._pending_dominant = [], []
 
     def _finish(self, reason: str, now: float, out: list[Action]) -> None:
         tail = self.text.finish()

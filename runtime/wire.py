@@ -21,6 +21,7 @@ from moe2.runtime.mixture import rest_mass
 PROTOCOL_VERSION = 1
 _TAG = re.compile(r"^moe2\.v(\d{1,9})\.[a-z_]+$")  # bounded: int() of 5,000 digits raises
 MAX_HEARTBEAT_INTERVAL_S = 60.0  # an expert silent longer than this is not an expert
+MAX_STEP_DEADLINE_S = 60.0  # the longest per-step deadline a prompt may ask for
 
 
 class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -47,6 +48,8 @@ class Prompt(_Message, frozen=True, tag="moe2.v1.prompt"):
     seed: int | None = None
     stop: list[str] = []
     experts: int | None = None  # top-k experts by gating value; None: the agent's default
+    # seconds each decode step waits for slices, in (0, MAX_STEP_DEADLINE_S]; None: the agent's
+    step_deadline_s: float | None = None
 
 
 class Open(_Message, frozen=True, tag="moe2.v1.open"):
@@ -172,6 +175,8 @@ class Chunk(_Message, frozen=True, tag="moe2.v1.chunk"):
     index: int
     text: str
     tokens: list[int]
+    # per id in ``tokens``: the expert whose weight x probability of it was largest ([]: unknown)
+    dominant: list[str] = []
 
 
 class Usage(msgspec.Struct, frozen=True):

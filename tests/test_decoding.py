@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -153,6 +153,25 @@ def test_every_accepted_slice_is_reported_for_the_cost_watchers() -> None:
     run = started(["a"])
     out = run.arrive(slice_of("a", 0, b"ab"), 0.1)
     assert [a.slice.expert for a in out if isinstance(a, Accepted)] == ["a"]
+
+
+def test_each_token_names_the_expert_that_weighed_most_for_it() -> None:
+    """Chunk.dominant: per token, the expert with the largest w_n f_n(token); an expert that did
+    not list the token counts with its rest mass spread over the unlisted ids."""
+    run = started(["a", "b"])
+    confident = {0: ("a", b"Hi"), 1: ("b", b"Hi"), 2: ("a", b"Jo")}  # step -> (sure one, b's text)
+    for step, (sure, b_text) in confident.items():
+        run.arrive(slice_of("a", step, b"Hi!", confidence=0.9 if sure == "a" else 0.5), 0.1)
+        run.arrive(slice_of("b", step, b_text, confidence=0.9 if sure == "b" else 0.5), 0.1)
+    chunks = [m for m in run.to_client() if isinstance(m, wire.Chunk)]
+    assert [(c.text, c.dominant) for c in chunks] == [("H", ["a"]), ("i", ["b"]), ("!", ["a"])]
+
+    by_bytes = Decoding(replace(plan(["a", "b"]), fusion_path="bytes"), SETTINGS, started=0.0)
+    by_bytes.start(0.0)
+    by_bytes.apply(Arrived("a", slice_of("a", 0, b"H", confidence=0.3)), 0.0)
+    out = by_bytes.apply(Arrived("b", slice_of("b", 0, b"H", confidence=0.8)), 0.0)
+    sent = [a.message for a in out if isinstance(a, ToClient)]
+    assert [(c.text, c.dominant) for c in sent if isinstance(c, wire.Chunk)] == [("H", ["b"])]
 
 
 def test_a_stop_string_and_max_tokens_end_the_answer() -> None:

@@ -20,6 +20,7 @@ import moe2
 from moe2.agents.fusion.agent import FusionAgent
 from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
+from moe2.runtime.client import Answer
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
@@ -137,6 +138,34 @@ async def test_a_slow_expert_is_marked_late_then_dropped(nats_url: str) -> None:
     assert final.text == "Hello from the bus."
     assert final.dropped == ["slow"]
     assert final.late == {"slow": 3}
+
+
+async def test_a_prompt_may_give_its_steps_a_longer_deadline_than_the_agents(
+    nats_url: str,
+) -> None:
+    """Prompt.step_deadline_s holds for that session only; out of (0, 60] is invalid_field."""
+    scripts = {"fast": Script(), "slow": Script(delay_s=0.3)}
+    async with bus(
+        nats_url, scripts, step_deadline_s=0.1, prefill_deadline_s=5.0, max_consecutive_late=2
+    ) as (client, _):
+        with anyio.fail_after(30):
+            patient = await client.ask("x", max_tokens=5, step_deadline_s=3.0).collect()
+            hasty = await client.ask("x", max_tokens=5).collect()
+            refused = [
+                await _error_of(client.ask("x", max_tokens=5, step_deadline_s=bad))
+                for bad in (0.0, -1.0, 61.0, float("nan"))
+            ]
+    assert (patient.late, patient.dropped) == ({}, [])
+    assert hasty.dropped == ["slow"]
+    assert {(e.code, e.message) for e in refused} == {
+        ("invalid_field", "step_deadline_s must be in (0, 60] seconds")
+    }
+
+
+async def _error_of(answer: Answer) -> Moe2Error:
+    with pytest.raises(Moe2Error) as caught:
+        await answer.collect()
+    return caught.value
 
 
 async def test_an_expert_that_vanishes_mid_answer_is_dropped_and_the_answer_completes(

@@ -66,10 +66,12 @@ class SessionCounters:
         )
 
 
-def decode_settings(config: FusionConfig) -> DecodeSettings:
+def decode_settings(config: FusionConfig, prompt: wire.Prompt | None = None) -> DecodeSettings:
+    """The agent's settings, with the per-step deadline the prompt asks for, if any."""
+    asked = prompt.step_deadline_s if prompt is not None else None
     return DecodeSettings(
         slice_k=config.slice_k,
-        step_deadline_s=config.step_deadline_s,
+        step_deadline_s=config.step_deadline_s if asked is None else asked,
         prefill_deadline_s=config.prefill_deadline_s,
         prefill_grace=config.prefill_grace,
         max_consecutive_late=config.max_consecutive_late,
@@ -108,7 +110,7 @@ class FusionSession:
         self._cancels = Endpoint(
             nc, "cancel", subjects.cancel(sid), wire.Cancel, self._on_cancel, stats=counters.cancels
         )
-        self.machine = Decoding(plan, decode_settings(config), started)
+        self.machine = Decoding(plan, decode_settings(config, plan.prompt), started)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
         self.log = log.bind(session=plan.session)
         self._events: MemoryObjectSendStream[Queued]
