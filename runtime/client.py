@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-import uuid
 from contextlib import asynccontextmanager
 
 import anyio
@@ -26,11 +25,6 @@ log = structlog.get_logger("moe2.client")
 NO_RESPONDER_RETRIES = 3
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
-
-
-def new_conversation() -> str:
-    """A fresh conversation id (32 hex digits) for ``Client.ask(..., conversation=...)``."""
-    return uuid.uuid4().hex
 
 
 def to_messages(prompt: PromptInput) -> list[wire.ChatMessage]:
