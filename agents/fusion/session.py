@@ -1,22 +1,24 @@
 """One fused answer on the bus: the I/O around the pure decode loop of ``runtime/decoding.py``.
 
 It subscribes to the session's slices, to its cancel subject and to an inbox of its own, feeds
-what arrives to ``Decoding``, publishes the actions it returns, and waits until the next
-deadline. Every ``Chunk`` goes out with that inbox as its reply subject: when the client's inbox
-has no subscriber any more (it stopped reading, or disconnected), the server answers there with a
-503 *no responders* status, and the session ends as if the client had sent a ``Cancel``.
+what arrives to ``Decoding`` in the subscription's own callback (no queue and no second task per
+message: that hop was a large part of the fused step's cost, bench/bus_overhead.py), publishes
+the actions it returns, and a watcher ticks the machine when its deadline passes. Every ``Chunk``
+goes out with that inbox as its reply subject: when the client's inbox has no subscriber any
+more (it stopped reading, or disconnected), the server answers there with a 503 *no responders*
+status, and the session ends as if the client had sent a ``Cancel``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -30,7 +32,6 @@ from moe2.runtime.decoding import (
     Arrived,
     Cancelled,
     DecodeSettings,
-    Decoding,
     Event,
     Refused,
     SessionPlan,
@@ -40,11 +41,11 @@ from moe2.runtime.decoding import (
 )
 from moe2.runtime.endpoint import Endpoint, EndpointStats, ErrorRoute, Request
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.speculative import decoding_for
 from moe2.runtime.subjects import Subjects
 
 log = structlog.get_logger("moe2.fusion")
 
-QUEUED_EVENTS = 1024  # per session; beyond it new ones are dropped and logged (§6)
 Queued = tuple[Event, str]  # an event and the reply subject of the message it came in (or "")
 
 __all__ = ["FusionSession", "SessionPlan", "decode_settings"]
@@ -110,11 +111,16 @@ class FusionSession:
         self._cancels = Endpoint(
             nc, "cancel", subjects.cancel(sid), wire.Cancel, self._on_cancel, stats=counters.cancels
         )
-        self.machine = Decoding(plan, decode_settings(config, plan.prompt), started)
+        settings = decode_settings(config, plan.prompt)
+        self.machine = decoding_for(plan, settings, started, config.speculate)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
         self.log = log.bind(session=plan.session)
-        self._events: MemoryObjectSendStream[Queued]
-        self._cancel: Cancelled | None = None  # kept aside: a full queue must not lose it
+        # events that came while another was being applied (its publishing awaited): applied
+        # next, in arrival order, by the call already applying
+        self._backlog: deque[Queued] = deque()
+        self._applying = True  # until the Opens are out: what comes before waits for them
+        self._wake = anyio.Event()  # the watcher sleeps until the deadline or this
+        self._sleeping_until = float("inf")
         self._expert_subject = {
             wire.Open: subjects.expert_open,
             wire.Step: subjects.expert_step,
@@ -126,7 +132,6 @@ class FusionSession:
         return self.machine.step_ms
 
     async def run(self) -> None:
-        self._events, events = anyio.create_memory_object_stream[Queued](QUEUED_EVENTS)
         subs = [
             await self._slices.subscribe(),
             await self._cancels.subscribe(),
@@ -134,55 +139,75 @@ class FusionSession:
         ]
         await flush_subscriptions(self.nc)  # before any Open: slice 0 must find the subscription
         try:
-            await self._act(self.machine.start(time.monotonic()))
-            while not self.machine.finished:
-                event, reply = await self._next(events)
-                await self._act(self.machine.apply(event, time.monotonic()), reply)
-        except Exception as exc:  # a bug here still ends the session with an error and Closes
-            self.log.exception("session_crashed")
-            error = Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-            with anyio.CancelScope(shield=True):
-                await self._act(self.machine.abort(error))
+            await self._step(None)  # the Opens
+            self._applying = False
+            await self._apply_backlog()
+            await self._watch_deadline()
         finally:
             with anyio.CancelScope(shield=True):
                 if not self.machine.finished:  # the agent is shutting down
-                    await self._act(self.machine.apply(Cancelled("shutdown"), time.monotonic()))
+                    await self._apply(Cancelled("shutdown"))
                 if self.ended is not None:
                     self.ended()
                 for sub in subs:  # what is still on its way is answered: the session has ended
                     await _drain(sub)
-                await self._refuse_queued(events)
-                self._events.close()
-                events.close()
 
-    async def _refuse_queued(self, events: MemoryObjectReceiveStream[Queued]) -> None:
-        """Events the ended session did not take: answer those that asked for an answer."""
-        while True:
-            try:
-                _, reply = events.receive_nowait()
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return
-            if reply:
-                await self._refuse(reply, self._ended())
+    async def _watch_deadline(self) -> None:
+        """Sleep until the machine's deadline, or until an event ended the session or moved the
+        deadline earlier; give it a Tick once the deadline has passed."""
+        while not self.machine.finished:
+            deadline = self.machine.deadline
+            assert deadline is not None, "a running session always has a deadline"
+            now = time.monotonic()
+            if now >= deadline:
+                await self._apply(Tick())
+                continue
+            self._wake, self._sleeping_until = anyio.Event(), deadline
+            with anyio.move_on_after(deadline - now):
+                await self._wake.wait()
+            self._sleeping_until = float("inf")
 
     def _ended(self) -> Moe2Error:
         return Moe2Error(ErrorCode.UNKNOWN_SESSION, f"session {self.plan.session} has ended")
 
-    async def _next(self, events: MemoryObjectReceiveStream[Queued]) -> Queued:
-        """The next event and its reply subject, or a Tick once the deadline has passed."""
+    async def _apply(self, event: Event, reply: str = "") -> None:
+        """Feed ``event`` to the machine and publish its actions; ``reply``: the event's message
+        asked for an answer. An event arriving while an earlier one's actions are being
+        published is applied after it, in order, by the call applying that one."""
+        self._backlog.append((event, reply))
+        if not self._applying:
+            await self._apply_backlog()
+
+    async def _apply_backlog(self) -> None:
+        """Apply the waiting events in order; once the session has ended, those that asked for
+        an answer are told so. Wakes the watcher when the session ended or its deadline moved
+        earlier."""
+        self._applying = True
         try:
-            queued = events.receive_nowait()  # no timer for what is queued (the machine is strict)
-        except anyio.WouldBlock:
-            deadline = self.machine.deadline
-            assert deadline is not None, "a running session always has a deadline"
-            queued = (Tick(), "")
-            with anyio.move_on_after(deadline - time.monotonic()):
-                queued = await events.receive()
-        if self._cancel is None:
-            return queued
-        if queued[1]:  # a message that asked for an answer, overtaken by the cancel
-            await self._refuse(queued[1], self._ended())
-        return self._cancel, ""
+            while self._backlog:
+                event, reply = self._backlog.popleft()
+                if not self.machine.finished:
+                    await self._step(event, reply)
+                elif reply:
+                    await self._refuse(reply, self._ended())
+        finally:
+            self._applying = False
+        deadline = self.machine.deadline
+        if deadline is None or deadline < self._sleeping_until:
+            self._wake.set()
+
+    async def _step(self, event: Event | None, reply: str = "") -> None:
+        """One event (None: the start) through the machine; a bug here still ends the session
+        with an error and Closes."""
+        now = time.monotonic()
+        try:
+            actions = self.machine.start(now) if event is None else self.machine.apply(event, now)
+            await self._act(actions, reply)
+        except Exception as exc:
+            self.log.exception("session_crashed")
+            error = Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            with anyio.CancelScope(shield=True):
+                await self._act(self.machine.abort(error))
 
     async def _act(self, actions: list[Action], reply: str = "") -> None:
         """Publish what the machine decided; ``reply``: where the event came from asks for an
@@ -229,16 +254,15 @@ class FusionSession:
         reply = self.inbox if isinstance(message, wire.Chunk) else ""
         await self._publish(self.reply, wire.encode(message), reply=reply)
 
-    # --- subscription callbacks: decode, and queue an event for the loop -------------------------
+    # --- subscription callbacks: the endpoint decoded the message; apply it --------------------
 
     async def _on_slice(self, request: Request[wire.Slice | wire.Error]) -> None:
-        """Queue what an expert sent for the loop; what does not decode (rule 1 of §6) or comes
-        after the end never gets here or is refused: the endpoint answers or logs it."""
+        """Apply what an expert sent; what does not decode (rule 1 of §6) or comes after the end
+        never gets here or is refused: the endpoint answers or logs it."""
         if self.machine.finished:
             raise self._ended()
         sender = self.subjects.expert_of_slice(request.subject)
-        if not self._queue((Arrived(sender, request.message), request.reply)):
-            raise Moe2Error(ErrorCode.BUSY, f"more than {QUEUED_EVENTS} messages queued")
+        await self._apply(Arrived(sender, request.message), request.reply)
 
     async def _on_cancel(self, request: Request[wire.Cancel]) -> None:
         cancel = request.message
@@ -249,27 +273,11 @@ class FusionSession:
                 ErrorCode.INVALID_FIELD,
                 f"session {cancel.session!r} is not the one {request.subject} names",
             )
-        self._cancelled(f"Cancel: {cancel.reason}")
+        await self._apply(Cancelled(f"Cancel: {cancel.reason}"))
 
     async def _on_inbox(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get("Status") == "503":
-            self._cancelled("the client's inbox has no subscriber")
-
-    def _cancelled(self, reason: str) -> None:
-        self._cancel = self._cancel or Cancelled(reason)
-        self._queue((Tick(), ""))  # wake the loop (if the queue is full, it is awake anyway)
-
-    def _queue(self, queued: Queued) -> bool:
-        """Queue an event for the loop; False if it was dropped (queue full, session over)."""
-        try:
-            self._events.send_nowait(queued)
-        except anyio.WouldBlock:
-            if not isinstance(queued[0], Tick):
-                self.log.warning("event_dropped", why="queue full", queued=QUEUED_EVENTS)
-            return False
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False  # the session has ended
-        return True
+            await self._apply(Cancelled("the client's inbox has no subscriber"))
 
 
 async def _drain(sub: Subscription, limit_s: float = 5.0) -> None:
