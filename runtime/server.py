@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from moe2.runtime.auth import AuthDir
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.subjects import DEFAULT_PREFIX
 
 
 def nats_server_binary() -> str:
@@ -43,7 +45,13 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """Starts nats-server on loopback; ``with NatsServer() as srv: srv.url``."""
+    """Starts nats-server on loopback; ``with NatsServer() as srv: srv.url``.
+
+    With ``auth``, the generated config holds the per-role users of that set-up
+    (docs/security.md) and ``superusers`` (user -> password, every subject), and is written to
+    ``auth.path / "nats-server.conf"`` (0600) so that ``moe2 auth add-expert`` can rewrite it and
+    :meth:`reload` it. Without ``auth`` the server has no users: anyone may do anything.
+    """
 
     def __init__(
         self,
@@ -53,12 +61,20 @@ class NatsServer:
         max_payload: int = 1024 * 1024,
         config: Path | None = None,
         extra_args: list[str] | None = None,
+        auth: AuthDir | None = None,
+        superusers: dict[str, str] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        url_user: str | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port()
         self.max_payload = max_payload
         self.config = config
         self.extra_args = extra_args or []
+        self.auth = auth
+        self.superusers = superusers or {}
+        self.prefix = prefix
+        self.url_user = url_user  # a superuser whose name and password ``url`` carries
         self._proc: subprocess.Popen[bytes] | None = None
         fd, log_path = tempfile.mkstemp(prefix="nats-server-", suffix=".log")
         os.close(fd)
@@ -66,11 +82,26 @@ class NatsServer:
 
     @property
     def url(self) -> str:
+        """Where to connect; with ``url_user``, that superuser's name and password in it."""
+        if self.url_user is None:
+            return self.plain_url
+        return f"nats://{self.url_user}:{self.superusers[self.url_user]}@{self.host}:{self.port}"
+
+    @property
+    def plain_url(self) -> str:
+        """The URL without credentials: a process brings its own (runtime/auth.py)."""
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def log_text(self) -> str:
+        """What the server logged so far (permission violations among it)."""
+        return self._log_path.read_text(errors="replace")
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         args = [nats_server_binary(), "-a", self.host, "-p", str(self.port)]
-        args += ["-c", str(self.config or self._write_config())]
+        args += ["-c", str(self.config or self.write_config())]
+        if self.auth is not None:
+            args += ["-P", str(self.auth.pid_file)]
         with self._log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 args + self.extra_args,
@@ -81,11 +112,26 @@ class NatsServer:
         self._wait_ready(timeout)
         return self
 
-    def _write_config(self) -> Path:
-        """The generated config: only what has no command-line flag."""
-        conf = self._log_path.with_suffix(".conf")
-        conf.write_text(f"max_payload: {self.max_payload}\n")
+    def write_config(self) -> Path:
+        """The generated config: only what has no command-line flag, and the users if any."""
+        text = f"max_payload: {self.max_payload}\n"
+        if self.auth is None:
+            conf = self._log_path.with_suffix(".conf")
+        else:
+            conf = self.auth.path / "nats-server.conf"
+            users = self.auth.write_authorization(self.prefix, superusers=self.superusers)
+            text += f'include "{users.name}"\n'
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         return conf
+
+    def reload(self) -> None:
+        """Rewrite the config (new experts' users) and make the running server read it (SIGHUP;
+        nats-server resets replies owed across a reload, so do it between sessions)."""
+        self.write_config()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -99,7 +145,9 @@ class NatsServer:
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise Moe2Error(ErrorCode.TIMEOUT, f"nats-server not ready on {self.url} in {timeout}s")
+        raise Moe2Error(
+            ErrorCode.TIMEOUT, f"nats-server not ready on {self.plain_url} in {timeout}s"
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Idempotent: terminate, then kill if it does not exit in time."""

@@ -14,6 +14,7 @@ import pytest
 import moe2
 from moe2.agents.fusion.config import FusionConfig
 from moe2.agents.traces.synthetic import synthetic_trace
+from moe2.runtime.auth import AuthDir, NatsAuth
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.server import NatsServer, free_port
 from moe2.runtime.trace import load_trace
@@ -81,20 +82,32 @@ def test_the_shipped_fusion_config_is_the_default() -> None:
     assert FusionConfig.load(ROOT / "deploy" / "fusion.toml") == FusionConfig()
 
 
-def test_server_command_serves_until_terminated(processes: list[subprocess.Popen[bytes]]) -> None:
+def test_server_command_serves_until_terminated(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """`moe2 server` has per-role users by default: the client's credentials get in, none don't."""
     port = free_port()
-    processes.append(spawn("server", "--port", str(port)))
+    auth = AuthDir(tmp_path / "auth")
+    processes.append(spawn("server", "--port", str(port), "--auth-dir", str(auth.path)))
+    url = f"nats://127.0.0.1:{port}"
 
     async def ping() -> None:
         with anyio.fail_after(10):
             while True:
                 try:
-                    async with moe2.connect(f"nats://127.0.0.1:{port}"):
+                    async with moe2.connect(url, auth=auth.auth("client")):
                         return
                 except Moe2Error:
                     await anyio.sleep(0.1)
+        with pytest.raises(Moe2Error, match="Authorization Violation"):
+            async with moe2.connect(url, auth=NatsAuth()):
+                pass
 
     anyio.run(ping)
+    assert (auth.path.stat().st_mode & 0o777, auth.seed_file("client").stat().st_mode & 0o777) == (
+        0o700,
+        0o600,
+    )
     processes[-1].terminate()
     assert processes[-1].wait(10) == 0
     assert not [p for p in Path("/proc").iterdir() if _runs_on_port(p, port)]  # nothing left

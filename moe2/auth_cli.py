@@ -1,0 +1,109 @@
+"""``moe2 auth``: the per-role NATS users of a local set-up, and the credential options every
+command takes (docs/security.md)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moe2.runtime.auth import ENV, AuthDir, default_auth_dir
+from moe2.runtime.errors import Moe2Error
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+AuthDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        help="The credentials directory (default: $MOE2_AUTH_DIR or ~/.config/moe2/nats).",
+    ),
+]
+
+
+def _ids(experts: str) -> list[str]:
+    return [e.strip() for e in experts.split(",") if e.strip()]
+
+
+def how_to_connect(auth: AuthDir) -> str:
+    """Where the credentials are and how each role's process picks them up."""
+    lines = [f"NATS credentials (nkey seeds, owner-only) in {auth.path}:"]
+    for role in auth.roles():
+        lines.append(f"  {role:<16} {auth.env_lines(role)}")
+    lines += [
+        "each agent reads MOE2_NATS_NKEY (or: moe2 --nats-nkey FILE <command> ...):",
+        f"  MOE2_NATS_NKEY={auth.seed_file('fusion')} moe2 fusion",
+        f"  MOE2_NATS_NKEY={auth.path}/expert-<id>.nk moe2 expert --id <id>",
+        f"  MOE2_NATS_NKEY={auth.seed_file('client')} moe2 ask 'a question'",
+        f"  MOE2_NATS_NKEY={auth.seed_file('admin')} moe2 status",
+        "a new expert: moe2 auth add-expert <id> (the running server reloads its users)",
+    ]
+    return "\n".join(lines)
+
+
+@app.command()
+def init(
+    directory: AuthDirOption = None,
+    experts: Annotated[str, typer.Option(help="Expert ids, comma-separated: a,b,c.")] = "",
+) -> None:
+    """Create the seeds of client, fusion, admin and the experts (existing ones are kept)."""
+    auth = AuthDir(directory or default_auth_dir())
+    try:
+        made = auth.init(_ids(experts))
+        auth.write_authorization()
+    except (Moe2Error, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"created: {', '.join(made) or 'nothing (all there)'}", err=True)
+    typer.echo(how_to_connect(auth))
+
+
+@app.command(name="add-expert")
+def add_expert(
+    expert: Annotated[str, typer.Argument(help="The expert's id (moe2 expert --id).")],
+    directory: AuthDirOption = None,
+) -> None:
+    """A seed for one more expert; a running ``moe2 server`` of this directory reloads."""
+    auth = AuthDir(directory or default_auth_dir())
+    try:
+        made = auth.add_expert(expert)
+        auth.write_authorization()
+    except (Moe2Error, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"{'created' if made else 'kept'} {auth.expert_file(expert)}")
+    pid = auth.reload_server()
+    if pid is not None:
+        typer.echo(f"nats-server (pid {pid}) reloads its users", err=True)
+    typer.echo(f"MOE2_NATS_NKEY={auth.expert_file(expert)} moe2 expert --id {expert}")
+
+
+@app.command()
+def show(directory: AuthDirOption = None) -> None:
+    """Where each role's credentials are and how its process picks them up."""
+    auth = AuthDir(directory or default_auth_dir())
+    if not auth.path.is_dir():
+        raise typer.BadParameter(f"no credentials in {auth.path}: moe2 auth init")
+    typer.echo(how_to_connect(auth))
+
+
+def _opt(name: str, help_text: str) -> Any:
+    return typer.Option(f"--nats-{name}", help=help_text, envvar=ENV[name], show_envvar=True)
+
+
+def export_credentials(values: dict[str, object | None]) -> None:
+    """Put the options given on the command line into ``MOE2_NATS_*``: every connection of this
+    process (runtime/connection.py) and the processes it starts read them from there."""
+    for name, value in values.items():
+        if value is not None and value != "":
+            os.environ[ENV[name]] = str(value)
+
+
+NatsUser = Annotated[str | None, _opt("user", "NATS user name.")]
+NatsPassword = Annotated[str | None, _opt("password", "NATS password.")]
+NatsToken = Annotated[str | None, _opt("token", "NATS token.")]
+NatsNkey = Annotated[Path | None, _opt("nkey", "A file holding an nkey seed (moe2 auth init).")]
+NatsCreds = Annotated[Path | None, _opt("creds", "A NATS .creds file (JWT and seed).")]
+NatsCa = Annotated[Path | None, _opt("ca", "A CA bundle that signed the server's certificate.")]
+NatsCert = Annotated[Path | None, _opt("cert", "A client certificate (mutual TLS).")]
+NatsKey = Annotated[Path | None, _opt("key", "The client certificate's key.")]
