@@ -3,14 +3,19 @@
 ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed as
 server-sent events or not (docs/gateway.md). FastAPI on uvicorn; one NATS connection; one model
 per subject prefix served. A client that goes away cancels its session on the bus.
+
+``GET /`` is the dashboard (``moe2/dashboard.html``): ``GET /status`` gives it what
+``moe2 status`` shows, and its chat box streams through ``/v1/chat/completions``.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -18,7 +23,7 @@ import structlog
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 from sse_starlette import EventSourceResponse
@@ -34,8 +39,10 @@ from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.metrics import CountedHttp, HttpMetrics, MetricsApp, serve_metrics
 from moe2.runtime.subjects import DEFAULT_PREFIX
+from moe2.status import PoolWatch
 
 log = structlog.get_logger("moe2.gateway")
+DASHBOARD: Final = Path(__file__).with_name("dashboard.html")
 GRACEFUL_SHUTDOWN_S: Final = 3  # open answers get this long to end when the gateway stops
 CLIENT_GONE: Final = 499  # nginx's status for a request whose client closed the connection
 
@@ -57,12 +64,33 @@ class Gateway:
         self.settings = settings
         self.clients = {p: Client(nc, prefix=p) for p in settings.prefixes}
         self.registry = CollectorRegistry()  # this gateway's metrics (docs/metrics.md)
+        # each pool as ``moe2 status`` sees it: for /v1/models, /status and the dashboard
+        self.pools = {p: PoolWatch(nc, p, f"{settings.nats_url} ({p})") for p in self.clients}
+        self.started = int(time.time())
 
-    def models(self) -> dict[str, Any]:
-        data = [
-            {"id": p, "object": "model", "created": 0, "owned_by": "moe2"} for p in self.clients
-        ]
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            await pool.start()
+
+    async def models(self) -> dict[str, Any]:
+        """One model per served prefix, with the pool behind it in ``moe2``."""
+        data = []
+        for prefix, pool in self.pools.items():
+            await pool.refresh()
+            view, now = pool.view, time.monotonic()
+            experts = sorted(e for e, seen in view.experts.items() if seen.live(now))
+            model = {"id": prefix, "object": "model", "created": self.started, "owned_by": "moe2"}
+            pool_now = {"experts": experts, "fusion_agents": sorted(view.fusion)}
+            data.append({**model, "moe2": pool_now})
         return {"object": "list", "data": data}
+
+    async def status(self, model: str | None) -> dict[str, Any]:
+        """What ``moe2 status`` shows of the pool ``model`` (the first served by default)."""
+        prefix = model or next(iter(self.pools))
+        self._client(prefix)  # a 404 for a pool not served
+        pool = self.pools[prefix]
+        await pool.refresh()
+        return {"model": prefix, "models": list(self.pools), **pool.snapshot().to_json()}
 
     async def respond(self, body: RequestBody, request: Request, *, chat: bool) -> Response:
         client = self._client(body.model)
@@ -103,9 +131,9 @@ async def _events(
     try:
         if first is not None:
             reply.named(first.session)
-            yield _event(reply.delta(first.text, first=True))
+            yield _event(reply.delta(first, first=True))
         async for chunk in chunks:
-            yield _event(reply.delta(chunk.text, first=False))
+            yield _event(reply.delta(chunk, first=False))
         final = answer.final
         assert final is not None, "a stream read to its end has its final message"
         reply.named(final.session)
@@ -178,13 +206,23 @@ def _log_done(reply: Reply, final: wire.Final, *, stream: bool) -> None:
 def create_app(gateway: Gateway) -> FastAPI:
     app = FastAPI(title="moe2 gateway", docs_url=None, redoc_url=None, openapi_url=None)
     _answer_errors_in_openai_shape(app)
-    routes = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics")
+    routes = ("/", "/status", "/v1/models", "/v1/chat/completions", "/v1/completions", "/metrics")
     app.add_middleware(CountedHttp, metrics=HttpMetrics(gateway.registry, routes))
     app.router.routes.append(Route("/metrics", MetricsApp(gateway.registry), methods=["GET"]))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return gateway.models()
+        return await gateway.models()
+
+    @app.get("/status")
+    async def status(model: str | None = None) -> dict[str, Any]:
+        return await gateway.status(model)
+
+    page = DASHBOARD.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
@@ -257,6 +295,7 @@ async def serve_gateway(
     sock = listening_socket(settings.host, settings.port)
     async with nats_connection(settings.nats_url, name="moe2-gateway") as nc:
         gateway = Gateway(nc, settings)
+        await gateway.start()
         config = uvicorn.Config(
             create_app(gateway),
             lifespan="off",

@@ -40,6 +40,8 @@ class Moe2Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     experts: int | None = Field(default=None, ge=1)  # the gate's top-k for this prompt
     timeout_s: float | None = Field(default=None, gt=0, le=3600)  # most seconds between messages
+    # seconds each decode step waits for the experts' slices (the fusion agent's default: None)
+    step_deadline_s: float | None = Field(default=None, gt=0, le=wire.MAX_STEP_DEADLINE_S)
 
 
 class StreamOptions(BaseModel):
@@ -95,6 +97,7 @@ class RequestBody(BaseModel):
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
             experts=options.experts,
             timeout_s=options.timeout_s or defaults.timeout_s,
+            step_deadline_s=options.step_deadline_s,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -150,6 +153,7 @@ class Question:
     stop: tuple[str, ...]
     experts: int | None
     timeout_s: float
+    step_deadline_s: float | None = None
 
     def ask(self, client: Client) -> Answer:
         return client.ask(
@@ -161,4 +165,5 @@ class Question:
             stop=self.stop,
             experts=self.experts,
             timeout=self.timeout_s,
+            step_deadline_s=self.step_deadline_s,
         )

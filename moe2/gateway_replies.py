@@ -1,5 +1,5 @@
 """The bodies the gateway answers with: OpenAI's chat and text completions, their streamed
-chunks, usage, and the ``moe2`` extension field built from the wire ``Final``."""
+chunks, usage, and the ``moe2`` extension field built from the wire ``Chunk`` and ``Final``."""
 
 from __future__ import annotations
 
@@ -60,9 +60,11 @@ class Reply:
         body = self._head("chat.completion" if self.chat else "text_completion", [choice])
         return {**body, "usage": usage(final), "moe2": extension(final)}
 
-    def delta(self, text: str, *, first: bool) -> dict[str, Any]:
-        """A streamed piece of the answer; the first chat delta names the role."""
-        return self._chunk(self._choice(text, first=first, finish=None))
+    def delta(self, chunk: wire.Chunk, *, first: bool) -> dict[str, Any]:
+        """A streamed piece of the answer; the first chat delta names the role. Its ``moe2``
+        names, per token, the expert that weighed most for it (``Chunk.dominant``)."""
+        body = self._chunk(self._choice(chunk.text, first=first, finish=None))
+        return {**body, "moe2": {"dominant": chunk.dominant}}
 
     def last(self, final: wire.Final, *, first: bool) -> dict[str, Any]:
         """The chunk with the finish reason, and the ``moe2`` extension."""

@@ -1,13 +1,14 @@
 """``moe2 status``: a live view of a pool, from what its agents say on the bus (docs/status.md).
 
-It only listens, and publishes nothing:
+It listens, and asks only the standard ``$SRV.INFO`` of NATS micro services:
 
 - heartbeats (``<prefix>.v1.members.*``): each expert's model, its adapter (the ``+lora:`` part of
   the model name) and context (``+ctx:``), quantisation, backend, device profile, the sessions it
   holds, and the age of its last heartbeat;
 - the fusion agents' announcements of S (``<prefix>.v1.selection``): S, its predicted delay,
-  energy and loss, and who was left out (the budgets are not announced: a fusion agent's
-  /metrics has them);
+  energy and loss, and who was left out;
+- the fusion agents' ``$SRV.INFO`` (it asks ``$SRV.INFO.moe2-fusion`` every ``INFO_EVERY_S``,
+  its only request): their selection, budgets and sessions in flight (docs/discovery.md);
 - slices (``<prefix>.v1.session.*.slice.*``): tokens/s per expert (the slices it sends) and of
   the pool (distinct steps of the sessions), over the last ``WINDOW_S``;
 - Steps (``<prefix>.v1.expert.*.step``): how far each session has got, so that a slice for a
@@ -16,11 +17,13 @@ It only listens, and publishes nothing:
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import typer
@@ -31,6 +34,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from moe2.agents.discovery import FUSION_SERVICE
 from moe2.runtime import wire
 from moe2.runtime.logs import configure_logging
 from moe2.runtime.subjects import Subjects
@@ -39,6 +43,8 @@ WINDOW_S: Final = 10.0  # tokens/s and late rates are over this much of the rece
 MISSED_HEARTBEATS: Final = 2  # a fusion agent's rule: silent this many intervals is gone
 FORGET_S: Final = 300.0  # an expert silent this long leaves the table
 SESSIONS_KEPT: Final = 1024  # sessions whose last step is remembered (the oldest go first)
+INFO_EVERY_S: Final = 2.0  # how often the fusion agents' $SRV.INFO is asked
+INFO_KEPT_S: Final = 3 * INFO_EVERY_S  # a fusion agent silent this long to it leaves the view
 
 
 @dataclass
@@ -57,6 +63,14 @@ class ExpertSeen:
         return self.age(now) <= MISSED_HEARTBEATS * self.heartbeat.interval_s
 
 
+@dataclass
+class FusionSeen:
+    """One fusion agent's last ``$SRV.INFO`` metadata (strings, docs/discovery.md)."""
+
+    metadata: dict[str, str]
+    heard_at: float
+
+
 class PoolView:
     """What the bus has said, as pure bookkeeping: every method takes the clock's value."""
 
@@ -64,6 +78,7 @@ class PoolView:
         self.started = started
         self.experts: dict[str, ExpertSeen] = {}
         self.selections: dict[str, wire.SubsetAnnouncement] = {}  # by fusion agent
+        self.fusion: dict[str, FusionSeen] = {}  # by fusion agent, from $SRV.INFO
         self.reached: OrderedDict[str, int] = OrderedDict()  # session -> its last Step's step
         self.sliced_up_to: OrderedDict[str, int] = OrderedDict()  # session -> its last slice's
         self.tokens: deque[tuple[float, str]] = deque()  # (time, session) of each new step
@@ -77,6 +92,10 @@ class PoolView:
 
     def announced(self, announcement: wire.SubsetAnnouncement) -> None:
         self.selections[announcement.agent] = announcement
+
+    def described(self, metadata: dict[str, str], now: float) -> None:
+        """A fusion agent's ``$SRV.INFO`` metadata (it names the agent)."""
+        self.fusion[metadata["agent"]] = FusionSeen(metadata, now)
 
     def stepped(self, step: wire.Step) -> None:
         """A Step for ``step`` went out: the session's earlier steps are over."""
@@ -104,6 +123,9 @@ class PoolView:
         gone = [e for e, seen in self.experts.items() if seen.age(now) > FORGET_S]
         for expert in gone:
             del self.experts[expert]
+        quiet = [a for a, seen in self.fusion.items() if now - seen.heard_at > INFO_KEPT_S]
+        for agent in quiet:
+            del self.fusion[agent]
 
     def window(self, now: float) -> float:
         """The seconds the rates are over: the window, or less since watching began."""
@@ -135,83 +157,156 @@ def model_parts(model: str) -> tuple[str, str]:
     return base, " ".join(a.split("@")[0] for a in added)
 
 
-def render(view: PoolView, now: float, source: str) -> Group:
+EXPERT_COLUMNS: Final = (
+    "expert", "model", "adapter", "quant", "backend", "device", "decode",
+    "heartbeat", "sessions", "tokens/s", "late",
+)  # fmt: skip
+FUSION_COLUMNS: Final = (
+    "fusion agent", "selection", "version", "S", "delay", "energy", "loss", "budgets",
+    "sessions", "why",
+)  # fmt: skip
+RIGHT_ALIGNED: Final = frozenset({"heartbeat", "sessions", "tokens/s", "late"})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the view shows at one moment, as text cells: the terminal's tables and the
+    dashboard's (``GET /status`` of the gateway) are both drawn from it."""
+
+    source: str
+    experts: list[list[str]]  # one row per expert, EXPERT_COLUMNS
+    live: list[bool]  # per expert row: heard within its last two heartbeat intervals
+    fusion: list[list[str]]  # one row per fusion agent, FUSION_COLUMNS
+    summary: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "experts": {"columns": list(EXPERT_COLUMNS), "rows": self.experts, "live": self.live},
+            "fusion": {"columns": list(FUSION_COLUMNS), "rows": self.fusion},
+            "summary": self.summary,
+        }
+
+
+def snapshot(view: PoolView, now: float, source: str) -> Snapshot:
     view.forget_old(now)
-    return Group(
-        Text(f"moe2 pool on {source}", style="bold"),
-        experts_table(view, now),
-        selection_table(view),
-        Text(summary_line(view, now)),
+    experts = sorted(view.experts.items())
+    return Snapshot(
+        source=source,
+        experts=[expert_row(expert, seen, now, view.window(now)) for expert, seen in experts],
+        live=[seen.live(now) for _, seen in experts],
+        fusion=[fusion_row(view, agent) for agent in sorted({*view.selections, *view.fusion})],
+        summary=summary_line(view, now),
     )
 
 
-def experts_table(view: PoolView, now: float) -> Table:
-    table = Table(title="experts", title_justify="left", expand=False)
-    for column in ("expert", "model", "adapter", "quant", "backend", "device", "decode"):
-        table.add_column(column, no_wrap=True)
-    for column in ("heartbeat", "sessions", "tokens/s", "late"):
-        table.add_column(column, justify="right", no_wrap=True)
-    window = view.window(now)
-    for expert, seen in sorted(view.experts.items()):
-        hb = seen.heartbeat
-        base, adapter = model_parts(hb.model)
-        device = hb.device
-        table.add_row(
-            expert,
-            base,
-            adapter or "-",
-            hb.quantisation or "?",
-            hb.backend,
-            f"{device.name} {device.power_w:g} W {hb.energy_source}" if device else "-",
-            f"{device.decode_s * 1000:.0f} ms" if device and device.decode_s else "-",
-            f"{seen.age(now):.1f} s ago" if seen.live(now) else f"gone ({seen.age(now):.0f} s)",
-            str(hb.sessions),
-            f"{len(seen.slices) / window:.1f}",
-            late_text(len(seen.late), len(seen.slices)),
-        )
-    if not view.experts:
-        table.add_row("(no heartbeat heard yet)", *[""] * 10)
-    return table
+def render(shot: Snapshot) -> Group:
+    experts = table("experts", EXPERT_COLUMNS, shot.experts, "(no heartbeat heard yet)")
+    fusion = table(
+        "fusion agents: S and budgets", FUSION_COLUMNS, shot.fusion, "(no fusion agent heard yet)"
+    )
+    fusion.caption = "S from their announcements, budgets and sessions from $SRV.INFO"
+    return Group(
+        Text(f"moe2 pool on {shot.source}", style="bold"), experts, fusion, Text(shot.summary)
+    )
+
+
+def table(title: str, columns: tuple[str, ...], rows: list[list[str]], empty: str) -> Table:
+    out = Table(title=title, title_justify="left", expand=False)
+    for column in columns:
+        out.add_column(column, justify="right" if column in RIGHT_ALIGNED else "left")
+    for row in rows or [[empty, *[""] * (len(columns) - 1)]]:
+        out.add_row(*row)
+    return out
+
+
+def expert_row(expert: str, seen: ExpertSeen, now: float, window: float) -> list[str]:
+    hb = seen.heartbeat
+    base, adapter = model_parts(hb.model)
+    device = hb.device
+    return [
+        expert,
+        base,
+        adapter or "-",
+        hb.quantisation or "?",
+        hb.backend,
+        f"{device.name} {device.power_w:g} W {hb.energy_source}" if device else "-",
+        f"{device.decode_s * 1000:.0f} ms" if device and device.decode_s else "-",
+        f"{seen.age(now):.1f} s ago" if seen.live(now) else f"gone ({seen.age(now):.0f} s)",
+        str(hb.sessions),
+        f"{len(seen.slices) / window:.1f}",
+        late_text(len(seen.late), len(seen.slices)),
+    ]
 
 
 def late_text(late: int, slices: int) -> str:
     return f"{100 * late / slices:.0f}% ({late}/{slices})" if slices else "-"
 
 
-def selection_table(view: PoolView) -> Table:
-    table = Table(title="S, as the fusion agents announce it", title_justify="left")
-    for column in ("fusion agent", "version", "S", "delay", "energy", "loss", "why"):
-        table.add_column(column)
-    for agent, a in sorted(view.selections.items()):
-        delay = ", ".join(f"{app} {s:.3f} s" for app, s in a.delay_s.items()) or "-"
-        left = "; ".join(f"{e}: {why}" for e, why in a.left_out.items())
-        why = " · ".join(x for x in (a.reason, a.error or "", f"left out {left}" if left else ""))
-        table.add_row(
-            agent,
-            f"v{a.version}",
-            "{" + ", ".join(a.experts) + "}",
-            delay,
-            "-" if a.energy_j is None else f"{a.energy_j:.2f} J",
-            "-" if a.loss is None else f"{a.loss:.4f}",
-            why.strip(" ·"),
-        )
-    if not view.selections:
-        table.add_row("(none heard: without SMO every live expert may serve)", *[""] * 6)
-    table.caption = (
-        "budgets are not announced: a fusion agent's /metrics has them (docs/metrics.md)"
-    )
-    return table
+def fusion_row(view: PoolView, agent: str) -> list[str]:
+    """S as the agent last announced it; its selection, budgets and sessions from $SRV.INFO."""
+    a = view.selections.get(agent)
+    seen = view.fusion.get(agent)
+    meta = seen.metadata if seen is not None else {}
+    selection = meta.get("selection") or ("smo" if a is not None else "?")
+    described = [budgets_text(meta) if seen else "?", meta.get("sessions", "?")]
+    if a is None:
+        every = "all live" if selection == "all-live" else "(not announced yet)"
+        return [agent, selection, "-", every, "-", "-", "-", *described, ""]
+    delay = ", ".join(f"{app} {s:.3f} s" for app, s in a.delay_s.items()) or "-"
+    left = "; ".join(f"{e}: {why}" for e, why in a.left_out.items())
+    why = " · ".join(x for x in (a.reason, a.error or "", f"left out {left}" if left else ""))
+    return [
+        agent,
+        selection,
+        f"v{a.version}",
+        "{" + ", ".join(a.experts) + "}",
+        delay,
+        "-" if a.energy_j is None else f"{a.energy_j:.2f} J",
+        "-" if a.loss is None else f"{a.loss:.4f}",
+        *described,
+        why.strip(" ·"),
+    ]
+
+
+def budgets_text(metadata: dict[str, str]) -> str:
+    """``$SRV.INFO`` metadata's ``tau_s`` (JSON) and ``energy_j`` as ``delay chat ≤ 2 s · energy
+    ≤ 40 J``; ``none`` without limits, ``?`` when the metadata cannot be read."""
+    try:
+        tau = json.loads(metadata.get("tau_s") or "{}")
+        energy = metadata.get("energy_j", "")
+        parts = [f"delay {app} ≤ {float(s):g} s" for app, s in sorted(tau.items())]
+        parts += [f"energy ≤ {float(energy):g} J"] if energy else []
+    except (ValueError, TypeError, AttributeError):
+        return "?"
+    return " · ".join(parts) or "none"
 
 
 def summary_line(view: PoolView, now: float) -> str:
     live = sum(seen.live(now) for seen in view.experts.values())
     held = sum(seen.heartbeat.sessions for seen in view.experts.values() if seen.live(now))
+    flying = sum(_count(f.metadata.get("sessions", "")) for f in view.fusion.values())
     window = view.window(now)
     return (
-        f"{live} of {len(view.experts)} experts live · sessions held by experts: {held} · "
+        f"{live} of {len(view.experts)} experts live · sessions in flight: {flying} "
+        f"(fusion agents), {held} held by experts · "
         f"in the last {window:.0f} s: {view.recent_sessions()} sessions, "
         f"{view.tokens_per_s(now):.1f} tokens/s"
     )
+
+
+def public_url(url: str) -> str:
+    """``url`` without the password of its user part (``nats://u:secret@h`` -> ``nats://u@h``):
+    what a view may print."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
+
+
+def _count(text: str) -> int:
+    return int(text) if text.isdigit() else 0
 
 
 async def watch_pool(nc: NATS, subjects: Subjects, view: PoolView) -> None:
@@ -249,6 +344,41 @@ async def watch_pool(nc: NATS, subjects: Subjects, view: PoolView) -> None:
     await nc.flush()
 
 
+class PoolWatch:
+    """A ``PoolView`` fed from the bus: ``watch_pool``'s subscriptions, and the fusion agents'
+    ``$SRV.INFO`` asked again by ``refresh`` every ``INFO_EVERY_S`` (answers to an inbox)."""
+
+    def __init__(self, nc: NATS, prefix: str, source: str) -> None:
+        self.nc, self.prefix, self.source = nc, prefix, public_url(source)
+        self.view = PoolView(time.monotonic())
+        self.inbox = nc.new_inbox()
+        self.asked_at = -INFO_EVERY_S
+
+    async def start(self) -> None:
+        await watch_pool(self.nc, Subjects(self.prefix), self.view)
+        await self.nc.subscribe(self.inbox, cb=self._on_info)
+        await self.refresh()
+
+    async def refresh(self) -> None:
+        """Ask the fusion agents' ``$SRV.INFO`` if the last ask is ``INFO_EVERY_S`` old."""
+        now = time.monotonic()
+        if now - self.asked_at >= INFO_EVERY_S:
+            self.asked_at = now
+            await self.nc.publish(f"$SRV.INFO.{FUSION_SERVICE}", b"", reply=self.inbox)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.view, time.monotonic(), self.source)
+
+    async def _on_info(self, msg: Msg) -> None:
+        try:
+            metadata = json.loads(msg.data)["metadata"]
+            ours = metadata.get("prefix") == self.prefix and isinstance(metadata["agent"], str)
+        except (ValueError, TypeError, KeyError, AttributeError):  # not a fusion agent's answer
+            return
+        if ours:
+            self.view.described(metadata, time.monotonic())
+
+
 def status(
     nats_url: Annotated[
         str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")
@@ -275,19 +405,22 @@ def status(
     async def main() -> None:
         nc = await connect_nats(nats_url, name="moe2-status")
         try:
-            view = PoolView(time.monotonic())
-            await watch_pool(nc, Subjects(prefix), view)
+            watch = PoolWatch(nc, prefix, nats_url)
+            await watch.start()
             console = Console()
             if once:
-                await anyio.sleep(wait)
-                wide = console if console.is_terminal else Console(width=200)
-                wide.print(render(view, time.monotonic(), nats_url))
+                until = time.monotonic() + wait
+                while (left := until - time.monotonic()) > 0:
+                    await anyio.sleep(min(left, refresh))
+                    await watch.refresh()
+                wide = console if console.is_terminal else Console(width=240)
+                wide.print(render(watch.snapshot()))
                 return
-            snapshot = render(view, time.monotonic(), nats_url)
-            with Live(snapshot, console=console, auto_refresh=False) as live:
+            with Live(render(watch.snapshot()), console=console, auto_refresh=False) as live:
                 while True:
                     await anyio.sleep(refresh)
-                    live.update(render(view, time.monotonic(), nats_url), refresh=True)
+                    await watch.refresh()
+                    live.update(render(watch.snapshot()), refresh=True)
         finally:
             await close_nats(nc)
 

@@ -190,6 +190,8 @@ async def test_models_lists_the_pool_and_an_unknown_model_is_404(nats_url: str) 
         ({"max_tokens": 0}, "max_tokens"),
         ({"logprobs": True}, "logprobs"),
         ({"extra_body": {"moe2": {"experts": 0}}}, "moe2.experts"),
+        ({"extra_body": {"moe2": {"step_deadline_s": 0}}}, "moe2.step_deadline_s"),
+        ({"extra_body": {"moe2": {"step_deadline_s": 61}}}, "moe2.step_deadline_s"),
         ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
         ({"stop": [f"s{i}" for i in range(17)]}, None),  # refused by the fusion agent
         ({"messages": [{"role": "user", "content": "  "}]}, None),  # empty_prompt
@@ -300,6 +302,43 @@ async def test_a_streamed_chat_gives_the_same_text_and_usage_in_its_last_chunk(
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert (chunks[-2].model_extra or {})["moe2"]["experts"] == ["e0"]
     assert len({c.id for c in chunks}) == 1
+    # each piece names, per token, the expert that weighed most for it: here the only one
+    leads = [(c.model_extra or {})["moe2"]["dominant"] for c in chunks if c.choices and
+             c.choices[0].delta.content]  # fmt: skip
+    assert len(leads) == len([p for p in pieces if p]) and all(leads)
+    assert {e for lead in leads for e in lead} == {"e0"}
+
+
+@pytest.mark.model
+async def test_models_names_the_live_experts_and_fusion_agents_behind_each_model(
+    pool: Stack,
+) -> None:
+    """The model to pick is the pool's prefix; ``moe2`` says who serves it now (heard from
+    their heartbeats and $SRV.INFO, so it can take a heartbeat to fill in)."""
+    assert pool.fusion is not None
+    with anyio.fail_after(10):
+        while True:
+            models = await pool.openai.models.list()
+            behind = (models.data[0].model_extra or {})["moe2"]
+            if behind["experts"] and behind["fusion_agents"]:
+                break
+            await anyio.sleep(0.2)
+    assert [(m.id, m.owned_by, m.object) for m in models.data] == [(pool.model, "moe2", "model")]
+    assert behind == {"experts": ["e0"], "fusion_agents": [pool.fusion.agent_id]}
+    assert models.data[0].created > 1_700_000_000  # when the gateway started, not 0
+
+
+@pytest.mark.model
+async def test_a_request_may_give_its_steps_their_own_deadline(pool: Stack) -> None:
+    """``moe2.step_deadline_s`` holds for that request's session only: 1 ms leaves every step
+    after the prefill without a slice (504), and the next request has the agent's 30 s again."""
+    with anyio.fail_after(60):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await pool.chat(extra_body={"moe2": {"step_deadline_s": 0.001}}, **GREEDY)
+        after = await pool.chat(**GREEDY)
+    assert caught.value.status_code == 504
+    assert error_of(caught)["code"] == "no_slices"
+    assert after.choices[0].message.content
 
 
 @pytest.mark.model

@@ -23,7 +23,7 @@ from moe2.cli import app
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.subjects import Subjects
-from moe2.status import PoolView, model_parts
+from moe2.status import INFO_KEPT_S, PoolView, model_parts, public_url, snapshot
 from tests.test_metrics import live_selection
 
 PREFIX = "status"
@@ -125,12 +125,14 @@ def test_once_shows_the_expert_its_health_s_and_tokens_per_second(
     assert late == f"0% (0/{n})"
     agents = re.findall(r"fusion-[0-9a-f]{8}", text)
     assert len(set(agents)) == 1
-    _, version, s, delay, energy, *_ = row(text, agents[0])
+    _, selection, version, s, delay, energy, _, budgets, in_flight, _ = row(text, agents[0])
     assert s == "{e0}" and version.startswith("v") and delay.startswith("chat ")
-    assert energy.endswith(" J")
+    assert selection == "smo" and energy.endswith(" J")
+    assert budgets == "delay chat ≤ 0.5 s · energy ≤ 40 J"  # tests.test_metrics.BUDGETS
+    assert in_flight == "0"
     summary = text.strip().splitlines()[-1]
     assert summary == (
-        "1 of 1 experts live · sessions held by experts: 0 · "
+        "1 of 1 experts live · sessions in flight: 0 (fusion agents), 0 held by experts · "
         f"in the last {WAIT_S} s: 1 sessions, {n / WAIT_S:.1f} tokens/s"
     )
 
@@ -150,6 +152,28 @@ def test_late_slices_are_those_after_the_next_step_went_out() -> None:
     seen = view.experts["a"]
     assert (len(seen.slices), len(seen.late)) == (3, 1)
     assert view.tokens_per_s(now=4.0) == 2 / 4  # steps 0 and 1, over 4 s watched
+
+
+def test_budgets_and_sessions_come_from_the_fusion_agents_srv_info() -> None:
+    """A fusion agent heard only through $SRV.INFO: no SMO, so S is every live expert; its
+    budgets read from the metadata's strings, ``?`` when they cannot be read."""
+    view = PoolView(started=0.0)
+    meta = {"agent": "fusion-1", "selection": "all-live", "tau_s": '{"chat": 2.0}', "sessions": "3"}
+    view.described({**meta, "energy_j": "12.5"}, now=0.0)
+    view.described({**meta, "agent": "fusion-2", "tau_s": "{oops", "energy_j": ""}, now=0.0)
+    shot = snapshot(view, 1.0, "nats://h")
+    assert shot.fusion == [
+        ["fusion-1", "all-live", "-", "all live", "-", "-", "-",
+         "delay chat ≤ 2 s · energy ≤ 12.5 J", "3", ""],
+        ["fusion-2", "all-live", "-", "all live", "-", "-", "-", "?", "3", ""],
+    ]  # fmt: skip
+    assert "sessions in flight: 6 (fusion agents)" in shot.summary
+    assert snapshot(view, 1.0 + INFO_KEPT_S + 1, "x").fusion == []  # silent: forgotten
+
+
+def test_a_printed_url_has_no_password() -> None:
+    assert public_url("nats://u:secret@127.0.0.1:4222") == "nats://u@127.0.0.1:4222"
+    assert public_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
 
 
 def test_model_parts_name_the_adapter_and_context() -> None:

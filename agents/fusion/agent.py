@@ -27,6 +27,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.metrics import EndpointCollector, serve_metrics
 from moe2.runtime.subjects import FUSION_QUEUE, Subjects
 from moe2.selection import AllLive, SubsetSelector
+from moe2.selection.costs import Budgets
 from moe2.selection.live import LiveSelection
 from moe2.selection.profiles import Profiles
 
@@ -127,16 +128,19 @@ class FusionAgent:
             await anyio.sleep_forever()
 
     def settings(self) -> dict[str, object]:
-        """What this agent is set to do: the prefix, gate, k and selection."""
+        """What this agent is set to do: the prefix, gate, k, selection and its budgets (those
+        of the live selection it runs, else the configured ones)."""
         config = self.config
+        smo = self.live_selection
+        budgets = smo.budgets if smo is not None else Budgets(config.tau_s, config.energy_j)
         return {
             "prefix": config.prefix,
             "gate": config.gate or "uniform",
             "k": config.experts_per_prompt or "all",
             "slice_k": config.slice_k,
-            "selection": "smo" if config.selects else "all-live",
-            "tau_s": config.tau_s,
-            "energy_j": config.energy_j,
+            "selection": "smo" if config.selects or smo is not None else "all-live",
+            "tau_s": dict(budgets.tau_s),
+            "energy_j": budgets.energy_j,
             "fusion_path": config.fusion_path,
             "step_deadline_s": config.step_deadline_s,
             "max_sessions": config.max_sessions,
