@@ -155,6 +155,15 @@ class Choice:
     dominant: str = ""  # the expert whose weight x probability of the choice was largest
 
 
+def _position(ids: bytes, key: bytes) -> int:
+    """Where the uint32 ``key`` is in a slice's little-endian ``ids`` (-1: not there); a bytes
+    search, several times cheaper per fused token than an array comparison."""
+    at = ids.find(key)
+    while at % 4 and at >= 0:  # a match across two ids is not one
+        at = ids.find(key, at + 1)
+    return at // 4 if at >= 0 else -1
+
+
 class _ContextFull(Exception):
     """Every expert left has run out of context: the answer ends with finish "length"."""
 
@@ -417,14 +426,14 @@ class Decoding:
     def _dominant_by_id(self, slices: list[wire.Slice], token: int) -> str:
         """The expert whose ``w_n f_n(token)`` is largest, an unlisted id valued as in ``fuse``:
         ``r_n / (V - K_n)``; ties go to the first in session order."""
+        key = token.to_bytes(4, "little")  # an id of a checked slice: uint32
         values = []
         for s in slices:
-            ids = s.ids_array()
-            hit = np.flatnonzero(ids == token)
+            at = _position(s.ids, key)
             p = (
-                float(np.exp(s.logprobs_array()[hit[0]]))
-                if hit.size
-                else s.rest / max(self.plan.vocab_size - ids.size, 1)
+                float(np.exp(s.logprobs_array()[at]))
+                if at >= 0
+                else s.rest / max(self.plan.vocab_size - len(s.ids) // 4, 1)
             )
             values.append(self.weight[s.expert] * p)
         return slices[int(np.argmax(values))].expert
