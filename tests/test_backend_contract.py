@@ -17,9 +17,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from moe2.agents.expert.backends import Backend, TopK, load_backend
+from moe2.agents.expert.backends import Backend, DecodeRequest, TopK, load_backend
 from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.expert.models import resolve_model
+from moe2.agents.expert.speculate import Extending
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 from tests.test_expert import expert_on_bus, greedy_alone, greedy_over_bus
@@ -249,6 +250,36 @@ def test_a_rewrite_and_a_prefix_equal_a_fresh_prefill(
         np.testing.assert_allclose(_dense(top, vocab)[best], fresh.logprobs[:K], atol=atol)
 
 
+def test_a_renamed_cache_resumes_like_a_fresh_prefill(
+    name: str, backend: Backend, prompts: list[list[int]]
+) -> None:
+    """A conversation's turn: the cache of turn 1 kept under another name, taken back by the
+    next session and rewritten to turn 2's ids, answers as a fresh prefill of them."""
+    prompt, vocab = prompts[1], backend.info.vocab_size
+    answer = [int(backend.prefill("turn1", prompt, 1).ids[0])]
+    for _ in range(4):
+        answer.append(int(backend.decode("turn1", answer[-1], 1).ids[0]))
+    backend.prefill("other", prompts[0], 1)
+    held = backend.rename("turn1", "conversation:c")
+    assert held == [*prompt, *answer[:-1]]  # the last chosen token was never fed
+    with pytest.raises(Moe2Error) as gone:
+        backend.decode("turn1", 1, K)
+    assert gone.value.code == ErrorCode.UNKNOWN_SESSION
+    assert backend.rename("conversation:c", "other") == held  # replaces what "other" held
+    turn2 = [*held, answer[-1], *backend.encode(" leaves fall")]
+    resumed = backend.rewrite("other", turn2, vocab)
+    fresh = backend.prefill("fresh", turn2, vocab)
+    for session in ("other", "fresh"):
+        backend.release(session)
+    with pytest.raises(Moe2Error) as unknown:
+        backend.rename("conversation:c", "x")
+    assert unknown.value.code == ErrorCode.UNKNOWN_SESSION
+    assert resumed.ids[0] == fresh.ids[0] or not TOLERANCES[name].self_argmax
+    best = fresh.ids[:K]
+    atol = TOLERANCES[name].self_atol
+    np.testing.assert_allclose(_dense(resumed, vocab)[best], fresh.logprobs[:K], atol=atol)
+
+
 def test_scores_equal_the_backends_own_step_by_step_decoding(
     name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
 ) -> None:
@@ -278,6 +309,31 @@ def follow_tokens(
         rows.append(_dense(backend.decode("teacher", token, vocab), vocab))
     backend.release("teacher")
     return np.stack(rows)
+
+
+def test_extend_equals_successive_decodes_and_truncate_cuts_a_draft(
+    name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
+) -> None:
+    """Speculation's verifying pass (docs/speculative.md): the top-k after each of several
+    appended tokens, in one pass, equals decoding them one by one; a cut tail is forgotten."""
+    assert isinstance(backend, Extending)
+    prompt, vocab, draft = prompts[0], backend.info.vocab_size, reference[0].tokens[:5]
+    stepped = follow_tokens(backend, prompt, [*draft, 0], vocab)  # rows after 0..5 of draft
+    backend.prefill("spec", prompt, K)
+    extended = backend.extend("spec", draft, vocab)
+    assert backend.extend("spec", [], K) == []
+    backend.truncate("spec", len(prompt) + 2)  # keep draft[:2]: the rest was rejected
+    backend.truncate("spec", len(prompt) + 9)  # longer than held: nothing to cut
+    after_cut = backend.decode("spec", draft[2], vocab)
+    backend.release("spec")
+    tolerance = TOLERANCES[name]
+    for top, row in zip([*extended, after_cut], [*stepped[1:], stepped[3]], strict=True):
+        best = np.argsort(-row)[:K]
+        np.testing.assert_allclose(_dense(top, vocab)[best], row[best], atol=tolerance.self_atol)
+        assert int(top.ids[0]) == int(row.argmax()) or not tolerance.self_argmax
+    with pytest.raises(Moe2Error) as gone:
+        backend.extend("spec", draft, K)
+    assert gone.value.code == ErrorCode.UNKNOWN_SESSION
 
 
 def test_release_frees_the_session_and_leaves_the_others(
@@ -318,3 +374,108 @@ async def test_an_expert_on_the_bus_names_its_backend_and_serves_it(
     assert (beat.backend, beat.quantisation) == (expected.backend, expected.quantisation)
     assert beat.tokenizer == backend.info.tokenizer
     assert tokens == greedy_alone(backend, 8)
+
+
+# --- batching: decode_batch is each session's own decode, in one call -----------------------
+
+
+def test_a_batch_of_sessions_decodes_as_each_alone(
+    name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
+) -> None:
+    """Sessions of different prompt lengths in one batch, one joining late, one skipping steps,
+    one leaving half way: every slice equals the session's own step-by-step decoding (within
+    the backend's ``self_atol``)."""
+    vocab, steps = backend.info.vocab_size, 10
+    assert len({len(p) for p in prompts}) > 1  # different lengths, so rows are padded
+    alone = [
+        follow_tokens(backend, p, ref.tokens[:steps], vocab)
+        for p, ref in zip(prompts, reference, strict=True)
+    ]
+    rows: dict[int, list[npt.NDArray[np.float32]]] = {}
+    sizes = []
+    for turn in range(steps + 3):
+        for i in (i for i, at in _JOINS.items() if at == turn):
+            rows[i] = [_dense(backend.prefill(f"b{i}", prompts[i], vocab), vocab)]
+        batch = [i for i in rows if len(rows[i]) < steps and _stepping(i, turn)]
+        requests = [
+            DecodeRequest(f"b{i}", reference[i].tokens[len(rows[i]) - 1], vocab) for i in batch
+        ]
+        sizes.append(len(requests))
+        for i, top in zip(batch, backend.decode_batch(requests), strict=True):
+            rows[i].append(_dense(top, vocab))
+    for i in range(len(prompts)):
+        backend.release(f"b{i}")
+    assert max(sizes) >= 3
+    tolerance = TOLERANCES[name]
+    for i, got in rows.items():
+        expected = alone[i][: len(got)]
+        assert len(got) >= 4
+        top = np.argsort(-expected, axis=1)[:, :K]
+        np.testing.assert_allclose(
+            np.take_along_axis(np.stack(got), top, axis=1),
+            np.take_along_axis(expected, top, axis=1),
+            atol=tolerance.self_atol,
+        )
+        if tolerance.self_argmax:
+            assert np.stack(got).argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+
+
+_JOINS = {0: 0, 1: 0, 2: 0, 3: 3}  # the turn at which each session is opened
+_LEAVES = 6  # the turn at which session 1 stops stepping
+
+
+def _stepping(i: int, turn: int) -> bool:
+    """Session 1 leaves; session 2 sits out two turns, then catches up."""
+    return not (i == 1 and turn >= _LEAVES) and not (i == 2 and turn in (4, 5))
+
+
+def test_a_batch_that_names_a_session_twice_or_an_unknown_one_changes_nothing(
+    backend: Backend, prompts: list[list[int]]
+) -> None:
+    first = backend.prefill("kept", prompts[0], K)
+    token = int(first.ids[0])
+    for bad, code in (
+        ([("kept", token), ("kept", token)], ErrorCode.INVALID_FIELD),
+        ([("kept", token), ("never-opened", 1)], ErrorCode.UNKNOWN_SESSION),
+    ):
+        with pytest.raises(Moe2Error) as refused:
+            backend.decode_batch([DecodeRequest(s, t, K) for s, t in bad])
+        assert refused.value.code == code
+    assert backend.decode_batch([]) == []
+    after = backend.decode_batch([DecodeRequest("kept", token, K)])[0]
+    backend.release("kept")
+    assert after.ids.tolist() == follow_first_two(backend, prompts[0])
+
+
+def test_a_session_released_mid_batch_leaves_the_others_unchanged(
+    name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
+) -> None:
+    if name == "llamacpp":
+        pytest.xfail(
+            "llama.cpp 0.3.36, one unified KV cache: once a sequence is removed, the cells it "
+            "freed are reused and the other sequences' log-probabilities move by up to 0.8 nats "
+            "(decode or decode_batch alike; measured, not yet understood)"
+        )
+    vocab, steps = backend.info.vocab_size, 6
+    alone = [
+        follow_tokens(backend, p, ref.tokens[:steps], vocab)
+        for p, ref in zip(prompts[:3], reference, strict=False)
+    ]
+    rows = {
+        i: [_dense(backend.prefill(f"r{i}", p, vocab), vocab)] for i, p in enumerate(prompts[:3])
+    }
+    for step in range(steps - 1):
+        if step == 2:
+            backend.release("r1")
+            del rows[1]
+        requests = [DecodeRequest(f"r{i}", reference[i].tokens[step], vocab) for i in rows]
+        for i, top in zip(list(rows), backend.decode_batch(requests), strict=True):
+            rows[i].append(_dense(top, vocab))
+    for i in rows:
+        backend.release(f"r{i}")
+        best = np.argsort(-alone[i], axis=1)[:, :K]
+        np.testing.assert_allclose(
+            np.take_along_axis(np.stack(rows[i]), best, axis=1),
+            np.take_along_axis(alone[i], best, axis=1),
+            atol=TOLERANCES[name].self_atol,
+        )

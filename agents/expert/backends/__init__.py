@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from moe2.agents.expert.backends.base import Backend, BackendInfo, PrefixCache, TargetLogprobs, TopK
+from moe2.agents.expert.backends.base import (
+    Backend,
+    BackendInfo,
+    DecodeRequest,
+    PrefixCache,
+    TargetLogprobs,
+    TopK,
+)
 from moe2.agents.expert.models import ModelSource
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
@@ -15,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendInfo",
+    "DecodeRequest",
     "PrefixCache",
     "TargetLogprobs",
     "TopK",

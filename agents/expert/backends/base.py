@@ -1,7 +1,8 @@
 """The interface every model backend implements, and the tokenizer helpers they share.
 
 A backend is synchronous and pure of I/O: the expert agent calls it from one worker thread at a
-time. It keeps one KV cache per session, keyed by the session id, and scores targets by teacher
+time. It keeps one KV cache per session, keyed by the session id, decodes the pending steps of
+several sessions in one call (``decode_batch``), and scores targets by teacher
 forcing without touching any session. A ``PrefixCache`` (the KV cache of an expert's context)
 lets prompts that start with the same head be computed from a copy of it.
 """
@@ -9,7 +10,7 @@ lets prompts that start with the same head be computed from a copy of it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Final, Literal, NamedTuple, Protocol
@@ -61,6 +62,14 @@ class TargetLogprobs(NamedTuple):
     logprobs: npt.NDArray[np.float32]  # (T,)
     top_ids: npt.NDArray[np.uint32]  # (T, k)
     top_logprobs: npt.NDArray[np.float32]  # (T, k)
+
+
+class DecodeRequest(NamedTuple):
+    """One session's pending decode step in a batch: append ``token``, return ``top_k`` ids."""
+
+    session: str
+    token: int
+    top_k: int
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -135,6 +144,14 @@ class Backend(Protocol):
         """Append ``token`` to ``session`` and return the next token's top-k."""
         ...
 
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[TopK]:
+        """``decode`` for several distinct sessions at once, results in the requests' order:
+        one batched forward pass where the backend can (their caches may hold different
+        lengths), each result equal to the session's own ``decode`` within float rounding. An
+        unknown or repeated session is refused (``unknown_session``, ``invalid_field``) before
+        any cache changes."""
+        ...
+
     def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
         """Make ``session`` hold exactly ``ids`` (its prompt, then its answer) and return the
         next token's top-k: keep the cached head ``ids`` shares with what it holds, cut the
@@ -143,6 +160,12 @@ class Backend(Protocol):
 
     def release(self, session: str) -> None:
         """Free the session's KV cache; a no-op for an unknown session."""
+        ...
+
+    def rename(self, session: str, to: str) -> list[int]:
+        """Move ``session``'s KV cache, as it is, under the session id ``to`` (releasing what
+        ``to`` held) and return the ids it holds; ``unknown_session`` if there is none. An
+        expert keeps a conversation's cache between turns this way (docs/conversations.md)."""
         ...
 
 
@@ -226,3 +249,13 @@ def sentencepiece_bytes(token: str) -> bytes:
         except ValueError:
             pass
     return token.replace(_SP_SPACE, " ").encode()
+
+
+def check_batch(requests: Sequence[DecodeRequest], known: Callable[[str], bool]) -> None:
+    """Refuse a batch that names a session twice or one with no cache, before anything runs."""
+    sessions = [r.session for r in requests]
+    if len(set(sessions)) != len(sessions):
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "a decode batch names a session twice")
+    for session in sessions:
+        if not known(session):
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")

@@ -1,18 +1,19 @@
 """The llama.cpp backend: a GGUF file run as it is, with llama.cpp's own quantised kernels.
 
 Sessions are llama.cpp *sequences* of one context. The context holds one KV cache of ``cells``
-positions shared by up to ``slots`` sequences (``kv_unified``); each session owns one sequence
-id while it lives, so its cache stays where it is between steps and nothing is copied when the
-expert switches from one session to another. ``save_state``/``load_state`` would copy a
-session's whole cache in and out at every switch (and the high-level ``Llama`` keeps a
-vocab-wide score row per position with ``logits_all``), and a ``Llama`` per session would
-hold a context, its buffers and a full-size cache per session. A rewrite removes the tail of
-its sequence (``llama_memory_seq_rm``); a prefix (``keep_prefix``) is a sequence of its own that
-prompts start from by ``llama_memory_seq_cp``, which shares the cells rather than copying
-them. Logits are asked for per token: the last position of a step, every position of a
-scored target. Tokenising is the reference's (``chat_tokenizer``), so ids and the tokenizer
-identity equal the transformers backend's. Install: ``pip install 'moe2[llamacpp]'`` (builds
-llama.cpp from source: about 9-14 minutes on 2 cores).
+positions shared by up to ``slots`` sequences (``kv_unified``); each session owns one sequence id
+while it lives, so its cache stays where it is between steps and nothing is copied when the expert
+switches from one session to another; ``decode_batch`` is one ``llama_decode`` of a batch that
+holds one token of each session, each in its own sequence. ``save_state`` and ``load_state`` would
+copy a session's whole cache in and out at every switch (and the high-level ``Llama`` keeps a
+vocab-wide score row per position with ``logits_all``), and a ``Llama`` per session would hold a
+context, its buffers and a full-size cache per session. A rewrite removes the tail of its sequence
+(``llama_memory_seq_rm``); a prefix (``keep_prefix``) is a sequence of its own that prompts start
+from by ``llama_memory_seq_cp``, which shares the cells rather than copying them. Logits are asked
+for per token: the last position of a step, every position of a scored target. Tokenising is the
+reference's (``chat_tokenizer``), so ids and the tokenizer identity equal the transformers
+backend's. Install: ``pip install 'moe2[llamacpp]'`` (builds llama.cpp from source: about 9-14
+minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel
 
 from moe2.agents.expert.backends.base import (
     BackendInfo,
+    DecodeRequest,
     PrefixCache,
     TargetLogprobs,
     TopK,
+    check_batch,
     common_prefix,
 )
 from moe2.agents.expert.backends.chat_tokenizer import (
@@ -110,6 +113,26 @@ class LlamaCppBackend(TokenizedBackend):
         self._sessions[session] = (sequence, ids)
         return top_k_of(logits, top_k)
 
+    def extend(self, session: str, ids: Sequence[int], top_k: int) -> list[TopK]:
+        """Append ``ids`` in one batch, logits at each; the top-k after each (speculation)."""
+        sequence, held = self._held(session)
+        new = [int(i) for i in ids]
+        if not new:
+            return []
+        rows = self._feed(sequence, new, len(held), every=True)
+        held += new
+        return [top_k_of(row, top_k) for row in rows]
+
+    def truncate(self, session: str, length: int) -> None:
+        """Keep the first ``length`` ids of ``session`` (a rejected draft's tail goes)."""
+        sequence, held = self._held(session)
+        if length >= len(held):
+            return
+        if length < 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a session keeps at least one token")
+        self._context.kv_cache_seq_rm(sequence, length, -1)
+        del held[length:]
+
     def score(
         self,
         prompt_ids: Sequence[int],
@@ -132,6 +155,22 @@ class LlamaCppBackend(TokenizedBackend):
         held.append(int(token))
         return top_k_of(logits[-1], top_k)
 
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[TopK]:
+        """One ``llama_decode`` of one token per session, each in its own sequence."""
+        check_batch(requests, self._sessions.__contains__)
+        if not requests:
+            return []
+        entries = [self._sessions[r.session] for r in requests]
+        batch = self._batch.batch
+        batch.n_tokens = len(requests)
+        for i, (r, (sequence, held)) in enumerate(zip(requests, entries, strict=True)):
+            batch.token[i], batch.pos[i] = int(r.token), len(held)
+            batch.seq_id[i][0], batch.n_seq_id[i], batch.logits[i] = sequence, 1, True
+        self._decode()
+        for r, (_, held) in zip(requests, entries, strict=True):
+            held.append(int(r.token))
+        return [top_k_of(self._logits(i), r.top_k) for i, r in enumerate(requests)]
+
     def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
         sequence, held = self._held(session)
         new = [int(i) for i in ids]
@@ -145,6 +184,13 @@ class LlamaCppBackend(TokenizedBackend):
         entry = self._sessions.pop(session, None)
         if entry is not None:
             self._give_back(entry[0])
+
+    def rename(self, session: str, to: str) -> list[int]:
+        entry = self._held(session)
+        if to != session:
+            self.release(to)
+            self._sessions[to] = self._sessions.pop(session)  # the same sequence, renamed
+        return list(entry[1])
 
     def _held(self, session: str) -> tuple[int, list[int]]:
         entry = self._sessions.get(session)
@@ -187,14 +233,17 @@ class LlamaCppBackend(TokenizedBackend):
         for at in range(0, len(ids), BATCH):
             chunk = ids[at : at + BATCH]
             self._fill_batch(sequence, chunk, start + at, every)
-            try:
-                self._context.decode(self._batch)
-            except RuntimeError as exc:  # llama_decode's 1: no free cells for this batch
-                raise Moe2Error(ErrorCode.BUSY, f"llama.cpp's {CELLS} KV cells: {exc}") from None
+            self._decode()
             wanted = range(len(chunk)) if every else range(len(chunk) - 1, len(chunk))
             if every or at + BATCH >= len(ids):
                 rows += [self._logits(i) for i in wanted]
         return np.stack(rows)
+
+    def _decode(self) -> None:
+        try:
+            self._context.decode(self._batch)
+        except RuntimeError as exc:  # llama_decode's 1: no free cells for this batch
+            raise Moe2Error(ErrorCode.BUSY, f"llama.cpp's {CELLS} KV cells: {exc}") from None
 
     def _fill_batch(self, sequence: int, ids: list[int], start: int, every: bool) -> None:
         batch = self._batch.batch

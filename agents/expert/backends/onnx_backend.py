@@ -5,6 +5,10 @@ the graph's ``past`` inputs at the next step; a rewrite cuts them to the shared 
 is the reference's (``chat_tokenizer``), so ids and tokenizer identity equal the transformers
 backend's. ``onnxruntime`` runs it on the CPU; on an NVIDIA box install ``onnxruntime-gpu``
 instead and the CUDA provider is used first.
+
+``decode_batch`` decodes its sessions one after another (a documented fallback, no speed-up):
+the graph is traced with a batch of one, and a batched graph would need a new export with a
+batch axis and left-padded masks (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import structlog
 
 from moe2.agents.expert.backends.base import (
     BackendInfo,
+    DecodeRequest,
     PrefixCache,
     TargetLogprobs,
     TopK,
+    check_batch,
     common_prefix,
 )
 from moe2.agents.expert.backends.chat_tokenizer import (
@@ -106,6 +112,25 @@ class OnnxBackend(TokenizedBackend):
         self._sessions[session] = _Session(ids=ids, past=past)
         return top_k_of(logits[-1], top_k)
 
+    def extend(self, session: str, ids: Sequence[int], top_k: int) -> list[TopK]:
+        """Append ``ids`` in one run of the graph; the top-k after each of them (speculation)."""
+        held, new = self._held(session), [int(i) for i in ids]
+        if not new:
+            return []
+        logits, held.past = self._forward(new, held.past, last_only=False)
+        held.ids += new
+        return [top_k_of(row, top_k) for row in logits]
+
+    def truncate(self, session: str, length: int) -> None:
+        """Keep the first ``length`` ids of ``session`` (a rejected draft's tail goes)."""
+        held = self._held(session)
+        if length >= len(held.ids):
+            return
+        if length < 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a session keeps at least one token")
+        held.past = [a[:, :, :length] for a in held.past]
+        held.ids = held.ids[:length]
+
     def score(
         self,
         prompt_ids: Sequence[int],
@@ -130,6 +155,11 @@ class OnnxBackend(TokenizedBackend):
         held.ids.append(int(token))
         return top_k_of(logits[-1], top_k)
 
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[TopK]:
+        """One session after another: the export's batch axis is fixed at 1 (see the module)."""
+        check_batch(requests, self._sessions.__contains__)
+        return [self.decode(*r) for r in requests]
+
     def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
         held, new = self._held(session), [int(i) for i in ids]
         keep = min(common_prefix(held.ids, new), len(new) - 1)
@@ -140,6 +170,12 @@ class OnnxBackend(TokenizedBackend):
 
     def release(self, session: str) -> None:
         self._sessions.pop(session, None)
+
+    def rename(self, session: str, to: str) -> list[int]:
+        held = self._held(session)
+        self._sessions.pop(session)
+        self._sessions[to] = held  # what ``to`` held is dropped with its arrays
+        return list(held.ids)
 
     def _held(self, session: str) -> _Session:
         held = self._sessions.get(session)

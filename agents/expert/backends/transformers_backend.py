@@ -26,17 +26,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moe2.agents.expert.backends.base import (
     BackendInfo,
+    DecodeRequest,
     PrefixCache,
     TargetLogprobs,
     TokenizerKind,
     TopK,
     byte_level_bytes,
+    check_batch,
     common_prefix,
     plain_chat_answer,
     plain_chat_text,
     sentencepiece_bytes,
     tokenizer_identity,
 )
+from moe2.agents.expert.backends.transformers_batch import Stacked
 from moe2.agents.expert.backends.transformers_scoring import (
     copied_cache,
     cut_cache,
@@ -52,6 +55,7 @@ log = structlog.get_logger("moe2.backend")
 NAME: Final = "transformers"
 CACHE_FORMAT: Final = 1
 _MARKER: Final = "moe2-conversion.json"
+_STACKED: Final = object()  # in ``_caches``: the session's cache is a row of ``_stacked``
 
 
 class TransformersBackend:
@@ -69,6 +73,7 @@ class TransformersBackend:
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._caches: dict[str, Any] = {}
+        self._stacked: Stacked | None = None  # the last decode_batch's sessions, kept stacked
         self._ids: dict[str, list[int]] = {}  # per session: the ids its cache holds
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._token_bytes = build_token_bytes(tokenizer, vocab_size)
@@ -129,10 +134,38 @@ class TransformersBackend:
         top_k: int,
         prefix: PrefixCache | None = None,
     ) -> TopK:
-        self._caches.pop(session, None)
+        self.release(session)
         logits, self._caches[session] = self._prefill(list(prompt_ids), prefix)
         self._ids[session] = [int(i) for i in prompt_ids]
         return top_k_of(logits, top_k)
+
+    def extend(self, session: str, ids: Sequence[int], top_k: int) -> list[TopK]:
+        """Append ``ids`` in one forward pass; the top-k after each of them (speculation)."""
+        new = [int(i) for i in ids]
+        past = self._own_cache(session)
+        if not new:
+            return []
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor([new], dtype=torch.long, device=self._model.device),
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=len(new),
+            )
+        self._caches[session] = out.past_key_values
+        self._ids[session] += new
+        return [top_k_of(row, top_k) for row in out.logits[0, -len(new) :]]
+
+    def truncate(self, session: str, length: int) -> None:
+        """Keep the first ``length`` ids of ``session`` (a rejected draft's tail goes)."""
+        past, held = self._own_cache(session), self._ids[session]
+        if length >= len(held):
+            return
+        if length < 1:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a session keeps at least one token")
+        if not cut_cache(past, len(held) - length):  # sliding-window layers: recompute
+            _, past = self._forward(held[:length], None)
+        self._caches[session], self._ids[session] = past, held[:length]
 
     def score(
         self,
@@ -150,18 +183,43 @@ class TransformersBackend:
             return score_targets(self._model, last, past, targets, k)
 
     def decode(self, session: str, token: int, top_k: int) -> TopK:
-        if session not in self._caches:
-            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
-        logits, self._caches[session] = self._forward([token], self._caches[session])
+        logits, self._caches[session] = self._forward([token], self._own_cache(session))
         self._ids[session].append(int(token))
         return top_k_of(logits, top_k)
 
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[TopK]:
+        check_batch(requests, self._caches.__contains__)
+        if len(requests) < 2:
+            return [self.decode(*r) for r in requests]
+        stacked = self._stacked_for([r.session for r in requests])
+        if stacked is None:  # a cache that cannot be stacked (sliding-window layers)
+            return [self.decode(*r) for r in requests]
+        row = {session: i for i, session in enumerate(stacked.sessions)}
+        tokens = [0] * len(requests)
+        for r in requests:
+            tokens[row[r.session]] = int(r.token)
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=torch.tensor(tokens, dtype=torch.long, device=self._model.device)[
+                    :, None
+                ],
+                attention_mask=stacked.mask().to(self._model.device),
+                position_ids=stacked.positions().to(self._model.device),
+                past_key_values=stacked.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._stacked = stacked.advanced(out.past_key_values)
+        for r in requests:
+            self._caches[r.session] = _STACKED
+            self._ids[r.session].append(int(r.token))
+        return [top_k_of(out.logits[row[r.session], -1], r.top_k) for r in requests]
+
     def rewrite(self, session: str, ids: Sequence[int], top_k: int) -> TopK:
-        if session not in self._caches:
-            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        past = self._own_cache(session)
         new, held = [int(i) for i in ids], self._ids.pop(session)
         keep = min(common_prefix(held, new), len(new) - 1)
-        past = self._caches.pop(session)
+        del self._caches[session]
         if not cut_cache(past, len(held) - keep):  # sliding-window layers past their window
             past, keep = None, 0
         logits, self._caches[session] = self._forward(new[keep:], past)
@@ -169,8 +227,43 @@ class TransformersBackend:
         return top_k_of(logits, top_k)
 
     def release(self, session: str) -> None:
+        if self._caches.get(session) is _STACKED:
+            self._unstack()
         self._caches.pop(session, None)
         self._ids.pop(session, None)
+
+    def rename(self, session: str, to: str) -> list[int]:
+        past = self._own_cache(session)
+        if to != session:
+            self.release(to)
+            del self._caches[session]
+            self._caches[to], self._ids[to] = past, self._ids.pop(session)
+        return list(self._ids[to])
+
+    def _own_cache(self, session: str) -> Any:
+        """The session's cache, taken out of the stacked batch if it is in it."""
+        if session not in self._caches:
+            raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
+        if self._caches[session] is _STACKED:
+            self._unstack()
+        return self._caches[session]
+
+    def _stacked_for(self, sessions: list[str]) -> Stacked | None:
+        """The batch of ``sessions``: the kept one if it holds exactly them, else a new one."""
+        if self._stacked is not None and set(self._stacked.sessions) == set(sessions):
+            return self._stacked
+        self._unstack()
+        caches = [self._caches[s] for s in sessions]
+        return Stacked.of(sessions, caches) if all(reusable(c) for c in caches) else None
+
+    def _unstack(self) -> None:
+        """Give every session of the kept batch its own cache again."""
+        stacked, self._stacked = self._stacked, None
+        if stacked is None:
+            return
+        for row, session in enumerate(stacked.sessions):
+            if self._caches.get(session) is _STACKED:
+                self._caches[session] = stacked.row(row)
 
     def _prefill(self, ids: list[int], prefix: PrefixCache | None) -> tuple[torch.Tensor, Any]:
         """The last position's logits and the cache, from a copy of ``prefix``'s shared head."""
