@@ -250,6 +250,10 @@ def fusion(
         typer.Option(help="auto (by id for one tokenizer, else by bytes), bytes, or ids."),
     ] = None,
     prefix: Annotated[str | None, typer.Option(help="Subject prefix.")] = None,
+    speculate: Annotated[
+        int | None,
+        typer.Option(help="Speculative fusion: draft tokens a round (0: off)."),
+    ] = None,
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
@@ -274,6 +278,7 @@ def fusion(
             tau_s=limits,
             energy_j=energy,
             fusion_path=fusion_path,
+            speculate=speculate,
             metrics_port=metrics_port or None,
         )
         await serve_fusion(nats_url, cfg)

@@ -16,6 +16,10 @@ expert's, the fusion agent's prompt subject and every heartbeat watcher. It
    ``$SRV.STATS`` export).
 
 No handler can raise out of it: one message never stops an agent. docs/protocol.md §11–12.
+
+A request with the header ``Moe2-Probe`` is answered at once with an empty body and goes no
+further (not decoded, not counted): before a fusion agent selects an expert whose heartbeat it
+heard, it probes the expert's step subject so (docs/security.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.subjects import Subjects, valid_token
 
 log = structlog.get_logger("moe2.endpoint")
+PROBE_HEADER = "Moe2-Probe"
 
 M = TypeVar("M", bound=wire.Message)
 
@@ -195,7 +200,17 @@ class Endpoint(Generic[M]):
         await flush_subscriptions(self._nc)
         return sub
 
+    async def _answered_probe(self, msg: Msg) -> bool:
+        """A probe: answer it (empty) and handle nothing more."""
+        if not (msg.headers and PROBE_HEADER in msg.headers):
+            return False
+        if msg.reply:
+            await publish_or_log(self._nc, msg.reply, b"", logger=self._log)
+        return True
+
     async def _take(self, tg: anyio.abc.TaskGroup, msg: Msg) -> None:
+        if await self._answered_probe(msg):
+            return
         if self.concurrency is None:
             await self.handle(msg)
         elif self.in_flight >= self.concurrency:
@@ -215,6 +230,8 @@ class Endpoint(Generic[M]):
 
     async def handle(self, msg: Msg) -> None:
         """Handle one message; never raises (except cancellation). Usable as a ``cb=``."""
+        if await self._answered_probe(msg):
+            return
         started = time.perf_counter()
         self.stats.requests += 1
         message: M | None = None

@@ -72,6 +72,10 @@ class Step(_Message, frozen=True, tag="moe2.v1.step"):
     step: int
     token: int
     text: bytes | None = None  # the chosen candidate's bytes (byte path); None: append ``token``
+    # speculation (docs/protocol.md §5, docs/speculative.md): append these ids after ``token``
+    # in the same pass and publish a slice for each position, steps ``step`` … ``step + len``
+    draft: list[int] = []
+    propose: int = 0  # then draft this many more greedily, a slice for each (0: none)
 
 
 class Close(_Message, frozen=True, tag="moe2.v1.close"):
@@ -100,6 +104,7 @@ class Slice(_Message, frozen=True, tag="moe2.v1.slice"):
     compute_s: float = 0.0
     energy_j: float = 0.0
     prompt_tokens: int = 0  # set on step 0
+    more: int = 0  # slices of the same Step still to come after this one (speculation)
 
     def ids_array(self) -> npt.NDArray[np.uint32]:
         return np.frombuffer(self.ids, dtype="<u4")
@@ -374,6 +379,7 @@ def make_slice(
     compute_s: float = 0.0,
     energy_j: float = 0.0,
     prompt_tokens: int = 0,
+    more: int = 0,
 ) -> Slice:
     """Pack a top-k slice; ``rest`` is computed from the log-probabilities."""
     lp = np.ascontiguousarray(logprobs, dtype="<f4")
@@ -389,6 +395,7 @@ def make_slice(
         compute_s=compute_s,
         energy_j=energy_j,
         prompt_tokens=prompt_tokens,
+        more=more,
     )
 
 

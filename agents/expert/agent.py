@@ -65,6 +65,7 @@ from moe2.agents.expert.config import ExpertConfig, ExpertStats
 from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
 from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.score import run_score, score_refusal
+from moe2.agents.expert.speculate import Held, Speculation, slices_of
 from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.agents.metrics import ExpertMetrics
 from moe2.runtime import wire
@@ -128,6 +129,7 @@ class ExpertAgent:
         self.meter = meter or choose_meter(config.device, config.energy_source)
         self._sessions: dict[str, _Session] = {}
         self._limiter = anyio.CapacityLimiter(1)
+        self._speculation = Speculation(backend, self.meter, self.max_context)
         self._heartbeat_seq = 0
         self._log = log.bind(expert=config.expert_id)
         self._context_head: PrefixCache | None = None
@@ -355,6 +357,7 @@ class ExpertAgent:
         finally:
             self._sessions.pop(session.id, None)
             self._backend.release(session.id)
+            self._speculation.forget(session.id)
             session.inbox.close()
             self.metrics.session_ended(session.ended)
 
@@ -437,12 +440,31 @@ class ExpertAgent:
         return top, ids, reading
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
+        if self._speculation.handles(session.id, step):
+            await self._speculative_step(session, step)
+            return
         self._check_step(session, step)
         top, reading = await self._in_worker(partial(self._timed_decode, session, step))
         session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
         self.stats.note_decode(reading.compute_s)
         self.metrics.computed("decode", 1, reading.compute_s, reading.energy_j)
         await self._publish_slice(session, step.step, top, reading)
+
+    async def _speculative_step(self, session: _Session, step: wire.Step) -> None:
+        """A draft to verify or to propose, or a step back (speculate.py): a slice a position."""
+        held = Held(session.id, session.prompt_tokens, session.next_step, session.top_k)
+        self._speculation.check(held, step)
+        tops, reading = await self._in_worker(partial(self._speculation.run, held, step))
+        session.next_step = step.step + len(tops)
+        self.metrics.computed("decode", len(tops), reading.compute_s, reading.energy_j)
+        me, pieces = self.config.expert_id, self._backend.token_bytes
+        subject = self.subjects.slice(session.id, me)
+        for message in slices_of(
+            tops, session=session.id, expert=me, step=step.step, reading=reading, pieces=pieces
+        ):
+            self.stats.slices += 1
+            self.metrics.slices.inc()
+            await self._publish(subject, message)
 
     def _check_step(self, session: _Session, step: wire.Step) -> None:
         if step.step != session.next_step:

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry
 from moe2.agents.agent_protocol import agent_protocol_service
 from moe2.agents.discovery import FUSION_SERVICE, Served, as_metadata, micro_service
 from moe2.agents.fusion.config import FusionConfig
-from moe2.agents.fusion.membership import Membership, same_tokenizer, vocabulary_of
+from moe2.agents.fusion.limits import PromptRate, client_of
+from moe2.agents.fusion.membership import Membership, probe_expert, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
 from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPlan
 from moe2.agents.metrics import FusionMetrics
@@ -51,6 +52,7 @@ class FusionAgent:
         # SMO on the live bus: re-selects on membership and cost changes, sees every slice
         self.live_selection = selector if isinstance(selector, LiveSelection) else None
         self.membership = Membership(self.config.missed_heartbeats)
+        self.prompt_rate = PromptRate(self.config.prompt_rate_per_s, self.config.prompt_burst)
         self.agent_id = f"fusion-{uuid.uuid4().hex[:8]}"
         self.sessions = 0
         self.served = 0
@@ -168,15 +170,30 @@ class FusionAgent:
         if notice is not None:
             notice(hb.expert, hb.model, hb.tokenizer)
         if self.membership.seen(hb, time.monotonic()):
-            log.info(
-                "expert_joined",
-                expert=hb.expert,
-                model=hb.model,
-                quantisation=hb.quantisation,
-                backend=hb.backend,
-            )
-            self._members_changed.set()
-            self._members_changed = anyio.Event()
+            if self._tg is None:  # not serving (a unit test): no bus to probe it on
+                self._joined(hb)
+            else:  # selectable once it answered on its own subject (docs/security.md)
+                self._tg.start_soon(self._probe, hb)
+
+    async def _probe(self, hb: wire.Heartbeat) -> None:
+        failure = await probe_expert(self.nc, self.subjects, hb.expert)
+        if failure:
+            self.membership.refuse(hb.expert, time.monotonic())
+            log.warning("expert_probe_failed", expert=hb.expert, error=failure)
+        elif self.membership.admit(hb.expert):
+            self._joined(hb)
+
+    def _joined(self, hb: wire.Heartbeat) -> None:
+        self.membership.admit(hb.expert)
+        log.info(
+            "expert_joined",
+            expert=hb.expert,
+            model=hb.model,
+            quantisation=hb.quantisation,
+            backend=hb.backend,
+        )
+        self._members_changed.set()
+        self._members_changed = anyio.Event()
 
     async def wait_for_experts(self, n: int, limit_s: float) -> list[str]:
         """Wait until at least ``n`` experts are live (for the demo and tests)."""
@@ -191,6 +208,7 @@ class FusionAgent:
         if not request.reply:
             raise Moe2Error(ErrorCode.INVALID_FIELD, "a prompt needs a reply subject")
         check_prompt(request.message, self.config)
+        self.prompt_rate.take(client_of(request.reply), started)  # busy past its rate
         if self.sessions >= self.config.max_sessions:
             raise Moe2Error(ErrorCode.BUSY, f"at the limit of {self.config.max_sessions} sessions")
         assert self._tg is not None, "the endpoints serve inside run()"

@@ -27,6 +27,10 @@ class FusionConfig:
     max_stop_strings: int = 16
     max_tokens_limit: int = 4096
     missed_heartbeats: int = 2  # an expert this many of its heartbeat intervals silent is gone
+    # prompts per client (its reply inbox's prefix): a burst, refilled at a rate; more get
+    # "busy" (agents/fusion/limits.py, docs/security.md); prompt_rate_per_s = 0: no limit
+    prompt_rate_per_s: float = 8.0
+    prompt_burst: int = 32
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
     gate: str | None = None  # a trained gating artifact (directory); None: equal weights
     # SMO (Algorithm 2) chooses S when ``outputs`` is set: the store the gate was trained on

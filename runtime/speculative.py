@@ -1,0 +1,253 @@
+"""Speculative fusion: fewer round trips than tokens (docs/speculative.md).
+
+``SpeculativeDecoding`` is ``Decoding`` with rounds instead of steps. After choosing token
+``c`` at step ``s - 1`` it asks one expert, the drafter (the first to answer the prefill), to
+append ``c`` and propose ``n`` more tokens greedily (``Step.propose``): the drafter answers a
+slice per position, steps ``s`` … ``s + n``, and its top-1 ids along them are the draft
+``d_1 … d_n``. Every other expert then appends ``c, d_1 … d_n`` in one forward pass
+(``Step.draft``) and answers a slice per position too. The machine fuses position by position
+exactly as ``Decoding`` fuses a step, and accepts while the fused choice is the draft's next
+token: the first choice that differs, or the choice after the last position, ends the round.
+So a round gives between 1 and ``n + 1`` tokens for two round trips, and the next round's
+``Step`` names the step after the last token taken: every expert cuts its cache back to it.
+
+Greedy: each position's choice is the plain step's choice from the same slices, so the answer
+is the one ``Decoding`` gives (up to the float rounding of a batched pass). Sampling: the draft
+is a point mass ``q = δ(d)``, so the speculative-sampling rule (Leviathan et al. 2023; verified
+against the weighted ensemble as in "Speculative Ensemble", ICML 2025) is: accept ``d`` with
+probability ``p(d)``, where ``p`` is what the plain sampler draws from (tempered, top-p), else
+draw from ``p`` with ``d`` removed, renormalised. Each token is then distributed as ``p``.
+
+An expert's answer to one ``Step`` is a run of slices ending with ``more == 0``. One that did
+not finish its run within the deadline is late, as in ``Decoding``, and owes that run: its
+slices are dropped until the run's last one has come (NATS keeps one publisher's order), so a
+stale slice is never taken for a fresh one of the same step number.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from moe2.runtime import wire
+from moe2.runtime.decoding import (
+    REFUSALS,
+    Accepted,
+    Action,
+    Arrived,
+    DecodeSettings,
+    Decoding,
+    Refused,
+    SessionPlan,
+    StepWait,
+    ToExpert,
+)
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.sampling import SamplingParams, TokenSampler, tempered
+
+__all__ = ["DraftSampler", "SpeculativeDecoding", "decoding_for", "sampled_distribution"]
+
+
+def decoding_for(
+    plan: SessionPlan, settings: DecodeSettings, started: float, speculate: int
+) -> Decoding:
+    """The machine for a session: speculative with a draft of ``speculate`` tokens on the id
+    path, plain otherwise (the byte path does not speculate: docs/speculative.md)."""
+    if speculate > 0 and plan.fusion_path == "ids":
+        return SpeculativeDecoding(plan, settings, started, speculate)
+    return Decoding(plan, settings, started)
+
+
+def sampled_distribution(
+    probs: npt.NDArray[np.float64], params: SamplingParams
+) -> npt.NDArray[np.float64]:
+    """What ``TokenSampler`` draws from, per candidate: tempered, cut to top-p, renormalised."""
+    p = tempered(probs, params.temperature)
+    order = np.argsort(-p, kind="stable")
+    if params.top_p < 1:
+        order = order[: int(np.searchsorted(np.cumsum(p[order]), params.top_p)) + 1]
+    kept = np.zeros_like(p)
+    kept[order] = p[order]
+    result: npt.NDArray[np.float64] = kept / kept.sum()
+    return result
+
+
+class DraftSampler(TokenSampler):
+    """The plain sampler, but a position with a draft token decides by speculative sampling."""
+
+    draft: int | None = None  # the draft's token at the position being chosen
+
+    def choose_index(self, dist: Any) -> int:
+        if self.draft is None or self.params.temperature == 0:
+            return super().choose_index(dist)  # greedy: the argmax, as plain fusion
+        p = sampled_distribution(dist.probs, self.params)
+        at = int(np.searchsorted(dist.ids, self.draft))
+        hit = at < len(dist.ids) and int(dist.ids[at]) == self.draft
+        if hit and self._rng.random() < p[at]:
+            return at
+        if hit:
+            p[at] = 0.0
+        return int(self._rng.choice(len(p), p=p / p.sum()))
+
+
+class SpeculativeDecoding(Decoding):
+    """``Decoding`` in rounds of a draft and its verification; see the module."""
+
+    def __init__(
+        self, plan: SessionPlan, settings: DecodeSettings, started: float, speculate: int
+    ) -> None:
+        super().__init__(plan, settings, started)
+        p = plan.prompt
+        self._sampler = DraftSampler(SamplingParams(p.temperature, p.top_p, p.seed))
+        self.sampler = self._sampler
+        self.speculate = speculate
+        self.rounds = 0  # waves of Steps sent (a draft and its verification are two)
+        self.drafted = 0  # draft tokens offered for verification
+        self.accepted = 0  # ... and accepted
+        self._got: dict[str, list[wire.Slice]] = {}  # this wave's slices per expert, in order
+        self._span = 1  # the most slices one expert may send in this wave
+        self._drafter = ""  # who drafts this round ("": the round is verifying)
+        self._draft: list[int] = []
+        self._owed: Counter[str] = Counter()  # runs of slices a late expert still sends
+        self._order: list[str] = []  # experts by when their prefill answered: the drafter first
+
+    # --- arrivals: a run of slices per expert ----------------------------------------------------
+
+    def _arrive(self, event: Arrived, now: float, out: list[Action]) -> None:
+        m, sender = event.message, event.sender
+        if not isinstance(m, wire.Slice) or m.expert != sender:
+            errors = len(self._wait.errors)
+            super()._arrive(event, now, out)
+            if isinstance(m, wire.Error) and len(self._wait.errors) == errors:
+                self._settle_owed(sender, 0)  # an error about an owed run ends it
+            return
+        if self._owed[sender]:
+            self._settle_owed(sender, m.more)
+            self.log.info("slice_dropped", expert=sender, step=m.step, why="stale")
+            out.append(Refused(ErrorCode.WRONG_STEP, f"slice of {sender!r} is from a late run"))
+            return
+        self._take_slice(m, sender, now, out)
+
+    def _settle_owed(self, sender: str, more: int) -> None:
+        if self._owed[sender] and more == 0:
+            self._owed[sender] -= 1
+
+    def _take_slice(self, m: wire.Slice, sender: str, now: float, out: list[Action]) -> None:
+        w = self._wait
+        got = self._got.setdefault(sender, [])
+        problem = self._run_problem(m, sender, w.step + len(got))
+        if problem is not None:
+            self.log.warning("slice_dropped", expert=sender, step=m.step, at=w.step, why=problem)
+            if problem in REFUSALS and sender in w.waiting:
+                w.refused.setdefault(sender, problem)
+            code = ErrorCode.WRONG_STEP if problem == "late" else ErrorCode(problem)
+            out.append(Refused(code, f"slice of {sender!r} for step {m.step}: {problem}"))
+            return
+        first = not w.slices and not w.errors and not got
+        got.append(m)
+        out.append(Accepted(m))
+        if first:
+            self._start_grace(now)
+        if m.more == 0 or len(got) >= self._span:
+            w.slices[sender] = got[0]
+            w.waiting.discard(sender)
+            if w.step == 0:
+                self._order.append(sender)
+
+    def _run_problem(self, s: wire.Slice, sender: str, expected: int) -> str | None:
+        """``Decoding._problem`` for the next slice of a run: its step must be ``expected``."""
+        if s.session != self.plan.session:
+            return str(ErrorCode.INVALID_FIELD)
+        if sender not in self.weight:
+            return str(ErrorCode.NOT_IN_SESSION)
+        if s.step < expected:
+            return "late"
+        if s.step > expected or sender not in self._wait.waiting:
+            return str(ErrorCode.WRONG_STEP)
+        try:
+            wire.check_slice(s, self.plan.vocabulary(sender).size)
+        except Moe2Error as exc:
+            return str(exc.code)
+        return None
+
+    # --- the end of a wave -----------------------------------------------------------------------
+
+    def _end_step(self, now: float, out: list[Action]) -> None:
+        w = self._wait
+        self._owed.update(e for e in w.waiting if e in self.active)  # late: their runs are owed
+        if self._drafter:
+            self._verify(now, out)
+        else:
+            super()._end_step(now, out)
+
+    def _verify(self, now: float, out: list[Action]) -> None:
+        """The draft is in (or the drafter failed): send it to the others to verify."""
+        w, drafter = self._wait, self._drafter
+        self._drafter = ""
+        run = self._got.get(drafter, []) if drafter in w.slices else []
+        self._draft = [int(s.ids_array()[0]) for s in run[:-1]]
+        self._got = {drafter: run} if run else {}
+        others = [e for e in self.active if e != drafter]
+        self._span = len(self._draft) + 1
+        deadline = now + self.settings.step_deadline_s * self._span
+        self._wait = StepWait(w.step, now, deadline, set(others), dict(w.slices), dict(w.errors))
+        self._wait.refused.update(w.refused)
+        if not others:
+            super()._end_step(now, out)
+            return
+        self.rounds += 1
+        self.drafted += len(self._draft)
+        step = wire.Step(
+            session=self.plan.session, step=w.step, token=self.tokens[-1], draft=self._draft
+        )
+        out += [ToExpert(e, step) for e in others]
+
+    def _advance(self, w: StepWait, now: float, out: list[Action]) -> None:
+        """Fuse the wave's positions in turn, as ``Decoding`` fuses a step, while the choice is
+        the draft's next token; then start the next round from the last token taken."""
+        positions = self._positions(w)
+        for at, slices in enumerate(positions):
+            self._sampler.draft = self._draft[at] if at < len(self._draft) else None
+            chosen: list[Action] = []
+            super()._advance(
+                StepWait(w.step + at, w.opened_at, w.deadline, set(), slices), now, chosen
+            )
+            out += [a for a in chosen if not _is_step(a)]
+            if self.finished:
+                return
+            if at + 1 == len(positions) or self.tokens[-1] != self._draft[at]:
+                break
+            self.accepted += 1
+        self._next_round(w.step + at + 1, now, out)
+
+    def _positions(self, w: StepWait) -> list[dict[str, wire.Slice]]:
+        """Per position of the wave, the slices of every expert whose run is complete, as far
+        as every such run reaches (in plan order, as ``Decoding`` fuses them)."""
+        runs = {e: self._got.get(e) or [w.slices[e]] for e in self.plan.experts if e in w.slices}
+        reach = min(len(run) for run in runs.values())
+        return [{e: run[i] for e, run in runs.items()} for i in range(reach)]
+
+    def _next_round(self, step: int, now: float, out: list[Action]) -> None:
+        token, self._got, self._draft = self.tokens[-1], {}, []
+        n = min(self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - 1)
+        drafters = [e for e in self._order if e in self.active]
+        self.rounds += 1
+        if n <= 0 or not drafters:
+            self._span = 1
+            message = wire.Step(session=self.plan.session, step=step, token=token)
+            out += [ToExpert(e, message) for e in self.active]
+            deadline = now + self.settings.step_deadline_s
+            self._wait = StepWait(step, now, deadline, set(self.active))
+            return
+        self._drafter, self._span = drafters[0], n + 1
+        propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
+        out.append(ToExpert(self._drafter, propose))
+        deadline = now + self.settings.step_deadline_s * self._span
+        self._wait = StepWait(step, now, deadline, {self._drafter})
+
+
+def _is_step(action: Action) -> bool:
+    return isinstance(action, ToExpert) and isinstance(action.message, wire.Step)
