@@ -64,7 +64,7 @@ async def test_the_dashboard_shows_the_pool_and_streams_an_answer_coloured_by_ex
     async with async_api.async_playwright() as driver:
         browser = await driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            page = await browser.new_page(viewport={"width": 1500, "height": 900})
+            page = await browser.new_page(viewport={"width": 1100, "height": 540})
             await page.goto(root)
             # the status tables fill in from GET /status: both experts, and the fusion agent
             # once it has answered $SRV.INFO (asked on the first poll, shown on the next)

@@ -113,6 +113,7 @@ def test_once_shows_the_expert_its_health_s_and_tokens_per_second(
     # the expert's heartbeats (every 1 s) must have told that the session is over
     assert answered < printed - 1.5, "the pool answered too late for this snapshot: a slow box"
     text = result.output
+    print(text)  # the view, in the test's log
     cells = row(text, "e0")
     _, model, adapter, quant, backend, device, *_, heartbeat, sessions, rate, late = cells
     assert (model, adapter, quant) == ("SmolLM2-135M-Instruct", "-", "Q4_1")
