@@ -4,11 +4,14 @@ on uvicorn, a real fusion agent, nats-server and SmolLM2 expert (docs/gateway.md
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -179,6 +182,42 @@ async def test_models_lists_the_pool_and_an_unknown_model_is_404(nats_url: str) 
     error = error_of(caught)
     assert (error["param"], error["code"]) == ("model", "model_not_found")
     assert s.model in error["message"]
+
+
+async def test_status_is_the_pool_as_moe2_status_shows_it_and_the_page_is_served(
+    nats_url: str,
+) -> None:
+    """``GET /status``: the fusion agent (from $SRV.INFO) in the status view's columns, no expert
+    yet; an unknown model is a 404. ``GET /`` is the dashboard page."""
+    async with stack(nats_url) as s:
+        root = str(s.openai.base_url).removesuffix("v1/")
+        assert s.fusion is not None
+        with anyio.fail_after(10):
+            while not (shot := await _get_json(root + "status"))["fusion"]["rows"]:  # noqa: ASYNC110  # an HTTP poll: no event
+                await anyio.sleep(0.2)  # $SRV.INFO was asked at start: its answer is on its way
+            page = await anyio.to_thread.run_sync(_get, root)
+            missing = await anyio.to_thread.run_sync(_get, root + "status?model=nope")
+    assert (shot["model"], shot["models"]) == (s.model, [s.model])
+    assert shot["experts"]["rows"] == [] and shot["experts"]["columns"][:2] == ["expert", "model"]
+    agent_row = shot["fusion"]["rows"][0]
+    assert agent_row[:4] == [s.fusion.agent_id, "all-live", "-", "all live"]
+    assert shot["summary"].startswith("0 of 0 experts live · sessions in flight: 0")
+    assert page[0] == 200 and b'<table id="experts">' in page[1]
+    assert missing[0] == 404 and json.loads(missing[1])["error"]["code"] == "model_not_found"
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return int(reply.status), bytes(reply.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read()
+
+
+async def _get_json(url: str) -> Any:
+    status, body = await anyio.to_thread.run_sync(_get, url)
+    assert status == 200, body
+    return json.loads(body)
 
 
 @pytest.mark.parametrize(
