@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -45,7 +46,7 @@ from moe2.runtime.decoding import (
     StepWait,
     ToExpert,
 )
-from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.errors import ErrorCode
 from moe2.runtime.sampling import SamplingParams, TokenSampler, tempered
 
 __all__ = ["DraftSampler", "SpeculativeDecoding", "decoding_for", "sampled_distribution"]
@@ -158,20 +159,11 @@ class SpeculativeDecoding(Decoding):
                 self._order.append(sender)
 
     def _run_problem(self, s: wire.Slice, sender: str, expected: int) -> str | None:
-        """``Decoding._problem`` for the next slice of a run: its step must be ``expected``."""
-        if s.session != self.plan.session:
-            return str(ErrorCode.INVALID_FIELD)
-        if sender not in self.weight:
-            return str(ErrorCode.NOT_IN_SESSION)
-        if s.step < expected:
-            return "late"
-        if s.step > expected or sender not in self._wait.waiting:
-            return str(ErrorCode.WRONG_STEP)
-        try:
-            wire.check_slice(s, self.plan.vocabulary(sender).size)
-        except Moe2Error as exc:
-            return str(exc.code)
-        return None
+        """``Decoding._problem`` for the next slice of a run, checked as its run's first: the
+        step it must name is ``expected``."""
+        return self._problem(
+            msgspec.structs.replace(s, step=s.step + self._wait.step - expected), sender
+        )
 
     # --- the end of a wave -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from moe2.runtime.decoding import Arrived, DecodeSettings, SessionPlan, Tick, To
 from moe2.runtime.sampling import SamplingParams
 from moe2.runtime.speculative import DraftSampler, SpeculativeDecoding, sampled_distribution
 from moe2.runtime.subjects import Subjects
-from tests.test_expert import expert_on_bus, slice_of
+from tests.test_expert import expert_on_bus, greedy_alone, slice_of
 
 _prefixes = (f"sp{i}" for i in itertools.count())
 V = 8  # the vocabulary of the machine tests
@@ -166,7 +166,7 @@ def test_speculative_sampling_draws_each_token_from_the_plain_samplers_distribut
 async def test_an_expert_verifies_a_draft_in_one_pass_and_goes_back(
     smollm2: TransformersBackend, nats_url: str
 ) -> None:
-    greedy = greedy_chain(smollm2, 6)
+    greedy = greedy_alone(smollm2, 6)
     async with expert_on_bus(smollm2, nats_url) as bus:
         sub = await bus.open("spec")
         with anyio.fail_after(60):
@@ -190,16 +190,6 @@ async def test_an_expert_verifies_a_draft_in_one_pass_and_goes_back(
                 error = await bus.reply(sub)
                 assert isinstance(error, wire.Error) and error.step == step.step
                 assert error.code == ("invalid_field" if step.text else "wrong_step")
-
-
-def greedy_chain(backend: TransformersBackend, n: int) -> list[int]:
-    from tests.test_expert import HELLO
-
-    tokens = [int(backend.prefill("chain", backend.encode_chat(HELLO), 1).ids[0])]
-    while len(tokens) < n:
-        tokens.append(int(backend.decode("chain", tokens[-1], 1).ids[0]))
-    backend.release("chain")
-    return tokens
 
 
 # --- fused answers of real experts ------------------------------------------------------------

@@ -69,29 +69,24 @@ class Speculation:
     def check(self, held: Held, step: wire.Step) -> None:
         """Refuse a step that names a step out of reach, an id out of the vocabulary, or text."""
         floor = self._floor.get(held.session, held.next_step)
-        if not floor <= step.step <= held.next_step:
-            raise Moe2Error(
-                ErrorCode.WRONG_STEP,
-                f"expected a step from {floor} to {held.next_step}, got {step.step}",
-            )
-        if step.text is not None:
-            raise Moe2Error(ErrorCode.INVALID_FIELD, "a speculating session fuses by id, not text")
         vocab = self._backend.info.vocab_size
-        if not all(0 <= t < vocab for t in [step.token, *step.draft]):
-            raise Moe2Error(
-                ErrorCode.INVALID_FIELD, f"an id is outside the vocabulary (0..{vocab - 1})"
-            )
-        if step.propose < 0 or len(step.draft) + step.propose > MAX_SPECULATED:
-            raise Moe2Error(
-                ErrorCode.INVALID_FIELD,
-                f"draft and propose must be >= 0 and together at most {MAX_SPECULATED}",
-            )
-        if held.prompt + step.step >= self._max_context:
-            raise Moe2Error(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"the context is full: {held.prompt} prompt and {step.step} answer tokens "
-                f"reach this expert's {self._max_context}-token context",
-            )
+        speculated = len(step.draft) + step.propose
+        refusals = (
+            (not floor <= step.step <= held.next_step, ErrorCode.WRONG_STEP,
+             f"expected a step from {floor} to {held.next_step}, got {step.step}"),
+            (step.text is not None, ErrorCode.INVALID_FIELD,
+             "a speculating session fuses by id, not by text"),
+            (not all(0 <= t < vocab for t in [step.token, *step.draft]), ErrorCode.INVALID_FIELD,
+             f"an id of the step is outside the vocabulary (0..{vocab - 1})"),
+            (step.propose < 0 or speculated > MAX_SPECULATED, ErrorCode.INVALID_FIELD,
+             f"draft and propose must be >= 0 and together at most {MAX_SPECULATED}"),
+            (held.prompt + step.step >= self._max_context, ErrorCode.PROMPT_TOO_LONG,
+             f"no room for step {step.step} after a {held.prompt}-token prompt in this "
+             f"expert's {self._max_context}-token context"),
+        )  # fmt: skip
+        for refused, code, why in refusals:
+            if refused:
+                raise Moe2Error(code, why)
 
     def run(self, held: Held, step: wire.Step) -> tuple[list[TopK], Reading]:
         """Worker thread: go back to the step, append token and draft in one pass, propose.

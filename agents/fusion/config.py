@@ -10,6 +10,7 @@ from typing import Any
 from moe2.runtime.errors import ErrorCode, Moe2Error
 
 FUSION_PATHS = ("auto", "bytes", "ids")
+MAX_SPECULATE = 16  # draft tokens a round (an expert takes up to 32 in one Step)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class FusionConfig:
     # how a session fuses (docs/protocol.md §7, §10): "auto" by token id when its experts share
     # one tokenizer, else by bytes; "bytes" always by bytes; "ids" only experts of one tokenizer
     fusion_path: str = "auto"
+    # speculative fusion (docs/speculative.md): the drafter proposes this many tokens a round
+    # and the others verify them in one pass; 0: plain step-by-step fusion. Id path only.
+    speculate: int = 0
     metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
     # $SRV.PING/INFO/STATS as the micro service moe2-fusion, and an agent of the Synadia Agent
     # Protocol (agents.prompt.moe2.<agent_owner>.<prefix>) answering agent_max_tokens at most
@@ -56,6 +60,10 @@ class FusionConfig:
             raise Moe2Error(
                 ErrorCode.INVALID_FIELD,
                 f"fusion_path must be one of {', '.join(FUSION_PATHS)}, not {self.fusion_path!r}",
+            )
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD, f"speculate must be in 0..{MAX_SPECULATE} draft tokens"
             )
         if self.missed_heartbeats < 1:
             raise Moe2Error(ErrorCode.INVALID_FIELD, "missed_heartbeats must be >= 1")
