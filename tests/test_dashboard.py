@@ -54,7 +54,7 @@ async def cells(page: Any, table: str) -> list[list[str]]:
 
 
 async def test_the_dashboard_shows_the_pool_and_streams_an_answer_coloured_by_expert(
-    two_experts: Stack, chromium: str, tmp_path: Path
+    chromium: str, two_experts: Stack, tmp_path: Path
 ) -> None:
     s = two_experts
     with anyio.fail_after(120):
