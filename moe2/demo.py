@@ -29,6 +29,7 @@ from moe2.agents.fusion.agent import FusionAgent, serve_fusion
 from moe2.agents.fusion.config import FusionConfig
 from moe2.pool import DEFAULT_POOL, BudgetReport, Pool, PoolExpert, budget_report, load_pool
 from moe2.runtime import wire
+from moe2.runtime.auth import AuthDir
 from moe2.runtime.client import Client
 from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
@@ -75,11 +76,13 @@ async def run_demo(settings: DemoSettings) -> None:
     pool = demo_pool(settings)
     experts = pool.first(settings.experts or pool.demo_experts)
     logs = Path(tempfile.mkdtemp(prefix="moe2-demo-"))
-    with NatsServer() as server:
-        _say(f"· nats-server on {server.url}")
-        with expert_processes(server.url, experts, logs) as started:
+    auth = AuthDir(logs / "nats")  # per-role users for this run (docs/security.md)
+    auth.init([e.id for e in experts])
+    with NatsServer(auth=auth) as server:
+        _say(f"· nats-server on {server.url} · {_auth_line(auth)}")
+        with expert_processes(server.url, experts, logs, auth) as started:
             _say(_pool_table(pool, experts, logs))
-            await _demonstrate(server.url, pool, started, settings)
+            await _demonstrate(server.url, pool, started, settings, auth)
     _say("· shut down: fusion agent, experts and nats-server stopped")
 
 
@@ -88,6 +91,7 @@ async def _demonstrate(
     pool: Pool,
     started: Sequence[ExpertProcess],
     settings: DemoSettings,
+    auth: AuthDir,
 ) -> None:
     """Start the fusion agent, wait for the experts and S, ask every question; then stop it."""
     began = time.monotonic()
@@ -103,7 +107,7 @@ async def _demonstrate(
         # boxes they stand for: SMO keeps the pool's costs (no drift re-selection)
         drift=math.inf,
     )
-    serve = partial(serve_fusion, profiles=pool.profiles)
+    serve = partial(serve_fusion, profiles=pool.profiles, auth=auth.auth("fusion"))
     async with anyio.create_task_group() as tg:
         agent: FusionAgent = await tg.start(serve, url, config)
         selection = SelectionWatch([p.expert for p in started])
@@ -111,7 +115,7 @@ async def _demonstrate(
         await wait_for_experts(agent, started, settings.start_timeout_s)
         _say(f"· experts live after {time.monotonic() - began:.0f} s; fusion agent ready")
         _say(_selection_lines(pool, budgets, await selection.chosen(30.0)))
-        async with moe2.connect(url) as client:
+        async with moe2.connect(url, auth=auth.auth("client")) as client:
             for question in settings.questions:
                 await _ask(client, agent, question, settings.max_tokens)
         tg.cancel_scope.cancel()
@@ -143,9 +147,10 @@ class ExpertProcess:
 
 @contextmanager
 def expert_processes(
-    url: str, experts: Sequence[PoolExpert], logs: Path
+    url: str, experts: Sequence[PoolExpert], logs: Path, auth: AuthDir | None = None
 ) -> Iterator[list[ExpertProcess]]:
-    """Start the experts as separate processes; terminate (then kill) them on the way out."""
+    """Start the experts as separate processes, each with its own credentials from ``auth``
+    (``MOE2_NATS_NKEY``); terminate (then kill) them on the way out."""
     started: list[ExpertProcess] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
@@ -153,7 +158,10 @@ def expert_processes(
             log = logs / f"{expert.id}.log"
             with log.open("wb") as out:
                 command = expert.command(url)
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+                own = auth.auth(f"expert-{expert.id}").env() if auth else {}
+                proc = subprocess.Popen(
+                    command, stdout=out, stderr=subprocess.STDOUT, env={**env, **own}
+                )
             started.append(ExpertProcess(expert.id, proc, log))
         yield started
     finally:
@@ -165,6 +173,14 @@ def expert_processes(
             except subprocess.TimeoutExpired:
                 p.process.kill()
                 p.process.wait(5)
+
+
+def _auth_line(auth: AuthDir) -> str:
+    experts = auth.experts()
+    return (
+        f"authentication on: per-role users (client, fusion, admin, {len(experts)} experts), "
+        f"nkey seeds in {auth.path}"
+    )
 
 
 def _pool_table(pool: Pool, experts: Sequence[PoolExpert], logs: Path) -> str:

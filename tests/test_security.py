@@ -34,6 +34,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import Subjects
 from moe2.runtime.wire import MAX_HEARTBEAT_INTERVAL_S
+from moe2.status import PoolWatch
 from tests.scripted import Script, ScriptedExpert
 
 pytestmark = pytest.mark.anyio
@@ -433,3 +434,24 @@ async def test_a_real_smollm2_expert_process_answers_with_its_own_credentials(
     assert {who: c.errors for who, c in conns.items() if c.errors} == {}
     assert "permissions violation" not in text.lower(), text[-2000:]
     assert "nats_without_authentication" not in text
+
+
+async def test_the_admin_role_watches_the_pool_and_publishes_nothing_else(
+    nats_server: NatsServer, nats_auth: AuthDir
+) -> None:
+    """`moe2 status` with the admin's credentials sees experts, steps and the fusion agents'
+    $SRV.INFO; the server refuses the admin a prompt (read-only but for $SRV requests)."""
+    async with (
+        honest_pool(nats_server, nats_auth, {"a": Script()}) as (client, _, _conns),
+        role(nats_server, nats_auth.auth("admin"), "admin") as admin,
+    ):
+        watch = PoolWatch(admin.nc, "moe2", nats_server.plain_url)
+        await watch.start()
+        with anyio.fail_after(20):
+            await client.ask("watched", max_tokens=8).collect()
+            while not (watch.view.fusion and watch.view.tokens):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await admin.nc.publish(S.prompt, b"x")
+        said = await admin.violation("publish", S.prompt)
+    assert list(watch.view.experts) == ["a"]
+    assert admin.errors == [said]  # nothing else was refused

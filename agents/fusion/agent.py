@@ -22,6 +22,7 @@ from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPl
 from moe2.agents.metrics import FusionMetrics
 from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.endpoint import Endpoint, EndpointStats, Request, publisher_named_by
 from moe2.runtime.errors import ErrorCode, Moe2Error
@@ -384,13 +385,15 @@ async def serve_fusion(
     config: FusionConfig,
     *,
     profiles: Profiles | None = None,
+    auth: NatsAuth | None = None,
     task_status: TaskStatus[FusionAgent] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Connect and run one fusion agent until cancelled (``moe2 fusion``); ``profiles``: SMO's
-    costs when already read, instead of ``config.profiles``."""
+    costs when already read, instead of ``config.profiles``; ``auth``: its NATS credentials
+    (default: ``MOE2_NATS_*``)."""
     gate = await anyio.to_thread.run_sync(load_gate, config.gate)
     selector = await anyio.to_thread.run_sync(load_live_selection, config, gate, profiles)
-    nc = await connect_nats(url, name="moe2-fusion")
+    nc = await connect_nats(url, name="moe2-fusion", auth=auth)
     try:
         agent = FusionAgent(nc, config, gate=gate, selector=selector)
         async with anyio.create_task_group() as tg:
