@@ -8,7 +8,10 @@ expert serves them); a prefill of each prompt is timed too, per prompt token. Be
 its library driven directly (``raw_decode``: one token in, the argmax out, no sessions, no
 top-k) is timed at the same steps: the backend's own overhead is the ratio to it.
 
-    python bench/backends.py [--steps 64] [--threads 1] [--json out.json]
+    python bench/backends.py [--steps 64] [--threads 1] [--json out.json] [--quick]
+
+In the suite (``bench/run.py``) each backend is a row: its decode step against its raw library
+loop, target at most 1.2x at p50. ``--quick``: 16 steps per prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from _common import Latency, machine, markdown_table, quiet_logs
 from raw_decode import RawLoop, raw_loop
+from suite import SUITE_ROWS, suite_row
 
 from moe2.agents.expert.backends import Backend, load_backend
 from moe2.agents.expert.models import resolve_model
@@ -37,6 +41,13 @@ PROMPTS = [
 ]
 LIBRARIES = {"transformers": "torch", "onnx": "onnxruntime", "onnx-int8": "onnxruntime"}
 LIBRARIES["llamacpp"] = "llama_cpp"
+TARGET_RAW = 1.2  # a backend's decode step against its library's own loop, p50
+RAW_LOOPS = {
+    "transformers": "the model's forward with its past_key_values, argmax",
+    "onnx": "an onnxruntime session on the exported graph, argmax",
+    "onnx-int8": "an onnxruntime session on the int8 graph, argmax",
+    "llamacpp": "llama_cpp.Llama.eval and the last logits, argmax",
+}
 
 
 def installed() -> list[str]:
@@ -105,12 +116,35 @@ def report(backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]) 
     return markdown_table(header, rows)
 
 
+def suite_rows(
+    backends: dict[str, Backend], ms: dict[str, dict[str, list[float]]]
+) -> list[dict[str, Any]]:
+    """One row per backend: its decode step against its raw library loop (p50)."""
+    rows = []
+    for name, backend in backends.items():
+        decode, raw = Latency.of(ms[name]["decode"]), Latency.of(ms[name]["raw"])
+        ratio = decode.p50_ms / raw.p50_ms
+        rows.append(
+            suite_row(
+                "backend_step",
+                f"{RAW_LOOPS[name]}: p50 {raw.p50_ms:.1f} ms",
+                f"p50 {decode.p50_ms:.1f} ms = {ratio:.2f}×",
+                ratio <= TARGET_RAW,
+                row=f"backend step cost: {name} ({backend.info.quantisation})",
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=64, help="decode steps per prompt")
     parser.add_argument("--threads", type=int, default=1, help="threads per backend")
     parser.add_argument("--json", help="also write the samples and the machine here")
+    parser.add_argument("--quick", action="store_true", help="16 steps per prompt")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = min(args.steps, 16)
     quiet_logs()
     warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers, every step
     source = resolve_model()
@@ -125,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.steps} steps x {len(PROMPTS)} prompts, {args.threads} thread(s); {machine()}")
     if args.json:
         out: dict[str, Any] = {"samples_ms": ms, "machine": machine(), "args": vars(args)}
+        out[SUITE_ROWS] = suite_rows(backends, ms)
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)
     return 0

@@ -15,6 +15,7 @@ The responders of both paths run in one helper process (this file, ``--serve``);
 fusion agent and the raw gatherer run in this one.
 
     python bench/bus_overhead.py [--steps 200] [--rounds 20] [--experts 4] [--json out.json]
+                                 [--quick]  (5 rounds)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from _common import (
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from suite import SUITE_ROWS, suite_row
 from tqdm import tqdm
 
 import moe2
@@ -282,6 +284,14 @@ def report(samples: Samples, args: argparse.Namespace, took_s: float) -> dict[st
         "pass_ratio": ratio50 <= TARGET_RATIO,
         "pass_p50": fused.p50_ms <= TARGET_P50_MS,
         "rounds": samples.rounds,
+        SUITE_ROWS: [
+            suite_row(
+                "fused_step",
+                f"p50 {raw.p50_ms:.3f} ms",
+                f"p50 {fused.p50_ms:.3f} ms = {ratio50:.2f}× (p99 {ratio99:.2f}×)",
+                ratio50 <= TARGET_RATIO,
+            )
+        ],
     }
 
 
@@ -354,8 +364,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=20, help="raw + fused rounds (default 20)")
     p.add_argument("--experts", type=int, default=4, help="experts / responders (default 4)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="5 rounds (bench/run.py --quick)")
     p.add_argument("--serve", nargs=2, metavar=("URL", "TRACE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = min(args.rounds, 5)
     if args.steps < 2 or args.rounds < 1 or args.experts < 1:
         p.error("need --steps >= 2, --rounds >= 1, --experts >= 1")
     return args

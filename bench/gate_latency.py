@@ -9,7 +9,12 @@ questions. The gate is a trained artifact (``--artifact``, its own embedder) or 
 initialised Table VI network over N = 4 experts (the weights do not change the arithmetic).
 
     python bench/gate_latency.py [--artifact DIR] [--embedders NAME,NAME] [--prompts 60]
-                                 [--rounds 2] [--threads 2,1] [--json out.json]
+                                 [--rounds 2] [--threads 2,1] [--json out.json] [--quick]
+
+In the suite (``bench/run.py``) a row per prompt set, at the first thread count: embed + gate
+against the embedder's raw forward (``forward``: its tokenizer and the model's forward under
+``torch.inference_mode``, nothing else), p50 at most 1.15x and at most 15 ms. ``--quick``: the
+first embedder, the first thread count, 20 prompts, one round.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 from _common import Latency, machine, markdown_table, quiet_logs
+from suite import SUITE_ROWS, suite_row
 
 from moe2.gating import UniformGate
-from moe2.gating.artifact import GatingArtifact, LearnedGate
+from moe2.gating.artifact import GatingArtifact, LearnedGate, prompt_text
 from moe2.gating.data import cloze_messages, letter_messages, load_examples
 from moe2.gating.embed import SentenceEmbedder, load_embedder
 from moe2.gating.model import GatingMLP
 from moe2.runtime.wire import ChatMessage
 
 TARGET_MS = 15.0
+TARGET_RATIO = 1.15  # embed + gate against the embedder's raw forward, p50
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu" / "val"
 EXPERTS = ["e0", "e1", "e2", "e3"]
 EMBEDDERS = ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2+int8"]
@@ -46,6 +53,7 @@ FALLBACK = [
 PATHS = {  # short column name: what it measures
     "uniform": "uniform gate (the floor)",
     "mlp": "gating MLP alone, one embedding",
+    "forward": "the embedder's raw forward: tokenizer + model forward, inference mode",
     "embed": "embedder alone (moe2 embed)",
     "encode": "sentence-transformers encode(), for comparison",
     "gate": "embed + gate (LearnedGate.gate)",
@@ -81,12 +89,20 @@ def runs(embedder: SentenceEmbedder, artifact: GatingArtifact) -> dict[str, Run]
     experts = artifact.expert_ids
     one = embedder.embed(["a fixed prompt"])
 
+    model = embedder.model
+    preprocess = getattr(model, "preprocess", None) or model.tokenize
+
     def encode(m: Conversation) -> object:
-        return embedder.model.encode([m[-1].content], batch_size=1, show_progress_bar=False)
+        return model.encode([m[-1].content], batch_size=1, show_progress_bar=False)
+
+    def forward(m: Conversation) -> object:
+        with torch.inference_mode():
+            return model(preprocess([prompt_text(m)]))["sentence_embedding"]
 
     return {
         "uniform": lambda m: uniform.gate(m, experts),
         "mlp": lambda m: artifact.values(one),
+        "forward": forward,
         "embed": lambda m: embedder.embed([m[-1].content]),
         "encode": encode,
         "gate": lambda m: learned.gate(m, experts),
@@ -142,7 +158,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "paths": PATHS,
         "rows": rows,
         "machine": machine(),
+        SUITE_ROWS: [_suite_row(r) for r in rows if r["threads"] == args.threads[0]],
     }
+
+
+def _suite_row(row: dict[str, Any]) -> dict[str, Any]:
+    gate, forward = row["gate"]["p50_ms"], row["forward"]["p50_ms"]
+    ratio = gate / forward
+    return suite_row(
+        "gating",
+        f"{row['embedder']} raw forward: p50 {forward:.2f} ms",
+        f"p50 {gate:.2f} ms = {ratio:.2f}×",
+        ratio <= TARGET_RATIO and gate <= TARGET_MS,
+        row=f"gating: embed + MLP per prompt ({row['prompts']} prompts, "
+        f"{row['tokens_p50']} tokens p50, {row['threads']} thread(s))",
+    )
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -161,6 +191,9 @@ def print_report(report: dict[str, Any]) -> None:
     checks = [_check(r) for r in report["rows"]]
     print(markdown_table(["check: embed + gate p50", "measured", "target", "result"], checks))
     print()
+    ratios = [_ratio_check(r) for r in report["rows"]]
+    print(markdown_table(["check: embed + gate / raw forward", "p50", "target", "result"], ratios))
+    print()
     m = report["machine"]
     print(f"gate: {report['artifact']}; {m['cpus']} CPUs, loadavg {m['loadavg']} at the end")
 
@@ -170,6 +203,13 @@ def _check(row: dict[str, Any]) -> list[str]:
     verdict = "PASS" if p50 <= TARGET_MS else "**MISS**"
     what = f"{row['embedder']}, {row['prompts']}, {row['threads']} thread(s)"
     return [what, f"{p50:.2f} ms", f"<= {TARGET_MS:g} ms", verdict]
+
+
+def _ratio_check(row: dict[str, Any]) -> list[str]:
+    ratio = row["gate"]["p50_ms"] / row["forward"]["p50_ms"]
+    verdict = "PASS" if ratio <= TARGET_RATIO else "**MISS**"
+    what = f"{row['embedder']}, {row['prompts']}, {row['threads']} thread(s)"
+    return [what, f"{ratio:.2f}×", f"<= {TARGET_RATIO:g}×", verdict]
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -190,7 +230,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch thread counts to measure, comma-separated (default: torch's default, then 1)",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="one embedder and thread count, 20 prompts")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.embedders, args.threads = args.embedders[:1], args.threads[:1]
+        args.prompts, args.rounds = min(args.prompts, 20), 1
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
