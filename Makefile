@@ -30,11 +30,8 @@ lint: $(VENV)/.test
 test: lint
 	$(VENV)/bin/pytest
 
-bench: $(VENV)/.test
-	$(PY) bench/bus_overhead.py
-	$(PY) bench/smo_vs_brute_force.py
-	$(PY) bench/byte_path.py
-	$(PY) bench/backends.py  # the backends that are installed, against transformers
+bench: $(VENV)/.test  # every row of issue 11's table, one markdown table (about 15 min on 2 cores)
+	$(PY) bench/run.py $(BENCH_ARGS)  # BENCH_ARGS="--quick" or "--only fused_step,gating"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
