@@ -70,7 +70,7 @@ class ExpertMetrics:
         )
         self.batch = Histogram(
             "moe2_expert_decode_batch_sessions",
-            "Sessions per decode call (always 1: the backends decode one session per call).",
+            "Sessions per batched decode call (Backend.decode_batch): one observation a batch.",
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
@@ -101,8 +101,6 @@ class ExpertMetrics:
         self._tokens[phase].inc(tokens)
         self._compute[phase].observe(compute_s)
         self._energy[phase].inc(energy_j)
-        if phase == "decode":
-            self.batch.observe(1)
 
     def session_ended(self, reason: str) -> None:
         known = reason in CLOSE_REASONS or reason in {"idle", "refused", "failed", "stopped"}

@@ -163,6 +163,21 @@ def expert(
         ),
     ] = 1,
     max_context: Annotated[int | None, typer.Option(help="Longest prompt+answer, tokens.")] = None,
+    max_sessions: Annotated[
+        int, typer.Option(help="Open sessions at most; an Open beyond them is refused busy.")
+    ] = 32,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            help="Sessions' decode steps per batched forward pass at most (docs/backends.md)."
+        ),
+    ] = 16,
+    batch_gather_ms: Annotated[
+        float,
+        typer.Option(
+            help="How long a batch waits for the steps of sessions expected to step (0-1000)."
+        ),
+    ] = 5.0,
     power_w: Annotated[float, typer.Option(help="Declared power draw for energy.")] = 15.0,
     device_name: Annotated[
         str, typer.Option(help="What the box is, for heartbeats and profiles.")
@@ -211,6 +226,9 @@ def expert(
             top_k=top_k,
             threads=threads or None,
             max_context=max_context,
+            max_sessions=max_sessions,
+            max_batch=max_batch,
+            batch_gather_s=batch_gather_ms / 1000,
             prefix=prefix,
             device={"name": device_name, "power_w": power_w},
             energy_source=energy_source,

@@ -506,6 +506,9 @@ class FailingDecode:
     def decode(self, session: str, token: int, top_k: int) -> TopK:
         raise RuntimeError("the accelerator caught fire")
 
+    def decode_batch(self, requests: Any) -> list[TopK]:
+        raise RuntimeError("the accelerator caught fire")
+
     def rewrite(self, session: str, ids: Any, top_k: int) -> TopK:
         raise RuntimeError("the accelerator caught fire")
 

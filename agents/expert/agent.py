@@ -37,7 +37,11 @@ session (its KV cache may be half-written); the agent lives on.
 
 Model calls (sessions and scores alike) run one at a time in a worker thread, so the event loop
 keeps heartbeating; the messages of one session are handled in arrival order by that session's
-own task, and scores wait their turn for the model with them.
+own task. The calls go through one scheduler (``scheduler.ModelScheduler``): the pending decode
+steps of all sessions run as one ``Backend.decode_batch`` (at most ``max_batch`` of them), and
+every other call (a prefill, a score, a byte-path rewrite, a speculative step) runs alone, turns
+alternating, so a new session's prefill holds the others back by at most one call. A batch's
+compute time and energy are shared equally among its sessions' slices (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import anyio
 import anyio.abc
@@ -59,11 +63,12 @@ from prometheus_client import CollectorRegistry
 
 from moe2.agents.discovery import EXPERT_SERVICE, Served, micro_service
 from moe2.agents.expert.answer_tokens import AnswerTokenizer
-from moe2.agents.expert.backends import Backend, PrefixCache, TopK, load_backend
+from moe2.agents.expert.backends import Backend, DecodeRequest, PrefixCache, TopK, load_backend
 from moe2.agents.expert.backends.base import common_prefix
 from moe2.agents.expert.config import ExpertConfig, ExpertStats
 from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
 from moe2.agents.expert.models import resolve_model
+from moe2.agents.expert.scheduler import ModelScheduler
 from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.speculate import Held, Speculation, slices_of
 from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
@@ -106,6 +111,13 @@ class _Session:
     ended: str = "stopped"  # why it ended, for metrics: a Close's reason, idle, refused, failed
 
 
+class _Decode(NamedTuple):
+    """A session's decode step, waiting for the next batch (``ModelScheduler.step``)."""
+
+    session: _Session
+    token: int
+
+
 class ExpertAgent:
     """Serves one backend on the bus; ``await tg.start(agent.run)`` returns once it is live.
 
@@ -128,7 +140,13 @@ class ExpertAgent:
         self.stats = ExpertStats()
         self.meter = meter or choose_meter(config.device, config.energy_source)
         self._sessions: dict[str, _Session] = {}
-        self._limiter = anyio.CapacityLimiter(1)
+        self._scheduler: ModelScheduler[_Decode, tuple[TopK, Reading]] = ModelScheduler(
+            self._decode_batch,
+            max_batch=config.max_batch,
+            gather_s=config.batch_gather_s,
+            expected=lambda: sum(1 for s in self._sessions.values() if s.next_step > 0),
+            on_batch=lambda size: self.metrics.batch.observe(size),
+        )
         self._speculation = Speculation(backend, self.meter, self.max_context)
         self._heartbeat_seq = 0
         self._log = log.bind(expert=config.expert_id)
@@ -163,7 +181,7 @@ class ExpertAgent:
             queued=lambda: sum(
                 s.inbox.statistics().current_buffer_used for s in self._sessions.values()
             ),
-            waiting=lambda: self._limiter.statistics().tasks_waiting,
+            waiting=lambda: self._scheduler.waiting,
         )
         info = self.info
         metrics.info.info(
@@ -226,6 +244,7 @@ class ExpertAgent:
             anyio.create_task_group() as tg,
         ):
             self._tg = tg
+            await tg.start(self._scheduler.run)
             for endpoint in self.endpoints:
                 await tg.start(endpoint.serve)
             await self._heartbeat()
@@ -444,7 +463,7 @@ class ExpertAgent:
             await self._speculative_step(session, step)
             return
         self._check_step(session, step)
-        top, reading = await self._in_worker(partial(self._timed_decode, session, step))
+        top, reading = await self._decode(session, step)
         session.next_step += 1  # the KV cache has advanced, whatever happens to the slice
         self.stats.note_decode(reading.compute_s)
         self.metrics.computed("decode", 1, reading.compute_s, reading.energy_j)
@@ -487,14 +506,22 @@ class ExpertAgent:
                 f"tokens reach this expert's {self.max_context}-token context",
             )
 
-    def _timed_decode(self, session: _Session, step: wire.Step) -> tuple[TopK, Reading]:
-        """Worker thread: append the step's token, or its text (§5), and decode."""
+    async def _decode(self, session: _Session, step: wire.Step) -> tuple[TopK, Reading]:
+        """A token joins the next batch of steps; a text (the byte path, §5) runs on its own."""
         if step.text is not None:
-            return self._append(session, step.text)
+            return await self._in_worker(partial(self._append, session, step.text))
+        return await self._scheduler.step(_Decode(session, step.token))
+
+    def _decode_batch(self, steps: list[_Decode]) -> list[tuple[TopK, Reading]]:
+        """Worker thread: one batched decode of the sessions' steps; each session's slice
+        carries an equal share of the batch's compute time and energy."""
+        requests = [DecodeRequest(d.session.id, d.token, d.session.top_k) for d in steps]
         with self.meter.measure() as reading:
-            top = self._backend.decode(session.id, step.token, session.top_k)
-        session.answer += self._backend.token_bytes[step.token]
-        return top, reading
+            tops = self._backend.decode_batch(requests)
+        share = Reading(reading.compute_s / len(steps), reading.energy_j / len(steps))
+        for d in steps:
+            d.session.answer += self._backend.token_bytes[d.token]
+        return [(top, share) for top in tops]
 
     def _append(self, session: _Session, text: bytes) -> tuple[TopK, Reading]:
         """The byte path: tokenise the answer's bytes again, cut the cache back to the head
@@ -558,11 +585,10 @@ class ExpertAgent:
             )
 
     async def _in_worker(self, call: partial[_T], *, abandon: bool = False) -> _T:
-        """Model calls: one at a time, off the event loop. ``abandon``: on cancellation (the
-        agent stopping) return at once and drop the result instead of waiting for the call."""
-        return await anyio.to_thread.run_sync(
-            call, limiter=self._limiter, abandon_on_cancel=abandon
-        )
+        """A model call other than a decode step: alone, in its turn, off the event loop.
+        ``abandon``: on cancellation (the agent stopping) return at once and drop the result
+        instead of waiting for the call."""
+        return await self._scheduler.call(call, abandon=abandon)
 
     # --- publishing -------------------------------------------------------------------------------
 

@@ -75,7 +75,12 @@ class ExpertConfig:
     top_k: int = 32  # served when an Open asks for 0
     max_top_k: int = 1024  # the most ids one slice (or one Score position) holds
     max_context: int | None = None  # None: min(the model's, 4096)
-    max_sessions: int = 32
+    max_sessions: int = 32  # open sessions; an Open beyond them is refused with busy
+    # continuous batching (docs/backends.md): at most this many sessions' decode steps in one
+    # batched forward pass, and how long a batch waits for the steps of sessions expected to
+    # step (their fusion agents answer a bus round trip after the last slice)
+    max_batch: int = 16
+    batch_gather_s: float = 0.005
     max_pending_scores: int = 32  # Score requests queued or running; more are answered busy
     idle_timeout_s: float = 120.0
     heartbeat_s: float = 1.0
@@ -104,9 +109,17 @@ class ExpertConfig:
         object.__setattr__(self, "declared", declared_device(self.device))
         if not 1 <= self.top_k <= self.max_top_k:
             raise ValueError(f"top_k {self.top_k} must be between 1 and max_top_k {self.max_top_k}")
-        for name in ("max_sessions", "max_pending_scores", "idle_timeout_s", "heartbeat_s"):
+        for name in (
+            "max_sessions",
+            "max_pending_scores",
+            "max_batch",
+            "idle_timeout_s",
+            "heartbeat_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if not 0 <= self.batch_gather_s <= 1:
+            raise ValueError("batch_gather_s must be between 0 and 1")
         if self.heartbeat_s > MAX_HEARTBEAT_INTERVAL_S:
             raise ValueError(f"heartbeat_s must be at most {MAX_HEARTBEAT_INTERVAL_S:g}")
         if self.energy_source is not None and self.energy_source not in SOURCES:

@@ -1,0 +1,284 @@
+"""Continuous batching in the expert: the scheduler alone (pure, no model), then the real SmolLM2
+expert on a real nats-server serving several sessions at once."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from moe2.agents.expert.backends.base import Backend
+from moe2.agents.expert.scheduler import ModelScheduler
+from moe2.runtime import wire
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from tests.test_expert import Bus, error_of, expert_on_bus, slice_of
+
+pytestmark = pytest.mark.anyio
+
+QUESTIONS = (
+    "Name three colours of the sea.",
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves falling on a quiet river at dusk.",
+    "How many legs does a spider have?",
+    "Hi",
+    "Why is the sky blue? Explain it to a child.",
+)
+
+
+# --- the scheduler, with plain functions for a model ------------------------------------------
+
+
+class Model:
+    """Records what the scheduler runs: ``("batch", items)`` or ``("job", name)``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.gate = threading.Event()  # the jobs wait on it: calls queue up behind the first
+        self.gate.set()
+        self.busy = threading.Event()  # a job has started
+
+    def batch(self, items: list[int]) -> list[int]:
+        self.calls.append(("batch", list(items)))
+        if any(i < 0 for i in items):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a negative item")
+        return [i * 10 for i in items]
+
+    def job(self, name: str) -> Callable[[], str]:
+        def run() -> str:
+            self.busy.set()
+            self.gate.wait(10)
+            self.calls.append(("job", name))
+            return name
+
+        return run
+
+
+def scheduler(
+    model: Model, expected: Callable[[], int] = lambda: 0, gather_s: float = 0.0
+) -> ModelScheduler[int, int]:
+    return ModelScheduler(model.batch, max_batch=3, gather_s=gather_s, expected=expected)
+
+
+async def test_waiting_steps_run_as_one_batch_and_jobs_take_turns_with_batches() -> None:
+    model = Model()
+    sched = scheduler(model)
+    results: dict[str, Any] = {}
+
+    async def step(i: int) -> None:
+        results[f"s{i}"] = await sched.step(i)
+
+    async def job(name: str) -> None:
+        results[name] = await sched.call(model.job(name))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            model.gate.clear()
+            tg.start_soon(job, "blocker")  # holds the worker while the rest queue up
+            await wait_until(model.busy.is_set)
+            for name in ("prefill-a", "prefill-b"):
+                tg.start_soon(job, name)
+            for i in range(1, 6):
+                tg.start_soon(step, i)
+            await wait_until(lambda: sched.waiting == 7)
+            model.gate.set()
+            await wait_until(lambda: len(results) == 8)
+            tg.cancel_scope.cancel()
+    assert model.calls == [
+        ("job", "blocker"),
+        ("batch", [1, 2, 3]),  # at most max_batch
+        ("job", "prefill-a"),
+        ("batch", [4, 5]),
+        ("job", "prefill-b"),
+    ]
+    assert results == {"blocker": "blocker", "prefill-a": "prefill-a", "prefill-b": "prefill-b"} | {
+        f"s{i}": i * 10 for i in range(1, 6)
+    }
+
+
+async def test_a_failed_batch_fails_each_of_its_steps_and_the_scheduler_lives_on() -> None:
+    model = Model()
+    expected = [2]
+    sched = scheduler(model, expected=lambda: expected[0], gather_s=5.0)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            failures: list[str] = []
+
+            async def failing(i: int) -> None:
+                with pytest.raises(Moe2Error) as refused:
+                    await sched.step(i)
+                failures.append(refused.value.code)
+
+            tg.start_soon(failing, 1)
+            tg.start_soon(failing, -1)
+            await wait_until(lambda: len(failures) == 2)
+            expected[0] = 1
+            assert await sched.step(7) == 70
+            tg.cancel_scope.cancel()
+    assert failures == [ErrorCode.INVALID_FIELD] * 2
+    assert model.calls == [("batch", [1, -1]), ("batch", [7])]
+
+
+async def test_a_batch_waits_for_the_expected_steps_but_no_longer_than_gather_s() -> None:
+    for gather_s, expected in ((5.0, [("batch", [1, 2])]), (0.0, [("batch", [1]), ("batch", [2])])):
+        model = Model()
+        sched = scheduler(model, expected=lambda: 2, gather_s=gather_s)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(sched.run)
+                tg.start_soon(sched.step, 1)
+                await anyio.sleep(0.05)  # the second session's step comes a round trip later
+                assert await sched.step(2) == 20
+                tg.cancel_scope.cancel()
+        assert model.calls == expected
+
+
+async def test_a_step_whose_waiter_is_gone_is_not_run() -> None:
+    model = Model()
+    sched = scheduler(model)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            model.gate.clear()
+            tg.start_soon(sched.call, model.job("blocker"))
+            await wait_until(model.busy.is_set)
+            with anyio.move_on_after(0.05):
+                await sched.step(1)  # given up on while the worker is busy
+            tg.start_soon(sched.step, 2)
+            await wait_until(lambda: sched.waiting == 2)
+            model.gate.set()
+            await wait_until(lambda: len(model.calls) == 2)
+            tg.cancel_scope.cancel()
+    assert model.calls == [("job", "blocker"), ("batch", [2])]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Poll (bounded by the test's fail_after): the scheduler's queues have no event to await."""
+    while not condition():  # noqa: ASYNC110  # the queues have no event
+        await anyio.sleep(0.005)
+
+
+# --- the expert on the bus, the real model ------------------------------------------------------
+
+
+@pytest.fixture
+def backend(smollm2: Backend) -> Backend:
+    return smollm2
+
+
+def greedy_alone(backend: Backend, question: str, n: int) -> list[int]:
+    prompt = backend.encode_chat([wire.ChatMessage("user", question)])
+    tokens = [int(backend.prefill("ref", prompt, 1).ids[0])]
+    while len(tokens) < n:
+        tokens.append(int(backend.decode("ref", tokens[-1], 1).ids[0]))
+    backend.release("ref")
+    return tokens
+
+
+async def greedy_session(bus: Bus, session: str, question: str, n: int) -> list[int]:
+    """A fusion agent's greedy loop for one session: open, step on the best id, close."""
+    sub = await bus.open(session, [wire.ChatMessage("user", question)], top_k=4)
+    tokens = [int(slice_of(await bus.reply(sub), 0).ids_array()[0])]
+    for step in range(1, n):
+        await bus.send("step", wire.Step(session=session, step=step, token=tokens[-1]))
+        tokens.append(int(slice_of(await bus.reply(sub), step).ids_array()[0]))
+    await bus.send("close", wire.Close(session=session, reason="done"))
+    await sub.unsubscribe()
+    return tokens
+
+
+def batch_sizes(port: int) -> tuple[float, float, float]:
+    """The expert's /metrics, as Prometheus reads it: decode batches, sessions in them, and
+    batches of exactly one session."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, s.labels.get("le", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("moe2_expert_decode_batch_sessions")
+    }
+    name = "moe2_expert_decode_batch_sessions"
+    return (
+        samples[(f"{name}_count", "")],
+        samples[(f"{name}_sum", "")],
+        samples[(f"{name}_bucket", "1.0")],
+    )
+
+
+@pytest.mark.model
+async def test_concurrent_sessions_answer_as_one_at_a_time_in_batches(
+    backend: Backend, nats_url: str
+) -> None:
+    steps = 12
+    alone = [greedy_alone(backend, q, steps) for q in QUESTIONS]
+    answers: dict[int, list[int]] = {}
+    async with expert_on_bus(backend, nats_url, metrics_port=0, batch_gather_s=0.05) as bus:
+        assert bus.agent.metrics_port is not None
+
+        async def session(i: int) -> None:
+            answers[i] = await greedy_session(bus, f"c{i}", QUESTIONS[i], steps)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(QUESTIONS)):
+                    tg.start_soon(session, i)
+        batches, sessions, singles = await anyio.to_thread.run_sync(
+            batch_sizes, bus.agent.metrics_port
+        )
+        await bus.sessions_drop_to(0)  # every session's KV cache freed on Close
+    assert [answers[i] for i in range(len(QUESTIONS))] == alone
+    assert sessions == len(QUESTIONS) * (steps - 1)  # every decode step went through a batch
+    assert sessions / batches >= 3  # mostly batched: the prefills split a few of them
+    assert singles < batches
+
+
+@pytest.mark.model
+async def test_a_score_shares_the_model_with_decoding_sessions(
+    backend: Backend, nats_url: str
+) -> None:
+    cloze = [wire.ChatMessage("user", "Which planet is closest to the Sun?")]
+    options = ["Mercury", "Venus"]
+    expected = backend.score(backend.encode_chat(cloze), [backend.encode(o) for o in options], 3)
+    async with expert_on_bus(backend, nats_url) as bus:
+        scored: list[wire.Message] = []
+
+        async def score() -> None:
+            request = wire.encode(wire.Score(cloze, options, top_k=3))
+            reply = await bus.nc.request(bus.s.expert_score("e1"), request, timeout=60)
+            scored.append(wire.decode(reply.data))
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(greedy_session, bus, f"d{i}", QUESTIONS[i], 8)
+                tg.start_soon(score)
+    answer = scored[0]
+    assert isinstance(answer, wire.Scored), answer
+    for want, got in zip(expected, answer.targets, strict=True):
+        np.testing.assert_allclose(got.logprobs_array(), want.logprobs, atol=1e-5)
+
+
+@pytest.mark.model
+async def test_opens_beyond_max_sessions_are_refused_busy_until_one_closes(
+    backend: Backend, nats_url: str
+) -> None:
+    async with expert_on_bus(backend, nats_url, max_sessions=3) as bus:
+        subs = [await bus.open(f"m{i}") for i in range(3)]
+        for sub in subs:
+            slice_of(await bus.reply(sub), 0)
+        refused = await bus.open("m3")
+        error = error_of(await bus.reply(refused), "busy", 0)
+        assert "at most 3 sessions" in error.message
+        await bus.send("close", wire.Close(session="m0", reason="done"))
+        await bus.sessions_drop_to(2)
+        again = await bus.open("m4")
+        slice_of(await bus.reply(again), 0)
