@@ -27,6 +27,7 @@ from moe2.eval_cli import evaluate as eval_command
 from moe2.experts_cli import app as experts_app
 from moe2.gating_cli import app as gating_app
 from moe2.profile_cli import profile as profile_command
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.errors import Moe2Error
 from moe2.runtime.logs import configure_logging
 from moe2.select_cli import select as select_command
@@ -360,11 +361,18 @@ def gateway(
     metrics_port: Annotated[
         int, typer.Option(help="Also serve /metrics on this port (it is always on the API's).")
     ] = 0,
+    status_nkey: Annotated[
+        Path | None,
+        typer.Option(
+            help="An nkey seed file for the dashboard's view of the pool (the admin user's, "
+            "docs/security.md); default: the gateway's own user."
+        ),
+    ] = None,
     log_level: LogLevel = "info",
     json_logs: JsonLogs = False,
 ) -> None:
     """Serve the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions) over HTTP,
-    answered by the fusion agents on the bus (docs/gateway.md)."""
+    answered by the fusion agents on the bus, and the dashboard at / (docs/gateway.md)."""
     configure_logging(log_level, json=json_logs)
     try:
         from moe2.gateway import GatewaySettings, serve_gateway
@@ -378,8 +386,15 @@ def gateway(
         prefixes=tuple(prefix or ["moe2"]),
         defaults=QuestionDefaults(max_tokens=max_tokens, timeout_s=timeout),
         metrics_port=metrics_port or None,
+        status_auth=None if status_nkey is None else status_auth(status_nkey),
     )
     run_async(lambda: serve_gateway(settings))
+
+
+def status_auth(nkey: Path) -> NatsAuth:
+    """The environment's TLS settings with ``nkey`` as the only credentials."""
+    env = NatsAuth.from_env()
+    return NatsAuth(nkey=nkey.expanduser(), ca=env.ca, cert=env.cert, key=env.key)
 
 
 def summary_line(final: Any) -> str:

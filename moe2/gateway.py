@@ -14,6 +14,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -34,6 +35,7 @@ from moe2.gateway_bodies import ChatBody, CompletionBody, QuestionDefaults, Requ
 from moe2.gateway_errors import ApiError
 from moe2.gateway_replies import Reply
 from moe2.runtime import wire
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.client import Answer, Client
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
@@ -55,17 +57,23 @@ class GatewaySettings:
     prefixes: tuple[str, ...] = (DEFAULT_PREFIX,)  # each one is a model of /v1/models
     defaults: QuestionDefaults = field(default_factory=QuestionDefaults)
     metrics_port: int | None = None  # /metrics on a port of its own too (it is always at /metrics)
+    # credentials of a second connection for the pool view (/status, the dashboard, /v1/models'
+    # ``moe2``): a user that may read the pool, e.g. the ``admin`` role of docs/security.md. None:
+    # the gateway's own connection (whose ``client`` role may not read it under per-role users)
+    status_auth: NatsAuth | None = None
 
 
 class Gateway:
     """What the routes share: a client per served prefix on one NATS connection."""
 
-    def __init__(self, nc: NATS, settings: GatewaySettings) -> None:
+    def __init__(self, nc: NATS, settings: GatewaySettings, watching: NATS | None = None) -> None:
         self.settings = settings
         self.clients = {p: Client(nc, prefix=p) for p in settings.prefixes}
         self.registry = CollectorRegistry()  # this gateway's metrics (docs/metrics.md)
-        # each pool as ``moe2 status`` sees it: for /v1/models, /status and the dashboard
-        self.pools = {p: PoolWatch(nc, p, f"{settings.nats_url} ({p})") for p in self.clients}
+        # each pool as ``moe2 status`` sees it (on ``watching``, default ``nc``): for
+        # /v1/models, /status and the dashboard
+        source = settings.nats_url
+        self.pools = {p: PoolWatch(watching or nc, p, f"{source} ({p})") for p in self.clients}
         self.started = int(time.time())
 
     async def start(self) -> None:
@@ -293,8 +301,11 @@ async def serve_gateway(
 
     ``await tg.start(serve_gateway, settings)`` gives the port once connections are accepted."""
     sock = listening_socket(settings.host, settings.port)
-    async with nats_connection(settings.nats_url, name="moe2-gateway") as nc:
-        gateway = Gateway(nc, settings)
+    async with (
+        nats_connection(settings.nats_url, name="moe2-gateway") as nc,
+        _status_connection(settings) as watching,
+    ):
+        gateway = Gateway(nc, settings, watching)
         await gateway.start()
         config = uvicorn.Config(
             create_app(gateway),
@@ -318,6 +329,17 @@ async def serve_gateway(
                 await anyio.sleep_forever()
             finally:
                 server.should_exit = True  # uvicorn's graceful shutdown, bounded
+
+
+@asynccontextmanager
+async def _status_connection(settings: GatewaySettings) -> AsyncIterator[NATS | None]:
+    """The pool view's own connection when ``status_auth`` is given, else None."""
+    if settings.status_auth is None:
+        yield None
+        return
+    auth = settings.status_auth
+    async with nats_connection(settings.nats_url, name="moe2-gateway-status", auth=auth) as nc:
+        yield nc
 
 
 async def _serve_shielded(

@@ -32,9 +32,12 @@ from moe2.agents.fusion.config import FusionConfig
 from moe2.gateway import GatewaySettings, serve_gateway
 from moe2.gateway_errors import HTTP_STATUS
 from moe2.runtime import wire
+from moe2.runtime.auth import AuthDir, NatsAuth
 from moe2.runtime.connection import close_nats, connect_nats, flush_subscriptions
 from moe2.runtime.errors import ErrorCode
+from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import Subjects
+from tests.scripted import Script, ScriptedExpert
 
 pytestmark = pytest.mark.anyio
 _prefixes = (f"gw{i}" for i in itertools.count())
@@ -204,6 +207,50 @@ async def test_status_is_the_pool_as_moe2_status_shows_it_and_the_page_is_served
     assert shot["summary"].startswith("0 of 0 experts live · sessions in flight: 0")
     assert page[0] == 200 and b'<table id="experts">' in page[1]
     assert missing[0] == 404 and json.loads(missing[1])["error"]["code"] == "model_not_found"
+
+
+async def test_under_per_role_users_the_pool_view_needs_a_user_that_may_read_the_pool(
+    nats_server: NatsServer, nats_auth: AuthDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway as the ``client`` role (docs/security.md) answers, but may not read the
+    pool: its view stays empty. With ``status_auth`` (the ``admin`` seed, ``--status-nkey``) its
+    second connection shows the expert and the fusion agent."""
+    bare = f"nats://{nats_server.host}:{nats_server.port}"
+    monkeypatch.setenv("MOE2_NATS_NKEY", str(nats_auth.seed_file("client")))
+    admin = NatsAuth(nkey=nats_auth.seed_file("admin"))
+    nc = await connect_nats(nats_server.url, name="test-gateway-roles")  # the superuser
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(ScriptedExpert(nc, "a", Script(text=b"Paris.")).run)
+            fusion = FusionAgent(nc, FusionConfig(step_deadline_s=5, wait_for_experts_s=3))
+            await tg.start(fusion.run)
+            await fusion.wait_for_experts(1, limit_s=10)
+            seen = {}
+            for name, status_auth in (("client", None), ("admin", admin)):
+                settings = GatewaySettings(nats_url=bare, port=0, status_auth=status_auth)
+                port = await tg.start(serve_gateway, settings)
+                root = f"http://127.0.0.1:{port}/"
+                with anyio.fail_after(20):
+                    oa = openai.AsyncOpenAI(base_url=root + "v1", api_key="-", max_retries=0)
+                    answer = await oa.chat.completions.create(
+                        model="moe2",
+                        messages=[{"role": "user", "content": "Capital?"}],
+                        temperature=0,
+                    )
+                    await oa.close()
+                    await anyio.sleep(2.5)  # heartbeats every 0.2 s, $SRV.INFO asked at start
+                    seen[name] = (answer, await _get_json(root + "status"))
+            tg.cancel_scope.cancel()
+    finally:
+        await close_nats(nc)
+    for answer, _ in seen.values():
+        assert answer.choices[0].message.content == "Paris."  # the client role may ask
+    _, as_client = seen["client"]
+    assert (as_client["experts"]["rows"], as_client["fusion"]["rows"]) == ([], [])
+    _, as_admin = seen["admin"]
+    assert [r[0] for r in as_admin["experts"]["rows"]] == ["a"]
+    assert [r[0] for r in as_admin["fusion"]["rows"]] == [fusion.agent_id]
+    assert "moe2-test" not in as_admin["source"]  # not the superuser's URL: the bare one
 
 
 def _get(url: str) -> tuple[int, bytes]:
