@@ -281,6 +281,7 @@ def fusion(
     configure_logging(log_level, json=json_logs)
     from moe2.agents.fusion.agent import serve_fusion
     from moe2.agents.fusion.config import FusionConfig
+    from moe2.runtime.auth import NatsAuth
     from moe2.select_cli import parse_limits
 
     limits = parse_limits(tau) if tau else None
@@ -300,7 +301,8 @@ def fusion(
             speculate=speculate,
             metrics_port=metrics_port or None,
         )
-        await serve_fusion(nats_url, cfg)
+        # credentials: MOE2_NATS_* and --nats-* over the config file's [nats] table
+        await serve_fusion(nats_url, cfg, auth=NatsAuth.resolve(config))
 
     run_async(main)
 

@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import ssl
+import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -77,6 +78,33 @@ class NatsAuth:
             if value:
                 values[name] = Path(value).expanduser() if name in _PATHS else value
         return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: Path | None) -> NatsAuth:
+        """The ``[nats]`` table of an agent's TOML config (``user``, ``password``, ``token``,
+        ``nkey``, ``creds``, ``ca``, ``cert``, ``key``, ``inbox_prefix``); files relative to it."""
+        if path is None:
+            return cls()
+        try:
+            table = tomllib.loads(path.read_text()).get("nats", {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise Moe2Error(ErrorCode.INVALID_FIELD, f"cannot read {path}: {exc}") from None
+        unknown = set(table) - set(ENV)
+        if unknown or not all(isinstance(v, str) for v in table.values()):
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"[nats] in {path}: strings among {sorted(ENV)} only, not {sorted(unknown)}",
+            )
+        values: dict[str, Any] = {
+            k: (path.parent / Path(v).expanduser()) if k in _PATHS else v for k, v in table.items()
+        }
+        return cls(**values)
+
+    @classmethod
+    def resolve(cls, config: Path | None = None) -> NatsAuth:
+        """What an agent connects with: ``MOE2_NATS_*`` (and the ``--nats-*`` options, which
+        set them) over the ``[nats]`` table of its config file."""
+        return cls.from_env().over(cls.from_toml(config))
 
     def over(self, base: NatsAuth) -> NatsAuth:
         """These fields where set, ``base``'s elsewhere (options over the environment)."""

@@ -455,3 +455,21 @@ async def test_the_admin_role_watches_the_pool_and_publishes_nothing_else(
         said = await admin.violation("publish", S.prompt)
     assert list(watch.view.experts) == ["a"]
     assert admin.errors == [said]  # nothing else was refused
+
+
+def test_credentials_come_from_the_config_file_under_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moe2 fusion --config F`: F's [nats] table, with MOE2_NATS_* (and --nats-*) over it."""
+    for var in ("MOE2_NATS_NKEY", "MOE2_NATS_USER", "MOE2_NATS_PASSWORD", "MOE2_NATS_CA"):
+        monkeypatch.delenv(var, raising=False)
+    conf = tmp_path / "fusion.toml"
+    conf.write_text('[fusion]\nstep_deadline_s = 1.5\n\n[nats]\nnkey = "keys/fusion.nk"\n')
+    assert FusionConfig.load(conf).step_deadline_s == 1.5  # the [fusion] table as before
+    assert NatsAuth.resolve(conf) == NatsAuth(nkey=tmp_path / "keys" / "fusion.nk")
+    monkeypatch.setenv("MOE2_NATS_NKEY", "/elsewhere/fusion.nk")
+    assert NatsAuth.resolve(conf).nkey == Path("/elsewhere/fusion.nk")
+    conf.write_text('[nats]\nseed = "x"\n')
+    with pytest.raises(Moe2Error, match=r"\[nats\] in .*not \['seed'\]") as refused:
+        NatsAuth.resolve(conf)
+    assert refused.value.code == ErrorCode.INVALID_FIELD
