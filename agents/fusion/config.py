@@ -30,7 +30,7 @@ class FusionConfig:
     missed_heartbeats: int = 2  # an expert this many of its heartbeat intervals silent is gone
     # prompts per client (its reply inbox's prefix): a burst, refilled at a rate; more get
     # "busy" (agents/fusion/limits.py, docs/security.md); prompt_rate_per_s = 0: no limit
-    prompt_rate_per_s: float = 8.0
+    prompt_rate_per_s: float = 16.0
     prompt_burst: int = 32
     wait_for_experts_s: float = 0.0  # on a prompt with no live experts, wait this long
     gate: str | None = None  # a trained gating artifact (directory); None: equal weights

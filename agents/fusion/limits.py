@@ -28,7 +28,7 @@ def client_of(reply: str) -> str:
 class PromptRate:
     """``burst`` prompts at once per client, refilled at ``per_s``; 0 ``per_s``: no limit."""
 
-    per_s: float = 8.0
+    per_s: float = 16.0
     burst: int = 32
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # tokens, when
 
