@@ -18,6 +18,10 @@ against the weighted ensemble as in "Speculative Ensemble", ICML 2025) is: accep
 probability ``p(d)``, where ``p`` is what the plain sampler draws from (tempered, top-p), else
 draw from ``p`` with ``d`` removed, renormalised. Each token is then distributed as ``p``.
 
+An expert that answers a proposal or a draft with one slice does not speculate (one from before
+speculation, a scripted or a replayed expert): what it answered is used as a plain step's, and
+the session goes on in plain rounds, one round trip a token, as ``Decoding`` would.
+
 An expert's answer to one ``Step`` is a run of slices ending with ``more == 0``. One that did
 not finish its run within the deadline is late, as in ``Decoding``, and owes that run: its
 slices are dropped until the run's last one has come (NATS keeps one publisher's order), so a
@@ -114,6 +118,7 @@ class SpeculativeDecoding(Decoding):
         self._draft: list[int] = []
         self._owed: Counter[str] = Counter()  # runs of slices a late expert still sends
         self._order: list[str] = []  # experts by when their prefill answered: the drafter first
+        self._single: set[str] = set()  # answered a run of positions with one slice: no rounds
 
     # --- arrivals: a run of slices per expert ----------------------------------------------------
 
@@ -180,6 +185,8 @@ class SpeculativeDecoding(Decoding):
         w, drafter = self._wait, self._drafter
         self._drafter = ""
         run = self._got.get(drafter, []) if drafter in w.slices else []
+        if len(run) == 1 and int(run[0].ids_array()[0]) not in self.plan.eos_ids:
+            self._single.add(drafter)  # asked to propose, it answered as a plain step
         self._draft = [int(s.ids_array()[0]) for s in run[:-1]]
         self._got = {drafter: run} if run else {}
         others = [e for e in self.active if e != drafter]
@@ -219,6 +226,8 @@ class SpeculativeDecoding(Decoding):
         """Per position of the wave, the slices of every expert whose run is complete, as far
         as every such run reaches (in plan order, as ``Decoding`` fuses them)."""
         runs = {e: self._got.get(e) or [w.slices[e]] for e in self.plan.experts if e in w.slices}
+        if self._draft:  # a verifier that answered a draft with one slice does not speculate
+            self._single.update(e for e, run in runs.items() if len(run) == 1)
         reach = min(len(run) for run in runs.values())
         return [{e: run[i] for e, run in runs.items()} for i in range(reach)]
 
@@ -227,7 +236,7 @@ class SpeculativeDecoding(Decoding):
         n = min(self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - 1)
         drafters = [e for e in self._order if e in self.active]
         self.rounds += 1
-        if n <= 0 or not drafters:
+        if n <= 0 or not drafters or self._single & set(self.active):
             self._span = 1
             message = wire.Step(session=self.plan.session, step=step, token=token)
             out += [ToExpert(e, message) for e in self.active]

@@ -122,6 +122,22 @@ def test_a_late_experts_stale_run_is_never_taken_for_a_fresh_one() -> None:
     assert m.tokens[5:] == [6, 6, 6, 6] and m.tracker.late == {"b": 1}
 
 
+def test_an_expert_that_does_not_speculate_turns_the_session_to_plain_rounds() -> None:
+    m = machine()
+    m.start(0.0)
+    run(m, "a", 0, [1])
+    run(m, "b", 0, [1])
+    run(m, "a", 1, [2, 3, 4, 5])
+    out = run(m, "b", 1, [2])  # an expert from before speculation: one slice, the draft ignored
+    assert m.tokens == [1, 2]  # position 0 alone: what a plain step gives
+    plain = wire.Step(session="s", step=2, token=2)
+    assert steps_of(out) == {"a": plain, "b": plain}  # the rest of the session: plain rounds
+    run(m, "a", 2, [3])
+    assert steps_of(run(m, "b", 2, [3])) == {
+        e: wire.Step(session="s", step=3, token=3) for e in "ab"
+    }
+
+
 def test_the_answer_stops_at_max_tokens_and_at_eos_inside_a_draft() -> None:
     m = machine(max_tokens=3)
     m.start(0.0)
