@@ -203,6 +203,19 @@ def expert(
     context_cache: Annotated[
         bool, typer.Option(help="Compute the context's KV cache once and start from a copy.")
     ] = True,
+    max_conversations: Annotated[
+        int,
+        typer.Option(
+            help="Conversations whose KV cache is kept between turns (least recently used "
+            "evicted first; 0: none); docs/conversations.md."
+        ),
+    ] = 16,
+    conversation_tokens: Annotated[
+        int, typer.Option(help="Tokens the kept conversation caches may hold together.")
+    ] = 8192,
+    conversation_idle_s: Annotated[
+        float, typer.Option(help="A kept conversation cache is freed this long after its turn.")
+    ] = 600.0,
     prefix: Prefix = "moe2",
     metrics_port: MetricsPort = 0,
     log_level: LogLevel = "info",
@@ -238,6 +251,9 @@ def expert(
             context_name=loaded.name if loaded else "context",
             context_cache=context_cache,
             metrics_port=metrics_port or None,
+            max_conversations=max_conversations,
+            conversation_tokens=conversation_tokens,
+            conversation_idle_s=conversation_idle_s,
         )
     except Moe2Error as exc:
         fail(exc.code, exc.message, status=2)

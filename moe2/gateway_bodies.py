@@ -42,6 +42,8 @@ class Moe2Options(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=3600)  # most seconds between messages
     # seconds each decode step waits for the experts' slices (the fusion agent's default: None)
     step_deadline_s: float | None = Field(default=None, gt=0, le=wire.MAX_STEP_DEADLINE_S)
+    # the conversation this request's messages continue (docs/conversations.md)
+    conversation: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class StreamOptions(BaseModel):
@@ -98,6 +100,7 @@ class RequestBody(BaseModel):
             experts=options.experts,
             timeout_s=options.timeout_s or defaults.timeout_s,
             step_deadline_s=options.step_deadline_s,
+            conversation=options.conversation,
         )
 
     def _refuse_unsupported(self) -> None:
@@ -154,6 +157,7 @@ class Question:
     experts: int | None
     timeout_s: float
     step_deadline_s: float | None = None
+    conversation: str | None = None
 
     def ask(self, client: Client) -> Answer:
         return client.ask(
@@ -166,4 +170,5 @@ class Question:
             experts=self.experts,
             timeout=self.timeout_s,
             step_deadline_s=self.step_deadline_s,
+            conversation=self.conversation,
         )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,11 @@ log = structlog.get_logger("moe2.client")
 NO_RESPONDER_RETRIES = 3
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
+
+
+def new_conversation() -> str:
+    """A fresh conversation id (32 hex digits) for ``Client.ask(..., conversation=...)``."""
+    return uuid.uuid4().hex
 
 
 def to_messages(prompt: PromptInput) -> list[wire.ChatMessage]:
@@ -169,9 +175,18 @@ class Client:
         experts: int | None = None,
         step_deadline_s: float | None = None,
         timeout: float = 60.0,
+        conversation: str | None = None,
     ) -> Answer:
         """Ask the fusion agents; iterate the result for streamed chunks. ``step_deadline_s``
-        overrides the agent's per-step deadline for this answer."""
+        overrides the agent's per-step deadline for this answer.
+
+        ``conversation`` (``new_conversation()`` makes one): the prompt is a turn of that
+        conversation, its whole history in ``prompt``; later turns go to the experts of the
+        first while they are live, and each starts from the cache it kept of the earlier
+        turns (docs/conversations.md). A bad id is ``invalid_field``.
+        """
+        if not wire.valid_conversation(conversation):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, wire.conversation_rule(str(conversation)))
         message = wire.Prompt(
             messages=to_messages(prompt),
             max_tokens=max_tokens,
@@ -181,6 +196,7 @@ class Client:
             stop=list(stop),
             experts=experts,
             step_deadline_s=step_deadline_s,
+            conversation=conversation,
         )
         return Answer(self, message, timeout)
 

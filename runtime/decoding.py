@@ -212,6 +212,7 @@ class Decoding:
             messages=p.prompt.messages,
             top_k=self.settings.slice_k,
             max_tokens=p.prompt.max_tokens,
+            conversation=p.prompt.conversation,
         )
         return [ToExpert(e, open_) for e in self.active]
 

@@ -21,6 +21,8 @@ from moe2.runtime.mixture import rest_mass
 PROTOCOL_VERSION = 1
 _TAG = re.compile(r"^moe2\.v(\d{1,9})\.[a-z_]+$")  # bounded: int() of 5,000 digits raises
 MAX_HEARTBEAT_INTERVAL_S = 60.0  # an expert silent longer than this is not an expert
+MAX_CONVERSATION_CHARS = 64  # a conversation id: one subject token, A-Z a-z 0-9 _ -
+_CONVERSATION = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_CONVERSATION_CHARS}}}$")
 MAX_STEP_DEADLINE_S = 60.0  # the longest per-step deadline a prompt may ask for
 
 
@@ -31,6 +33,24 @@ class _Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 class ChatMessage(msgspec.Struct, frozen=True):
     role: str
     content: str
+
+
+def valid_conversation(conversation: str | None) -> bool:
+    """A conversation id is one subject token: 1-64 characters of A-Z a-z 0-9 _ - (or None)."""
+    return conversation is None or bool(_CONVERSATION.match(conversation))
+
+
+def check_conversation(conversation: str | None) -> None:
+    """Raises ValueError for a bad id, which decoding reports as ``invalid_field``."""
+    if not valid_conversation(conversation):
+        raise ValueError(conversation_rule(str(conversation)))
+
+
+def conversation_rule(conversation: str) -> str:
+    return (
+        f"conversation {conversation[:80]!r} must be 1-{MAX_CONVERSATION_CHARS} characters "
+        "of A-Z a-z 0-9 _ - (one subject token)"
+    )
 
 
 def has_content(messages: list[ChatMessage]) -> bool:
@@ -50,6 +70,11 @@ class Prompt(_Message, frozen=True, tag="moe2.v1.prompt"):
     experts: int | None = None  # top-k experts by gating value; None: the agent's default
     # seconds each decode step waits for slices, in (0, MAX_STEP_DEADLINE_S]; None: the agent's
     step_deadline_s: float | None = None
+    # a multi-turn conversation this prompt continues (docs/conversations.md); None: none
+    conversation: str | None = None
+
+    def __post_init__(self) -> None:
+        check_conversation(self.conversation)
 
 
 class Open(_Message, frozen=True, tag="moe2.v1.open"):
@@ -59,6 +84,10 @@ class Open(_Message, frozen=True, tag="moe2.v1.open"):
     messages: list[ChatMessage]
     top_k: int = 32
     max_tokens: int = 128
+    conversation: str | None = None  # the Prompt's: keep and reuse its KV cache between turns
+
+    def __post_init__(self) -> None:
+        check_conversation(self.conversation)
 
 
 class Step(_Message, frozen=True, tag="moe2.v1.step"):

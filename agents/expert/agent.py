@@ -66,12 +66,13 @@ from moe2.agents.expert.answer_tokens import AnswerTokenizer
 from moe2.agents.expert.backends import Backend, DecodeRequest, PrefixCache, TopK, load_backend
 from moe2.agents.expert.backends.base import common_prefix
 from moe2.agents.expert.config import ExpertConfig, ExpertStats
+from moe2.agents.expert.conversations import ConversationStore, TurnOrder
 from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
 from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.scheduler import ModelScheduler
 from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.speculate import Held, Speculation, slices_of
-from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
+from moe2.agents.expert.warmup import WARMUP_PROMPT, warm_up
 from moe2.agents.metrics import ExpertMetrics
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, publish_or_log
@@ -108,6 +109,7 @@ class _Session:
     next_step: int = 0  # the step of the next slice; 0 until the prefill is done
     prompt_ids: list[int] = field(default_factory=list)
     answer: bytes = b""  # the answer's bytes so far: the pieces of its tokens, or the texts
+    conversation: str | None = None  # the Open's: its cache is kept on Close (conversations.py)
     ended: str = "stopped"  # why it ended, for metrics: a Close's reason, idle, refused, failed
 
 
@@ -171,6 +173,14 @@ class ExpertAgent:
         )
         self._open_ep, self._step_ep, _, self._score_ep = self.endpoints
         self.metrics = self._metrics()
+        self.conversations = ConversationStore(
+            backend,
+            max_conversations=config.max_conversations,
+            max_tokens=config.conversation_tokens,
+            idle_s=config.conversation_idle_s,
+            registry=self.metrics.registry,
+        )
+        self._turns = TurnOrder()
         self.metrics_port: int | None = None  # where /metrics is served, once running
 
     def _metrics(self) -> ExpertMetrics:
@@ -377,6 +387,8 @@ class ExpertAgent:
             self._sessions.pop(session.id, None)
             self._backend.release(session.id)
             self._speculation.forget(session.id)
+            if session.conversation is not None:
+                self._turns.end(session.conversation, session.id)
             session.inbox.close()
             self.metrics.session_ended(session.ended)
 
@@ -419,6 +431,7 @@ class ExpertAgent:
             else:
                 self._log.debug("session_closed", session=session.id, reason=message.reason)
                 session.ended = message.reason
+                await self._keep_conversation(session)
                 return False
         except Moe2Error as exc:
             await self._reply_error(exc, session.id, step, reply)
@@ -434,14 +447,23 @@ class ExpertAgent:
         return True
 
     async def _open(self, session: _Session, open_: wire.Open) -> None:
-        prefill = partial(self._encode_and_prefill, session.id, open_.messages, session.top_k)
+        if open_.conversation is not None:  # after the turn before is closed and kept
+            session.conversation = open_.conversation
+            await self._turns.begin(open_.conversation, session.id)
+        prefill = partial(
+            self._encode_and_prefill, session.id, open_.messages, session.top_k, open_.conversation
+        )
         top, session.prompt_ids, reading = await self._in_worker(prefill)
         session.prompt_tokens = len(session.prompt_ids)
         session.next_step = 1
         await self._publish_slice(session, 0, top, reading)
 
     def _encode_and_prefill(
-        self, session: str, messages: Sequence[wire.ChatMessage], top_k: int
+        self,
+        session: str,
+        messages: Sequence[wire.ChatMessage],
+        top_k: int,
+        conversation: str | None = None,
     ) -> tuple[TopK, list[int], Reading]:
         """Runs in the worker thread."""
         ids = self._prompt_ids(messages)
@@ -451,12 +473,20 @@ class ExpertAgent:
                 f"the prompt is {len(ids)} tokens; this expert's context is "
                 f"{self.max_context} tokens",
             )
-        with self.meter.measure() as reading:
-            top = self._backend.prefill(session, ids, top_k, self._context_head)
-        prefilled = prefilled_tokens(ids, self._context_head)
+        with self.meter.measure() as reading:  # from the conversation's kept cache, if any
+            started = self.conversations.start(
+                session, conversation, ids, top_k, self._context_head
+            )
+        top, prefilled = started.top, started.prefilled
         self.stats.note_prefill(reading.compute_s, prefilled)
         self.metrics.computed("prefill", prefilled, reading.compute_s, reading.energy_j)
         return top, ids, reading
+
+    async def _keep_conversation(self, session: _Session) -> None:
+        """On Close: the session's cache becomes its conversation's (docs/conversations.md)."""
+        if session.conversation is not None and session.next_step > 0:
+            keep = partial(self.conversations.keep, session.id, session.conversation)
+            await self._in_worker(keep)
 
     async def _step(self, session: _Session, step: wire.Step) -> None:
         if self._speculation.handles(session.id, step):
@@ -627,6 +657,8 @@ class ExpertAgent:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.config.heartbeat_s)
+            if len(self.conversations):  # free the idle ones
+                await self._in_worker(partial(self.conversations.expire))
             if self._idle_too_long():
                 try:
                     await self._in_worker(partial(self._warm_up))

@@ -99,6 +99,12 @@ class ExpertConfig:
     remeasure_idle_s: float | None = 30.0  # idle this long: warm up again (None: never)
     metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
     discovery: bool = True  # $SRV.PING/INFO/STATS as the micro service moe2-expert
+    # conversations (docs/conversations.md): the KV caches kept between turns, least recently
+    # used evicted first: at most this many, holding at most this many tokens together, each
+    # freed after this long without a turn. 0 conversations: keep none.
+    max_conversations: int = 16
+    conversation_tokens: int = 8192
+    conversation_idle_s: float = 600.0
     declared: DeclaredDevice = field(init=False, repr=False, compare=False)  # ``device``, checked
 
     def __post_init__(self) -> None:
@@ -118,6 +124,9 @@ class ExpertConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("max_conversations", "conversation_tokens", "conversation_idle_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
         if not 0 <= self.batch_gather_s <= 1:
             raise ValueError("batch_gather_s must be between 0 and 1")
         if self.heartbeat_s > MAX_HEARTBEAT_INTERVAL_S:

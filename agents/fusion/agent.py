@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from moe2.agents.agent_protocol import agent_protocol_service
 from moe2.agents.discovery import FUSION_SERVICE, Served, as_metadata, micro_service
 from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.fusion.conversations import ConversationRouter
 from moe2.agents.fusion.limits import PromptRate, client_of
 from moe2.agents.fusion.membership import Membership, probe_expert, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
@@ -80,6 +81,7 @@ class FusionAgent:
         )
         self.metrics.registry.register(EndpointCollector(self.endpoint_stats))
         self.metrics_port: int | None = None  # where /metrics is served, once running
+        self.conversations = ConversationRouter(self.metrics.registry)  # docs/conversations.md
 
     def endpoint_stats(self) -> list[EndpointStats]:
         """Every subject this agent serves, its sessions' slice and cancel subjects included."""
@@ -281,7 +283,9 @@ class FusionAgent:
         return live, experts, weights
 
     async def _plan(self, prompt: wire.Prompt) -> SessionPlan:
-        live, experts, weights = await self.choose(prompt.messages, prompt.experts)
+        live, experts, weights = await self.conversations.choose(
+            prompt, self._live_experts, self.choose
+        )
         first = live[experts[0]]
         vocabularies = {e: vocabulary_of(live[e]) for e in experts}
         one = len({v.tokenizer for v in vocabularies.values()}) == 1
