@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,8 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe2.agents.expert.backends.base import Backend
 from moe2.agents.expert.scheduler import ModelScheduler
 from moe2.runtime import wire
+from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from tests.test_expert import Bus, error_of, expert_on_bus, slice_of
+from tests.test_replay import FusionStandIn, replaying, trace
+
+__all__ = ["trace"]  # test_replay's fixture, used here
 
 pytestmark = pytest.mark.anyio
 
@@ -282,3 +287,35 @@ async def test_opens_beyond_max_sessions_are_refused_busy_until_one_closes(
         await bus.sessions_drop_to(2)
         again = await bus.open("m4")
         slice_of(await bus.reply(again), 0)
+
+
+# --- replay experts that answer in batches (bench/batching.py's stand-ins) ----------------------
+
+
+async def test_a_per_batch_replay_expert_holds_answers_for_the_batch_in_progress(
+    nats_url: str, trace: tuple[Path, list[int]]
+) -> None:
+    """Answers that come in while a batch is out wait for the next one, and go out together."""
+    path, _ = trace
+    batch_s = 0.3
+    with anyio.fail_after(15):
+        async with (
+            replaying(nats_url, path, delay_s=batch_s, per_batch=True),
+            nats_connection(nats_url, name="t") as nc,
+            FusionStandIn(nc, "b1") as first,
+            FusionStandIn(nc, "b2") as second,
+            FusionStandIn(nc, "b3") as third,
+        ):
+            await nc.flush()
+            sent = anyio.current_time()
+            await first.send(first.open(), ["e1"])
+            await anyio.sleep(batch_s / 3)  # the first batch is out by now
+            for later in (second, third):
+                await later.send(later.open(), ["e1"])
+            arrivals = {}
+            for fusion in (first, second, third):
+                await fusion.answers(1)
+                arrivals[fusion.session] = anyio.current_time() - sent
+    assert batch_s <= arrivals["b1"] < 2 * batch_s
+    assert arrivals["b2"] >= 2 * batch_s and arrivals["b3"] >= 2 * batch_s  # the next batch
+    assert abs(arrivals["b2"] - arrivals["b3"]) < batch_s / 2  # together

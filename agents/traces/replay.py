@@ -4,6 +4,11 @@ Replay experts answer a fusion agent from a trace with no model at all: an Open 
 recorded Open (same messages, top_k and max_tokens) gets the recorded slice for step 0 under the
 new session id, and each Step whose token is the one recorded gets the recorded slice for that
 step. Anything the trace did not see is answered with ``trace_diverged``.
+
+Timing (``ReplayTiming``): each answer waits its own delay, all of them at once (an expert with
+unlimited parallelism), or, ``per_batch``, the answers wait as a batching expert's would: the
+answers that are waiting when a batch starts go out together one delay later, and those that
+come in meanwhile wait for the next batch (bench/batching.py's expert at 20 ms a batch).
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ MAX_LIVE_SESSIONS = 4096
 @dataclass(frozen=True, slots=True)
 class ReplayTiming:
     """How long a replay expert waits before each answer: a fixed delay (per expert if given),
-    plus the recorded ``compute_s`` when ``use_compute_s``."""
+    plus the recorded ``compute_s`` when ``use_compute_s``. ``per_batch``: the delay is one
+    batch's, shared by the answers batched together (the module's docstring)."""
 
     delay_s: float = 0.0
     delays: Mapping[str, float] = field(default_factory=dict)
     use_compute_s: bool = False
+    per_batch: bool = False
 
     def delay(self, expert: str, answer: RecordedAnswer) -> float:
         fixed = self.delays.get(expert, self.delay_s)
@@ -93,6 +100,9 @@ class ReplayExpert:
         )
         self._cursor: dict[OpenKey, int] = {}
         self._seq = hb.seq if hb else 0
+        self._batch: list[tuple[str, bytes, float]] = []  # per_batch: (subject, data, delay)
+        self._batch_waiting = anyio.Event()
+        self.batches: list[int] = []  # per_batch: the answers of each batch sent
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -101,6 +111,8 @@ class ReplayExpert:
                 await tg.start(endpoint.serve)
             await self._heartbeat()
             tg.start_soon(self._heartbeats)
+            if self.timing.per_batch:
+                tg.start_soon(self._batches)
             task_status.started()
 
     async def _heartbeats(self) -> None:
@@ -196,10 +208,26 @@ class ReplayExpert:
             raise self._error(step, ErrorCode.TRACE_DIVERGED, "no recorded answer")
         subject = self.subjects.slice(session, self.expert)
         delay = self.timing.delay(self.expert, answer)
-        if delay > 0:
+        if self.timing.per_batch:
+            self._batch.append((subject, answer.payload.render(session), delay))
+            self._batch_waiting.set()
+        elif delay > 0:
             tg.start_soon(self._publish_later, delay, subject, answer.payload.render(session))
         else:
             await publish_or_log(self.nc, subject, answer.payload.render(session))
+
+    async def _batches(self) -> None:
+        """per_batch: the answers waiting now go out together after the batch's delay (the
+        longest of theirs); what comes in meanwhile waits for the next batch."""
+        while True:
+            while not self._batch:
+                self._batch_waiting = anyio.Event()
+                await self._batch_waiting.wait()
+            batch, self._batch = self._batch, []
+            await anyio.sleep(max(delay for _, _, delay in batch))
+            for subject, data, _ in batch:
+                await publish_or_log(self.nc, subject, data)
+            self.batches.append(len(batch))
 
     async def _publish_later(self, delay: float, subject: str, data: bytes) -> None:
         await anyio.sleep(delay)
@@ -217,6 +245,7 @@ async def serve_replay_experts(
     delay_s: float = 0.0,
     delays: Mapping[str, float] | None = None,
     use_compute_s: bool = False,
+    per_batch: bool = False,
     experts: Collection[str] | None = None,
     prefix: str = DEFAULT_PREFIX,
     heartbeat_s: float | None = None,
@@ -225,7 +254,7 @@ async def serve_replay_experts(
     """Run one replay expert (own connection) per expert in the trace until cancelled.
     ``task_status`` gets the expert ids once every one is subscribed and has sent a heartbeat."""
     chosen = _choose_experts(load_recorded_experts(Path(trace_path), prefix=prefix), experts)
-    timing = ReplayTiming(delay_s, dict(delays or {}), use_compute_s)
+    timing = ReplayTiming(delay_s, dict(delays or {}), use_compute_s, per_batch)
     async with AsyncExitStack() as stack:
         replayers = [
             ReplayExpert(
