@@ -473,3 +473,30 @@ def test_credentials_come_from_the_config_file_under_the_environment(
     with pytest.raises(Moe2Error, match=r"\[nats\] in .*not \['seed'\]") as refused:
         NatsAuth.resolve(conf)
     assert refused.value.code == ErrorCode.INVALID_FIELD
+
+
+async def test_moe2_auth_add_expert_reloads_the_running_server(tmp_path: Path) -> None:
+    """`moe2 auth init` writes the seeds; `moe2 auth add-expert` one more, and the set-up's
+    running server (its pid file) reloads its users: the new expert gets in."""
+    from typer.testing import CliRunner
+
+    from moe2.cli import app
+
+    auth = AuthDir(tmp_path / "auth")
+    made = CliRunner().invoke(app, ["auth", "init", "--dir", str(auth.path), "--experts", "a"])
+    assert made.exit_code == 0, made.output
+    assert f"expert-a         MOE2_NATS_NKEY={auth.expert_file('a')}" in made.output
+    with NatsServer(auth=auth) as server:
+        added = CliRunner().invoke(app, ["auth", "add-expert", "b", "--dir", str(auth.path)])
+        assert added.exit_code == 0, added.output
+        assert "reloads its users" in added.output
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    nc = await connect_nats(server.url, name="b", auth=auth.auth("expert-b"))
+                    break
+                except Moe2Error:
+                    await anyio.sleep(0.1)
+        await close_nats(nc)
+    refused = CliRunner().invoke(app, ["auth", "add-expert", "a.b", "--dir", str(auth.path)])
+    assert refused.exit_code == 2 and "expert id 'a.b'" in refused.output
