@@ -13,8 +13,10 @@ from typing import Any
 
 import anyio
 import msgspec
+import openai
 import pytest
 from anyio.abc import TaskGroup
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 import moe2
@@ -334,3 +336,60 @@ def test_routes_are_bounded_least_recently_used_and_forgotten_after_their_ttl() 
     clock.now = 10
     assert routes.route("c", {"e2"}) == (None, False)
     assert len(routes) == 0
+
+
+async def test_the_gateway_takes_the_conversation_from_the_moe2_field(
+    nats_url: str, smollm2: TransformersBackend
+) -> None:
+    """The official openai client, unchanged: ``extra_body={"moe2": {"conversation": id}}``."""
+    from tests.test_gateway import (
+        error_of,
+        stack,
+    )  # its stack: an expert, a fusion agent, a gateway
+
+    cid = new_conversation()
+    history: list[dict[str, str]] = [{"role": "user", "content": TURN1[0].content}]
+    async with stack(nats_url, smollm2) as s:
+        create = s.openai.chat.completions.create
+        same: dict[str, Any] = {"model": s.model, "temperature": 0.0, "max_tokens": ANSWER_TOKENS}
+        first = await create(messages=history, extra_body={"moe2": {"conversation": cid}}, **same)
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": QUESTION2},
+        ]
+        expert = s.experts[0]
+        await s.until(s.idle)
+        cold = await create(messages=history, **same)
+        await s.until(s.idle)
+        warm = await create(messages=history, extra_body={"moe2": {"conversation": cid}}, **same)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await create(messages=history, extra_body={"moe2": {"conversation": "a.b"}}, **same)
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+    assert turns(expert, "resumed") == 1 and turns(expert, "cold") == 1
+    assert sample(expert, "moe2_expert_conversation_prompt_tokens_total", kind="reused") > 40
+    assert error_of(caught)["param"] == "moe2.conversation"
+
+
+def test_a_full_llamacpp_context_gives_back_the_least_recently_used_conversation() -> None:
+    """llama.cpp's kept caches hold sequences of its one context: a session that finds none
+    free (``busy``) gets the oldest kept conversation's."""
+    pytest.importorskip("llama_cpp", reason="pip install 'moe2[llamacpp]'")
+    backend = load_backend("llamacpp", resolve_model(), threads=1)
+    backend._free = backend._free[-2:]  # type: ignore[attr-defined]  # two sequences left
+    registry = CollectorRegistry()
+    store = ConversationStore(
+        backend, max_conversations=8, max_tokens=10_000, idle_s=60, registry=registry
+    )
+    kept_turn(store, backend, "a", "One")
+    kept_turn(store, backend, "b", "Two")
+    ids = backend.encode_chat([ChatMessage("user", "Three")])
+    with pytest.raises(Moe2Error) as full:
+        backend.prefill("alone", ids, 4)  # both sequences hold kept conversations
+    assert full.value.code == ErrorCode.BUSY
+    started = store.start("s-c", None, ids, 4, None)
+    assert started.prefilled == len(ids) and len(started.top.ids) == 4
+    assert ("a" in store, "b" in store) == (False, True)
+    evicted = "moe2_expert_conversations_evicted_total"
+    assert registry.get_sample_value(evicted, {"reason": "room"}) == 1
+    backend.release("s-c")
+    store.clear()
