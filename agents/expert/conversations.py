@@ -113,6 +113,7 @@ class ConversationStore:
         self.max_conversations, self.max_tokens, self.idle_s = max_conversations, max_tokens, idle_s
         self._clock = clock
         self._kept: OrderedDict[str, _Kept] = OrderedDict()  # least recently used first
+        self.tokens = 0  # held by the kept caches together (read by /metrics from its thread)
         self._metrics = _ConversationMetrics(registry or CollectorRegistry(), self)
 
     def __len__(self) -> int:
@@ -120,10 +121,6 @@ class ConversationStore:
 
     def __contains__(self, conversation: str) -> bool:
         return conversation in self._kept
-
-    @property
-    def tokens(self) -> int:
-        return sum(k.tokens for k in self._kept.values())
 
     def start(
         self,
@@ -160,6 +157,7 @@ class ConversationStore:
         except Moe2Error:  # its prefill never finished: nothing to keep
             return
         self._kept[conversation] = _Kept(len(held), self._clock())
+        self.tokens += len(held)
         self._evict_over_bounds()
 
     def expire(self) -> None:
@@ -174,7 +172,7 @@ class ConversationStore:
 
     def _take(self, conversation: str, session: str) -> list[int] | None:
         """The kept cache, renamed to ``session``, and the ids it holds; None if none is kept."""
-        if self._kept.pop(conversation, None) is None:
+        if self._forget(conversation) is None:
             return None
         return self._backend.rename(kept_key(conversation), session)
 
@@ -204,8 +202,13 @@ class ConversationStore:
         )
 
     def _drop(self, conversation: str) -> None:
-        self._kept.pop(conversation, None)
+        self._forget(conversation)
         self._backend.release(kept_key(conversation))
+
+    def _forget(self, conversation: str) -> _Kept | None:
+        kept = self._kept.pop(conversation, None)
+        self.tokens -= kept.tokens if kept is not None else 0
+        return kept
 
     def _count(
         self, session: str, conversation: str, prompt: int, started: Started, *, resumed: bool
