@@ -20,6 +20,7 @@ temporary directory and renamed into place, so experts starting together never s
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import tempfile
@@ -30,10 +31,9 @@ from typing import Any, Final, Literal
 import onnx
 import onnxruntime
 import structlog
-import torch
-from transformers import AutoModelForCausalLM, DynamicCache
 
 from moe2.agents.expert.models import cache_root
+from moe2.runtime.errors import ErrorCode, Moe2Error
 
 log = structlog.get_logger("moe2.backend")
 
@@ -52,7 +52,7 @@ def export_dir(reference: Path, precision: Precision) -> Path:
         EXPORT_FORMAT,
         str(reference.resolve()),
         stamp,
-        torch.__version__,
+        _torch_version(),
         onnx.__version__,
         onnxruntime.__version__,
         precision,
@@ -61,12 +61,23 @@ def export_dir(reference: Path, precision: Precision) -> Path:
     return cache_root() / "onnx" / f"{reference.name}-{precision}-{digest}"
 
 
+def _torch_version() -> str:
+    """torch's version as the export key has it, read without importing torch (serving a cached
+    export needs no torch; only making one does)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
 def exported(reference: Path, precision: Precision) -> Path:
     """The ONNX model file for ``reference`` at ``precision``, exported now if not cached."""
     target = export_dir(reference, precision)
     if (target / MARKER).is_file():
         log.info("onnx_cache_hit", path=str(target))
         return target / MODEL_FILE
+    if _torch_version() == "none":  # cannot export here: serve an export made with torch
+        return _made_elsewhere(target, reference, precision) / MODEL_FILE
     if precision == "float32":
         write = _export_float32(reference)
     else:
@@ -74,6 +85,24 @@ def exported(reference: Path, precision: Precision) -> Path:
     log.info("onnx_exporting", reference=str(reference), precision=precision)
     _write_atomically(target, write, {"reference": str(reference), "precision": precision})
     return target / MODEL_FILE
+
+
+def _made_elsewhere(target: Path, reference: Path, precision: Precision) -> Path:
+    """On a box without torch: an export of ``reference`` at ``precision`` in the cache, made
+    where torch was (its key names that torch), or the error that says how to get one."""
+    for marker in sorted(target.parent.glob(f"{reference.name}-{precision}-*/{MARKER}")):
+        try:
+            made = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if made.get("reference") == str(reference) and made.get("precision") == precision:
+            log.info("onnx_cache_hit", path=str(marker.parent), torch="none")
+            return marker.parent
+    raise Moe2Error(
+        ErrorCode.INVALID_FIELD,
+        f"no ONNX export of {reference.name} ({precision}) in {target.parent}, and making one "
+        "needs torch: pip install 'moe2[models]' once (or copy that cache from a box that has it)",
+    )
 
 
 def _write_atomically(target: Path, write: Callable[[Path], None], marker: dict[str, str]) -> None:
@@ -125,10 +154,13 @@ def kept_in_float(model_file: Path) -> list[str]:
 
 def _export_float32(reference: Path) -> Callable[[Path], None]:
     def write(path: Path) -> None:
+        import torch  # making an export needs torch; serving one does not
+        from transformers import AutoModelForCausalLM
+
         model: Any = AutoModelForCausalLM.from_pretrained(
             reference, dtype=torch.float32, attn_implementation="eager", local_files_only=True
         )
-        step = _StepModule(model.eval())
+        step = _step_module(model.eval())
         names_in, names_out, dynamic = _signature(step.layers)
         with torch.no_grad():
             torch.onnx.export(
@@ -161,42 +193,50 @@ def _signature(layers: int) -> tuple[list[str], list[str], dict[str, dict[int, s
     return names_in, ["logits", *present], dynamic
 
 
-class _StepModule(torch.nn.Module):
-    """One forward pass of ``model`` with its KV cache as flat tensors in and out."""
+def _step_module(model: Any) -> Any:
+    """``model`` wrapped as one forward pass with its KV cache as flat tensors in and out."""
+    import torch
+    from transformers import DynamicCache
 
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.model = model
-        config = model.config.get_text_config()
-        self.layers = int(config.num_hidden_layers)
-        self.heads = int(config.num_key_value_heads)
-        self.head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+    class _StepModule(torch.nn.Module):
+        """One forward pass of ``model`` with its KV cache as flat tensors in and out."""
 
-    def forward(
-        self, input_ids: Any, attention_mask: Any, position_ids: Any, keep: Any, *past: Any
-    ) -> Any:
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *flat)
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+            config = model.config.get_text_config()
+            self.layers = int(config.num_hidden_layers)
+            self.heads = int(config.num_key_value_heads)
+            self.head_dim = int(
+                getattr(config, "head_dim", None)
+                or config.hidden_size // config.num_attention_heads
+            )
 
-    def example(self) -> tuple[Any, ...]:
-        """Inputs to trace with: 2 new positions after 3 held ones (so no axis is special)."""
-        held, new = 3, 2
-        past = [torch.randn(1, self.heads, held, self.head_dim) for _ in range(2 * self.layers)]
-        return (
-            torch.tensor([[1, 2]]),
-            torch.ones(1, held + new, dtype=torch.long),
-            torch.arange(held, held + new)[None],
-            torch.tensor([0, 1]),
-            *past,
-        )
+        def forward(
+            self, input_ids: Any, attention_mask: Any, position_ids: Any, keep: Any, *past: Any
+        ) -> Any:
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+            flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *flat)
+
+        def example(self) -> tuple[Any, ...]:
+            """Inputs to trace with: 2 new positions after 3 held ones (so no axis is special)."""
+            held, new = 3, 2
+            past = [torch.randn(1, self.heads, held, self.head_dim) for _ in range(2 * self.layers)]
+            return (
+                torch.tensor([[1, 2]]),
+                torch.ones(1, held + new, dtype=torch.long),
+                torch.arange(held, held + new)[None],
+                torch.tensor([0, 1]),
+                *past,
+            )
+
+    return _StepModule(model)

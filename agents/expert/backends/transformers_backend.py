@@ -10,7 +10,6 @@ half-written one. Nothing is ever downloaded: every load is ``local_files_only``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -29,15 +28,18 @@ from moe2.agents.expert.backends.base import (
     DecodeRequest,
     PrefixCache,
     TargetLogprobs,
-    TokenizerKind,
     TopK,
-    byte_level_bytes,
     check_batch,
     common_prefix,
-    plain_chat_answer,
-    plain_chat_text,
-    sentencepiece_bytes,
     tokenizer_identity,
+)
+from moe2.agents.expert.backends.chat_tokenizer import (  # the one tokenizer code, torch-free
+    build_token_bytes,
+    conversion_dir,
+    encode,
+    encode_answer,
+    encode_chat,
+    eos_ids,
 )
 from moe2.agents.expert.backends.transformers_batch import Stacked
 from moe2.agents.expert.backends.transformers_scoring import (
@@ -46,14 +48,13 @@ from moe2.agents.expert.backends.transformers_scoring import (
     reusable,
     score_targets,
 )
-from moe2.agents.expert.models import ModelSource, cache_root, quantisation
+from moe2.agents.expert.models import ModelSource, quantisation
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.wire import ChatMessage
 
 log = structlog.get_logger("moe2.backend")
 
 NAME: Final = "transformers"
-CACHE_FORMAT: Final = 1
 _MARKER: Final = "moe2-conversion.json"
 _STACKED: Final = object()  # in ``_caches``: the session's cache is a row of ``_stacked``
 
@@ -100,26 +101,13 @@ class TransformersBackend:
         return len(self._caches)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        if self._tokenizer.chat_template is None:  # a base model (Gemma-3-270M): plain text
-            return [int(i) for i in self._tokenizer.encode(plain_chat_text(messages))]
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            ids = self._tokenizer.apply_chat_template(
-                chat, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        except Exception as exc:  # jinja raises for roles or orders a template refuses
-            raise Moe2Error(
-                ErrorCode.INVALID_FIELD, f"the model's chat template refused the messages: {exc}"
-            ) from None
-        return [int(i) for i in ids]
+        return encode_chat(self._tokenizer, messages)
 
     def encode(self, text: str) -> list[int]:
-        return [int(i) for i in self._tokenizer.encode(text, add_special_tokens=False)]
+        return encode(self._tokenizer, text)
 
     def encode_answer(self, text: str) -> list[int]:
-        if self._tokenizer.chat_template is None:  # the answer follows "Assistant:"
-            return self.encode(plain_chat_answer(text))
-        return self.encode(text)
+        return encode_answer(self._tokenizer, text)
 
     def keep_prefix(self, ids: Sequence[int]) -> PrefixCache | None:
         if not ids:
@@ -294,52 +282,6 @@ def top_k_of(logits: torch.Tensor, k: int) -> TopK:
     )
 
 
-def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The generation config's stop ids and the tokenizer's eos, in that order, once each."""
-    configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured]
-    ids = [*ids, tokenizer.eos_token_id]
-    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
-# --- the token-bytes table -------------------------------------------------------------------
-
-
-def tokenizer_kind(tokenizer: Any) -> TokenizerKind:
-    """How the tokenizer's decoder turns token strings into bytes."""
-    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
-    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    types = {part.get("type") for part in parts}
-    if "ByteLevel" in types:
-        return "byte_level"
-    if types & {"ByteFallback", "Metaspace", "Replace"}:
-        return "sentencepiece"
-    return "other"
-
-
-def build_token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
-    """id -> raw bytes; ``b""`` for special tokens and for logit rows with no token."""
-    kind = tokenizer_kind(tokenizer)
-    added = tokenizer.added_tokens_decoder
-    tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_size))))
-    table = [_piece(tokenizer, kind, i, token, added.get(i)) for i, token in enumerate(tokens)]
-    return table + [b""] * (vocab_size - len(table))
-
-
-def _piece(tokenizer: Any, kind: TokenizerKind, i: int, token: str | None, added: Any) -> bytes:
-    if added is not None:
-        return b"" if added.special else str(added.content).encode()
-    if token is None:
-        return b""
-    if kind == "byte_level":
-        raw = byte_level_bytes(token)
-        if raw is not None:
-            return raw
-    if kind == "sentencepiece":
-        return sentencepiece_bytes(token)
-    return str(tokenizer.decode([i])).encode()
-
-
 # --- loading, with the conversion cache ------------------------------------------------------
 
 
@@ -368,14 +310,6 @@ def load_model_and_tokenizer(source: ModelSource, *, use_cache: bool = True) -> 
     if source.format == "hf":
         return _load_directory(source.path)
     return _load_gguf_cached(source) if use_cache else _load_gguf(source)
-
-
-def conversion_dir(source: ModelSource) -> Path:
-    """Where the float32 conversion of this exact GGUF file lives."""
-    st = source.path.stat()
-    key = [CACHE_FORMAT, source.path.name, st.st_size, st.st_mtime_ns, transformers.__version__]
-    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    return cache_root() / "transformers" / f"{source.name}-{digest}"
 
 
 def _load_directory(path: Path) -> tuple[Any, Any]:
