@@ -7,19 +7,25 @@ row, the order alternating, plain (``speculate = 0``) and speculative (``--specu
 tokens a round), the agent's config switched between the two (a session reads it when it
 starts). Greedy: the two texts must be identical.
 
+Two pools, one after the other: all three experts on transformers (the same speed: the drafter
+is one of equals), and, where llama-cpp-python is installed, the base expert on llama.cpp (its
+Q4_1 kernels decode SmolLM2 about 6x faster than transformers here), which answers the prefill
+first and so drafts: the case speculation is for, a fast expert drafting for slow ones.
+
 Per answer, on the client: decode tokens/s (tokens after the first over the time from the
 first chunk to the last), and round trips, counted on the bus: the Open, then every distinct
 wave of Steps the agent sent for the session (a Step sent to several experts at once is one
 round trip; a speculative round is two: the draft, then its verification). Targets (issue 11):
 identical text, at least 1.5x the plain tokens/s, fewer than one round trip per token.
 
-    python bench/speculative.py [--speculate 4] [--tokens 48] [--rounds 1] [--json out.json]
-                                [--quick]
+    python bench/speculative.py [--speculate 4] [--tokens 40] [--rounds 1] [--json out.json]
+                                [--base-backends transformers,llamacpp] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,12 +57,14 @@ EXPERTS = {"base": None, "c0": "cluster-0", "c1": "cluster-1"}  # expert -> its 
 QUESTIONS = (
     "Why is the sky blue?",
     "Explain how a bicycle stays upright.",
-    "What should I pack for a week of hiking?",
     "Write a short story about a lighthouse keeper.",
 )
 TARGET_RATE, TARGET_TRIPS = 1.5, 1.0
 START_TIMEOUT_S = 300.0
 MODES = ("plain", "speculative")
+BASE_BACKENDS = (
+    ("transformers", "llamacpp") if importlib.util.find_spec("llama_cpp") else ("transformers",)
+)
 
 
 @dataclass(slots=True)
@@ -153,70 +161,74 @@ async def measure(url: str, args: argparse.Namespace) -> Answers:
     return answers
 
 
-def report(answers: Answers, args: argparse.Namespace, took_s: float) -> dict[str, Any]:
+def pool_result(answers: Answers, base_backend: str, took_s: float) -> dict[str, Any]:
+    """One pool's figures and its suite row."""
     rate = {m: answers.decoded[m] / max(answers.decode_s[m], 1e-9) for m in MODES}
     trips = {m: answers.trips[m] / max(answers.tokens[m], 1) for m in MODES}
     ratio = rate["speculative"] / rate["plain"]
     same = answers.texts["plain"] == answers.texts["speculative"]
     passed = same and ratio >= TARGET_RATE and trips["speculative"] < TARGET_TRIPS
-    baseline = f"plain: {rate['plain']:.1f} tok/s, {trips['plain']:.2f} round trips/token"
+    baseline = f"plain: {rate['plain']:.2f} tok/s, {trips['plain']:.2f} round trips/token"
     measured = (
-        f"{rate['speculative']:.1f} tok/s = {ratio:.2f}×; "
+        f"{rate['speculative']:.2f} tok/s = {ratio:.2f}×; "
         f"{trips['speculative']:.2f} round trips/token; text {'identical' if same else 'DIFFERS'}"
     )
+    row = f"speculative vs plain fusion, greedy, real experts (base on {base_backend})"
     return {
-        "command": " ".join(["python", *sys.argv]),
-        "settings": {
-            "speculate": args.speculate,
-            "tokens": args.tokens,
-            "rounds": args.rounds,
-            "experts": EXPERTS,
-            "base_backend": args.base_backend,
-        },
-        "machine": machine(),
+        "base_backend": base_backend,
         "took_s": round(took_s, 1),
         "tokens_per_s": rate,
         "round_trips_per_token": trips,
         "tokens": answers.tokens,
         "rate_ratio": ratio,
         "same_text": same,
-        SUITE_ROWS: [
-            suite_row(
-                "speculative",
-                baseline,
-                measured,
-                passed,
-                row=f"speculative vs plain fusion, greedy (base expert on {args.base_backend})",
-                note=f"draft of {args.speculate}; SmolLM2 base, cluster-0 and cluster-1 experts",
-            )
-        ],
+        "row": suite_row("speculative", baseline, measured, passed, row=row),
+    }
+
+
+def report(pools: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "settings": {
+            "speculate": args.speculate,
+            "tokens": args.tokens,
+            "questions": len(args.questions),
+            "rounds": args.rounds,
+            "experts": EXPERTS,
+        },
+        "machine": machine(),
+        "pools": pools,
+        SUITE_ROWS: [p["row"] for p in pools],
     }
 
 
 def render(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
     head = (
-        f"bench/speculative: 3 SmolLM2-135M experts (base on {s['base_backend']}, cluster-0, "
-        f"cluster-1 on transformers), draft of "
-        f"{s['speculate']}, {s['tokens']} tokens, {s['rounds']} round(s); {m['cpus']} CPUs, "
-        f"load {m['loadavg'][0]}; {result['took_s']} s"
+        f"bench/speculative: 3 SmolLM2-135M experts (base, cluster-0, cluster-1; the adapters "
+        f"on transformers), draft of {s['speculate']}, {s['questions']} questions x "
+        f"{s['rounds']} round(s), {s['tokens']} tokens; {m['cpus']} CPUs, load {m['loadavg'][0]}"
     )
     rows = [
         (
+            pool["base_backend"],
             mode,
-            f"{result['tokens_per_s'][mode]:.2f}",
-            f"{result['round_trips_per_token'][mode]:.2f}",
-            result["tokens"][mode],
+            f"{pool['tokens_per_s'][mode]:.2f}",
+            f"{pool['round_trips_per_token'][mode]:.2f}",
+            pool["tokens"][mode],
         )
+        for pool in result["pools"]
         for mode in MODES
     ]
-    table = markdown_table(["mode", "decode tokens/s", "round trips/token", "tokens"], rows)
-    row = result[SUITE_ROWS][0]
+    header = ["base expert on", "mode", "decode tokens/s", "round trips/token", "tokens"]
     checks = markdown_table(
-        ["check", "measured", "target", "result"],
-        [("speculative vs plain", row["measured"], row["target"], verdict(row["passed"]))],
+        ["row", "measured against", "measured", "target", "result"],
+        [
+            (r["row"], r["baseline"], r["measured"], r["target"], verdict(r["passed"]))
+            for r in result[SUITE_ROWS]
+        ],
     )
-    return f"{head}\n\n{table}\n\n{checks}"
+    return f"{head}\n\n{markdown_table(header, rows)}\n\n{checks}"
 
 
 def verdict(passed: bool) -> str:
@@ -226,12 +238,13 @@ def verdict(passed: bool) -> str:
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--speculate", type=int, default=4, help="draft tokens a round (default 4)")
-    p.add_argument("--tokens", type=int, default=48, help="tokens per answer (default 48)")
+    p.add_argument("--tokens", type=int, default=40, help="tokens per answer (default 40)")
     p.add_argument("--rounds", type=int, default=1, help="passes over the questions (default 1)")
     p.add_argument(
-        "--base-backend",
-        default="transformers",
-        help="the base expert's backend: llamacpp makes it the fast drafter of a mixed pool",
+        "--base-backends",
+        default=",".join(BASE_BACKENDS),
+        help="one pool per backend of the base expert, comma-separated (default: transformers, "
+        "and llamacpp where llama-cpp-python is installed: a fast drafter in a mixed pool)",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quick", action="store_true", help="two questions, 24 tokens")
@@ -239,6 +252,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.questions = QUESTIONS
     if args.quick:
         args.tokens, args.questions = min(args.tokens, 24), QUESTIONS[:2]
+    args.base_backends = [b for b in args.base_backends.split(",") if b]
     if args.tokens < 2 or args.rounds < 1 or args.speculate < 1:
         p.error("need --tokens >= 2, --rounds >= 1 and --speculate >= 1")
     return args
@@ -247,14 +261,17 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     quiet_logs()
-    started = time.monotonic()
-    with (
-        tempfile.TemporaryDirectory(prefix="speculative-") as logs,
-        NatsServer() as server,
-        experts(server.url, Path(logs), args.base_backend),
-    ):
-        answers = anyio.run(measure, server.url, args)
-    result = report(answers, args, time.monotonic() - started)
+    pools = []
+    for base_backend in args.base_backends:
+        started = time.monotonic()
+        with (
+            tempfile.TemporaryDirectory(prefix="speculative-") as logs,
+            NatsServer() as server,
+            experts(server.url, Path(logs), base_backend),
+        ):
+            answers = anyio.run(measure, server.url, args)
+        pools.append(pool_result(answers, base_backend, time.monotonic() - started))
+    result = report(pools, args)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

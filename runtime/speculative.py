@@ -31,6 +31,7 @@ stale slice is never taken for a fresh one of the same step number.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -50,7 +51,7 @@ from moe2.runtime.decoding import (
     StepWait,
     ToExpert,
 )
-from moe2.runtime.errors import ErrorCode
+from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.sampling import SamplingParams, TokenSampler, tempered
 
 __all__ = ["DraftSampler", "SpeculativeDecoding", "decoding_for", "sampled_distribution"]
@@ -119,6 +120,7 @@ class SpeculativeDecoding(Decoding):
         self._owed: Counter[str] = Counter()  # runs of slices a late expert still sends
         self._order: list[str] = []  # experts by when their prefill answered: the drafter first
         self._single: set[str] = set()  # answered a run of positions with one slice: no rounds
+        self._ahead: Ahead | None = None  # the drafter's draft for the round after this one
 
     # --- arrivals: a run of slices per expert ----------------------------------------------------
 
@@ -129,6 +131,9 @@ class SpeculativeDecoding(Decoding):
             super()._arrive(event, now, out)
             if isinstance(m, wire.Error) and len(self._wait.errors) == errors:
                 self._settle_owed(sender, 0)  # an error about an owed run ends it
+            return
+        if self._ahead is not None and sender == self._ahead.expert and not self._ahead.done:
+            self._take_ahead(m, out)
             return
         if self._owed[sender]:
             self._settle_owed(sender, m.more)
@@ -163,6 +168,24 @@ class SpeculativeDecoding(Decoding):
             if w.step == 0:
                 self._order.append(sender)
 
+    def _take_ahead(self, m: wire.Slice, out: list[Action]) -> None:
+        """A slice of the draft ahead: kept for the next round, or the draft is given up."""
+        ahead = self._ahead
+        assert ahead is not None
+        try:
+            wire.check_slice(m, self.plan.vocabulary(ahead.expert).size)
+            fits = m.session == self.plan.session and m.step == ahead.step + len(ahead.got)
+        except Moe2Error:
+            fits = False
+        if not fits:
+            self.log.warning("slice_dropped", expert=ahead.expert, step=m.step, why="ahead")
+            self._owed[ahead.expert] += m.more > 0  # the rest of that run is dropped too
+            self._ahead = None
+            out.append(Refused(ErrorCode.WRONG_STEP, f"slice of step {m.step} not taken"))
+            return
+        ahead.got.append(m)
+        out.append(Accepted(m))
+
     def _run_problem(self, s: wire.Slice, sender: str, expected: int) -> str | None:
         """``Decoding._problem`` for the next slice of a run, checked as its run's first: the
         step it must name is ``expected``."""
@@ -182,7 +205,7 @@ class SpeculativeDecoding(Decoding):
 
     def _verify(self, now: float, out: list[Action]) -> None:
         """The draft is in (or the drafter failed): send it to the others to verify."""
-        w, drafter = self._wait, self._drafter
+        w, drafter, asked = self._wait, self._drafter, self._span
         self._drafter = ""
         run = self._got.get(drafter, []) if drafter in w.slices else []
         if len(run) == 1 and int(run[0].ids_array()[0]) not in self.plan.eos_ids:
@@ -203,6 +226,20 @@ class SpeculativeDecoding(Decoding):
             session=self.plan.session, step=w.step, token=self.tokens[-1], draft=self._draft
         )
         out += [ToExpert(e, step) for e in others]
+        if len(run) == asked:  # a whole draft: the drafter goes on while the others verify
+            self._draft_ahead(drafter, w.step + len(run), int(run[-1].ids_array()[0]), out)
+
+    def _draft_ahead(self, drafter: str, step: int, token: int, out: list[Action]) -> None:
+        """Ask the drafter for the next round's draft now, as if the whole draft and its own
+        next token were taken: the next round uses it if they are (``_next_round``)."""
+        n = min(
+            self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - len(self._draft) - 2
+        )
+        if n <= 0 or token in self.plan.eos_ids:
+            return
+        self._ahead = Ahead(drafter, step, token, n)
+        propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
+        out.append(ToExpert(drafter, propose))
 
     def _advance(self, w: StepWait, now: float, out: list[Action]) -> None:
         """Fuse the wave's positions in turn, as ``Decoding`` fuses a step, while the choice is
@@ -235,8 +272,13 @@ class SpeculativeDecoding(Decoding):
         token, self._got, self._draft = self.tokens[-1], {}, []
         n = min(self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - 1)
         drafters = [e for e in self._order if e in self.active]
-        self.rounds += 1
-        if n <= 0 or not drafters or self._single & set(self.active):
+        plain = n <= 0 or not drafters or bool(self._single & set(self.active))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (plain or not ahead.fits(drafters[0], step, token, n)):
+            self._owed[ahead.expert] += not ahead.done  # the rest of a draft nobody needs
+            ahead = None
+        self.rounds += ahead is None  # a draft asked for ahead costs no round trip now
+        if plain:
             self._span = 1
             message = wire.Step(session=self.plan.session, step=step, token=token)
             out += [ToExpert(e, message) for e in self.active]
@@ -244,10 +286,45 @@ class SpeculativeDecoding(Decoding):
             self._wait = StepWait(step, now, deadline, set(self.active))
             return
         self._drafter, self._span = drafters[0], n + 1
-        propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
-        out.append(ToExpert(self._drafter, propose))
         deadline = now + self.settings.step_deadline_s * self._span
         self._wait = StepWait(step, now, deadline, {self._drafter})
+        if ahead is None:
+            propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
+            out.append(ToExpert(self._drafter, propose))
+            return
+        self._got[self._drafter] = ahead.got
+        if ahead.done:
+            self._wait.slices[self._drafter] = ahead.got[0]
+            self._wait.waiting.clear()
+            self._verify(now, out)
+
+    def _end(self, outcome: str) -> None:
+        super()._end(outcome)
+        self.log.info(
+            "speculation_done",
+            round_trips=self.rounds,
+            tokens=len(self.tokens),
+            drafted=self.drafted,
+            accepted=self.accepted,
+        )
+
+
+@dataclass(slots=True)
+class Ahead:
+    """A draft asked for before its round: from ``step``, after ``token``, ``n`` tokens."""
+
+    expert: str
+    step: int
+    token: int
+    n: int
+    got: list[wire.Slice] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.got) and (self.got[-1].more == 0 or len(self.got) > self.n)
+
+    def fits(self, expert: str, step: int, token: int, n: int) -> bool:
+        return (self.expert, self.step, self.token, self.n) == (expert, step, token, n)
 
 
 def _is_step(action: Action) -> bool:

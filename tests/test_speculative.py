@@ -82,14 +82,35 @@ def test_a_round_accepts_the_draft_up_to_the_first_fused_disagreement() -> None:
     run(m, "b", 0, [1])  # b answers the prefill first: b drafts
     out = run(m, "a", 0, [1])
     assert steps_of(out) == {"b": wire.Step(session="s", step=1, token=1, propose=3)}
-    out = run(m, "b", 1, [2, 3, 4, 5])  # b's draft: 2 3 4
-    assert steps_of(out) == {"a": wire.Step(session="s", step=1, token=1, draft=[2, 3, 4])}
+    out = run(m, "b", 1, [2, 3, 4, 5])  # b's draft: 2 3 4; a verifies while b drafts ahead
+    assert steps_of(out) == {
+        "a": wire.Step(session="s", step=1, token=1, draft=[2, 3, 4]),
+        "b": wire.Step(session="s", step=5, token=5, propose=3),  # as if 2 3 4 and 5 were taken
+    }
     out = run(m, "a", 1, [2, 3, 4, 6])  # a agrees with the whole draft
     # the last position has no draft token: its fused choice is one more token (6: a's best,
     # b's second) and the next round starts after it
     assert m.tokens == [1, 2, 3, 4, 6]
     assert steps_of(out) == {"b": wire.Step(session="s", step=5, token=6, propose=3)}
     assert (m.drafted, m.accepted, m.rounds) == (3, 3, 3)
+
+
+def test_a_draft_asked_for_ahead_is_verified_at_once_when_the_round_took_it_all() -> None:
+    m = machine()
+    m.start(0.0)
+    run(m, "a", 0, [1])
+    run(m, "b", 0, [1])
+    run(m, "a", 1, [2, 3, 4, 5])  # a's draft 2 3 4, and a drafts ahead: 5, then 6 6 6
+    run(m, "a", 5, [6, 6, 6, 6])  # the draft ahead comes in while b verifies
+    out = run(m, "b", 1, [2, 3, 4, 5])  # b takes it all, and the fused next token is a's 5
+    assert m.tokens == [1, 2, 3, 4, 5]
+    assert steps_of(out) == {
+        "b": wire.Step(session="s", step=5, token=5, draft=[6, 6, 6]),  # no draft round trip
+        "a": wire.Step(session="s", step=9, token=6, propose=3),
+    }
+    assert m.rounds == 3  # the draft wave of the second round was never needed
+    run(m, "b", 5, [6, 6, 6, 0])
+    assert m.tokens[5:] == [6, 6, 6, 0]
 
 
 def test_a_rejected_draft_continues_from_the_fused_choice() -> None:
@@ -113,7 +134,7 @@ def test_a_late_experts_stale_run_is_never_taken_for_a_fresh_one() -> None:
     assert m.apply(Arrived("b", scripted_slice("b", 1, 2, more=3)), 6.0)  # half a run, late
     out = m.apply(Tick(), 30.0)  # the verification's deadline (1 + 4 x 5 s) has passed
     assert m.tokens == [1, 2, 3, 4, 5]  # a's draft, taken alone (b was late)
-    assert steps_of(out) == {"a": wire.Step(session="s", step=5, token=5, propose=3)}
+    assert steps_of(out) == {}  # a's next draft, from step 5 after 5, was asked for ahead
     run(m, "a", 5, [6, 6, 6, 6], now=31.0)
     for i in range(1, 4):  # the rest of b's stale run: steps 2..4, dropped
         m.apply(Arrived("b", scripted_slice("b", 1 + i, 6, more=3 - i)), 32.0)
@@ -132,6 +153,8 @@ def test_an_expert_that_does_not_speculate_turns_the_session_to_plain_rounds() -
     assert m.tokens == [1, 2]  # position 0 alone: what a plain step gives
     plain = wire.Step(session="s", step=2, token=2)
     assert steps_of(out) == {"a": plain, "b": plain}  # the rest of the session: plain rounds
+    run(m, "a", 5, [6, 6, 6, 6])  # the draft a was asked for ahead comes first: dropped
+    assert m.tokens == [1, 2] and m.step == 2
     run(m, "a", 2, [3])
     assert steps_of(run(m, "b", 2, [3])) == {
         e: wire.Step(session="s", step=3, token=3) for e in "ab"
@@ -198,7 +221,7 @@ async def test_an_expert_verifies_a_draft_in_one_pass_and_goes_back(
             assert [int(s.ids_array()[0]) for s in proposed] == greedy[3:6]
             assert smollm2._ids["spec"][-5:] == greedy[:5]
             for step in (
-                wire.Step(session="spec", step=3, token=greedy[2]),  # below the floor: 4
+                wire.Step(session="spec", step=0, token=greedy[2]),  # before the first step
                 wire.Step(session="spec", step=7, token=greedy[2]),  # beyond the next: 6
                 wire.Step(session="spec", step=6, token=-1, text=b"x"),
             ):

@@ -105,7 +105,7 @@ class Speculation:
                 if drafted in self._backend.info.eos_ids:
                     break  # nothing follows the end: the last slice shows it
                 tops.append(self._backend.decode(held.session, drafted, held.top_k))
-        self._floor[held.session] = step.step + 1
+        self._floor[held.session] = 1  # from now on any step back is a cut of the cache
         return tops, reading
 
 
