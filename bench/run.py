@@ -47,9 +47,15 @@ class Script:
 SCRIPTS = (
     Script("bus_overhead.py", ("fused_step",), timeout_s=120, quick_timeout_s=60),
     Script("batching.py", ("sessions_64", "batching_16")),
-    Script("backends.py", ("backend_step",), ("--steps", "32"), timeout_s=360, quick_timeout_s=240),
-    Script("two_experts.py", ("two_experts",), timeout_s=300, quick_timeout_s=180),
-    Script("speculative.py", ("speculative",)),
+    Script("backends.py", ("backend_step",), ("--steps", "24"), timeout_s=360, quick_timeout_s=240),
+    Script(
+        "two_experts.py",
+        ("two_experts",),
+        ("--tokens", "32", "--rounds", "1"),
+        timeout_s=360,
+        quick_timeout_s=180,
+    ),
+    Script("speculative.py", ("speculative",), ("--tokens", "32"), timeout_s=420),
     Script("conversation.py", ("conversation_turn2",)),
     Script(
         "gate_latency.py",
