@@ -449,7 +449,7 @@ async def test_the_admin_role_watches_the_pool_and_publishes_nothing_else(
         await watch.start()
         with anyio.fail_after(20):
             await client.ask("watched", max_tokens=8).collect()
-            while not (watch.view.fusion and watch.view.tokens):  # noqa: ASYNC110
+            while not (watch.view.fusion and watch.view.tokens and watch.view.experts):  # noqa: ASYNC110
                 await anyio.sleep(0.05)
         await admin.nc.publish(S.prompt, b"x")
         said = await admin.violation("publish", S.prompt)
