@@ -500,3 +500,44 @@ async def test_moe2_auth_add_expert_reloads_the_running_server(tmp_path: Path) -
         await close_nats(nc)
     refused = CliRunner().invoke(app, ["auth", "add-expert", "a.b", "--dir", str(auth.path)])
     assert refused.exit_code == 2 and "expert id 'a.b'" in refused.output
+
+
+async def test_gating_collection_runs_with_the_fusion_credentials(
+    nats_server: NatsServer, nats_auth: AuthDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moe2 gating collect` with fusion.nk (MOE2_NATS_NKEY) against experts on their own
+    credentials: every Score request is answered, nobody is refused."""
+    from moe2.agents.measure.collect import collect_live
+    from moe2.gating.data import load_examples
+    from tests.test_gating_collect import (
+        ScoringExpert,
+        ScoringScript,
+        config,
+        dataset_of,
+        write_mmlu,
+    )
+
+    mmlu = write_mmlu(tmp_path / "mmlu")
+    examples = load_examples(mmlu)
+    monkeypatch.setenv("MOE2_NATS_NKEY", str(nats_auth.seed_file("fusion")))
+    async with AsyncExitStack() as stack:
+        experts = {}
+        for expert in ("a", "b"):
+            who = f"expert-{expert}"
+            experts[who] = await stack.enter_async_context(
+                role(nats_server, nats_auth.auth(who), who)
+            )
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        for who, conn in experts.items():
+            expert = who.removeprefix("expert-")
+            await tg.start(ScoringExpert(conn.nc, expert, ScoringScript(), "moe2").run)
+        with anyio.fail_after(30), capture_logs() as logs:
+            summary = await collect_live(
+                nats_server.plain_url, examples, tmp_path / "out", dataset_of(mmlu, examples),
+                config("moe2"),
+            )  # fmt: skip
+        tg.cancel_scope.cancel()
+    assert (summary.collected, summary.failed) == (summary.pairs, 0)
+    assert summary.pairs == 2 * len(examples)
+    assert {who: c.errors for who, c in experts.items() if c.errors} == {}
+    assert [e for e in logs if e["event"] == "nats_error"] == []  # the collector's own
