@@ -7,6 +7,7 @@ The honest path works with each role's own credentials."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -541,3 +542,47 @@ async def test_gating_collection_runs_with_the_fusion_credentials(
     assert summary.pairs == 2 * len(examples)
     assert {who: c.errors for who, c in experts.items() if c.errors} == {}
     assert [e for e in logs if e["event"] == "nats_error"] == []  # the collector's own
+
+
+def make_certificates(where: Path) -> None:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=moe2 test CA")  # fmt: skip
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *extra)  # fmt: skip
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl to make certificates")
+async def test_tls_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    """--nats-ca/--nats-cert/--nats-key (MOE2_NATS_CA, _CERT, _KEY): a server that verifies
+    client certificates lets in the client that has one, and no other."""
+    make_certificates(tmp_path)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(
+        f'tls {{ cert_file: "{tmp_path}/server.pem", key_file: "{tmp_path}/server.key", '
+        f'ca_file: "{tmp_path}/ca.pem", verify: true }}\n'
+    )
+    env = {
+        "MOE2_NATS_CA": str(tmp_path / "ca.pem"),
+        "MOE2_NATS_CERT": str(tmp_path / "client.pem"),
+        "MOE2_NATS_KEY": str(tmp_path / "client.key"),
+    }
+    with NatsServer(config=conf) as server:
+        nc = await connect_nats(server.url, name="tls", auth=NatsAuth.from_env(env))
+        assert nc.connected_url is not None
+        await close_nats(nc)
+        without_cert = NatsAuth(ca=tmp_path / "ca.pem")
+        with pytest.raises(Moe2Error) as refused:
+            await connect_nats(server.url, name="no-cert", auth=without_cert)
+    assert refused.value.code == ErrorCode.UNREACHABLE
+    with pytest.raises(Moe2Error, match="TLS files unusable") as bad:
+        NatsAuth(ca=tmp_path / "missing.pem").tls_context()
+    assert bad.value.code == ErrorCode.INVALID_FIELD
