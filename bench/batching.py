@@ -164,7 +164,7 @@ async def expert_rates(
         max_batch=sessions,
         max_sessions=max(32, sessions),
     )
-    keys = ("one", "many", "one_steady", "many_steady", "batches")
+    keys = ("one", "many", "one_steady", "many_steady", "batches", "prefill_share")
     totals = {key: [0.0, 0.0] for key in keys}
     async with (
         nats_connection(url, name="bench-expert") as agent_nc,
@@ -188,17 +188,23 @@ async def expert_rates(
                 if n > 1:
                     after = _batches(agent)
                     _add(totals["batches"], after[0] - before[0], after[1] - before[1])
+                    _add(totals["prefill_share"], after[2] - before[2], took)
         tg.cancel_scope.cancel()
     rates = {key: tokens / seconds for key, (tokens, seconds) in totals.items()}
     rates["mean_batch"] = rates.pop("batches")  # sessions per batch in the N-session runs
     return rates
 
 
-def _batches(agent: ExpertAgent) -> tuple[float, float]:
-    """The expert's /metrics: sessions in batches so far, and batches so far."""
+def _batches(agent: ExpertAgent) -> tuple[float, float, float]:
+    """The expert's /metrics so far: sessions in batches, batches, prefill compute seconds."""
     registry = agent.metrics.registry
-    in_batches = registry.get_sample_value("moe2_expert_decode_batch_sessions_sum") or 0.0
-    return in_batches, registry.get_sample_value("moe2_expert_decode_batch_sessions_count") or 0.0
+    names = ("decode_batch_sessions_sum", "decode_batch_sessions_count", "compute_seconds_sum")
+    labels: list[dict[str, str]] = [{}, {}, {"phase": "prefill"}]
+    a, b, c = (
+        registry.get_sample_value(f"moe2_expert_{name}", label) or 0.0
+        for name, label in zip(names, labels, strict=True)
+    )
+    return a, b, c
 
 
 def _add(total: list[float], count: float, seconds: float) -> None:
@@ -370,9 +376,10 @@ def render(result: dict[str, Any]) -> str:
     head = (
         f"bench/batching: {s['steps']} tokens per SmolLM2 session, {s['replay_steps']} per "
         f"replayed answer, {s['rounds']} rounds (1 session and N alternating), "
-        f"{s['threads']} torch thread(s); mean decode batch on the expert "
-        f"{result['expert_tokens_per_s']['mean_batch']:.1f}; {m['cpus']} CPUs, load "
-        f"{m['loadavg'][0]}, Python {m['python']}; {result['took_s']} s"
+        f"{s['threads']} torch thread(s); N sessions on the expert: mean decode batch "
+        f"{result['expert_tokens_per_s']['mean_batch']:.1f}, prefills "
+        f"{result['expert_tokens_per_s']['prefill_share']:.0%} of the wall time; "
+        f"{m['cpus']} CPUs, load {m['loadavg'][0]}, Python {m['python']}; {result['took_s']} s"
     )
     header = ["row", "1 session tok/s", "N sessions tok/s", "ratio", "target", "result"]
     return f"{head}\n\n{markdown_table(header, result['table'])}"

@@ -4,6 +4,7 @@ expert on a real nats-server serving several sessions at once."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +43,8 @@ QUESTIONS = (
 class Model:
     """Records what the scheduler runs: ``("batch", items)`` or ``("job", name)``."""
 
-    def __init__(self) -> None:
+    def __init__(self, job_s: float = 0.1, batch_s: float = 0.0) -> None:
+        self.job_s, self.batch_s = job_s, batch_s  # how long each call takes
         self.calls: list[tuple[str, Any]] = []
         self.gate = threading.Event()  # the jobs wait on it: calls queue up behind the first
         self.gate.set()
@@ -50,6 +52,7 @@ class Model:
 
     def batch(self, items: list[int]) -> list[int]:
         self.calls.append(("batch", list(items)))
+        time.sleep(self.batch_s)
         if any(i < 0 for i in items):
             raise Moe2Error(ErrorCode.INVALID_FIELD, "a negative item")
         return [i * 10 for i in items]
@@ -59,6 +62,7 @@ class Model:
             self.busy.set()
             self.gate.wait(10)
             self.calls.append(("job", name))
+            time.sleep(self.job_s)
             return name
 
         return run
@@ -105,6 +109,32 @@ async def test_waiting_steps_run_as_one_batch_and_jobs_take_turns_with_batches()
     assert results == {"blocker": "blocker", "prefill-a": "prefill-a", "prefill-b": "prefill-b"} | {
         f"s{i}": i * 10 for i in range(1, 6)
     }
+
+
+async def test_after_a_batch_jobs_run_until_their_time_adds_up_to_the_batchs() -> None:
+    """A burst of prefills: a few per turn (about one batch's time of them), not one."""
+    model = Model(job_s=0.05, batch_s=0.4)
+    sched = scheduler(model)
+    done: list[int] = []
+
+    async def session(i: int) -> None:
+        for _ in range(3):
+            done.append(await sched.step(i))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            for i in range(2):
+                tg.start_soon(session, i)
+            await wait_until(lambda: bool(model.calls))
+            for i in range(12):
+                tg.start_soon(sched.call, model.job(f"prefill-{i}"))
+            await wait_until(lambda: len(done) == 6 and sched.waiting == 0)
+            tg.cancel_scope.cancel()
+    kinds = "".join(kind[0] for kind, _ in model.calls)  # b: a batch, j: a job
+    runs = [len(run) for run in kinds.split("b") if run]
+    assert kinds.startswith("b") and kinds.count("b") == 3
+    assert len(runs) >= 2 and all(2 <= n <= 9 for n in runs[:-1]), kinds  # several, not one
 
 
 async def test_a_failed_batch_fails_each_of_its_steps_and_the_scheduler_lives_on() -> None:
@@ -225,6 +255,7 @@ async def test_concurrent_sessions_answer_as_one_at_a_time_in_batches(
 ) -> None:
     steps = 12
     alone = [greedy_alone(backend, q, steps) for q in QUESTIONS]
+    held_before = getattr(backend, "sessions", None)  # KV caches the backend holds
     answers: dict[int, list[int]] = {}
     async with expert_on_bus(backend, nats_url, metrics_port=0, batch_gather_s=0.05) as bus:
         assert bus.agent.metrics_port is not None
@@ -241,6 +272,7 @@ async def test_concurrent_sessions_answer_as_one_at_a_time_in_batches(
         )
         await bus.sessions_drop_to(0)  # every session's KV cache freed on Close
     assert [answers[i] for i in range(len(QUESTIONS))] == alone
+    assert getattr(backend, "sessions", None) == held_before
     assert sessions == len(QUESTIONS) * (steps - 1)  # every decode step went through a batch
     assert sessions / batches >= 3  # mostly batched: the prefills split a few of them
     assert singles < batches
@@ -319,3 +351,30 @@ async def test_a_per_batch_replay_expert_holds_answers_for_the_batch_in_progress
     assert batch_s <= arrivals["b1"] < 2 * batch_s
     assert arrivals["b2"] >= 2 * batch_s and arrivals["b3"] >= 2 * batch_s  # the next batch
     assert abs(arrivals["b2"] - arrivals["b3"]) < batch_s / 2  # together
+
+
+async def test_call_soon_runs_in_its_turn_and_on_the_way_out() -> None:
+    """Freeing a cache never runs beside a model call, even when the agent is stopping."""
+    model = Model(job_s=0.0)
+    sched = scheduler(model)
+    freed: list[str] = []
+    sched.call_soon(lambda: freed.append("before run"))  # nothing runs: at once
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            model.gate.clear()
+            tg.start_soon(sched.call, model.job("blocker"))
+            await wait_until(model.busy.is_set)
+            sched.call_soon(lambda: freed.append("in turn"))
+            await anyio.sleep(0.05)
+            assert freed == ["before run"]  # the blocker still holds the model
+            model.gate.set()
+            await wait_until(lambda: len(freed) == 2)
+            model.gate.clear()
+            model.busy.clear()
+            tg.start_soon(sched.call, model.job("second blocker"))
+            await wait_until(model.busy.is_set)
+            sched.call_soon(lambda: freed.append("on the way out"))
+            tg.cancel_scope.cancel()  # the agent stops while the worker is busy
+            model.gate.set()
+    assert freed == ["before run", "in turn", "on the way out"]

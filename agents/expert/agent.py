@@ -385,7 +385,7 @@ class ExpertAgent:
                 await self._refuse_leftovers(session, inbox)
         finally:
             self._sessions.pop(session.id, None)
-            self._backend.release(session.id)
+            self._scheduler.call_soon(partial(self._backend.release, session.id))  # worker's turn
             self._speculation.forget(session.id)
             if session.conversation is not None:
                 self._turns.end(session.conversation, session.id)

@@ -8,9 +8,12 @@ An expert has one model and one worker thread for it. Two kinds of work wait for
 - *jobs*: any other call (a prefill, a score, a byte-path rewrite, a speculative draft, a
   warm-up), run alone, in arrival order.
 
-Turns alternate: after a job, the waiting steps go next; after a batch, the next job. So a new
-session's prefill (or a long score) holds the others back by at most one call, and a stream of
-prefills cannot starve the sessions already decoding, nor they it.
+Turns alternate between a batch of the waiting steps and jobs: after a batch, jobs run until
+their time adds up to the batch's (at least one job, and the last one may run past it), then the
+waiting steps go next. So the sessions already decoding are held back by new sessions' prefills
+(or a score) for about one decode step per step, plus one job at most: a new session's prefill
+never holds them back longer than one step, a burst of new sessions is prefilled a few per step
+(fewer small batches while they join), and neither kind of work can starve the other.
 
 Before a batch the scheduler waits up to ``gather_s`` for the steps of sessions that are expected
 to step (``expected()``: the agent's open sessions past their prefill) and are not yet waiting:
@@ -23,6 +26,7 @@ Before ``run`` starts (and after it ends) a call runs directly, still one at a t
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +51,8 @@ class _Work:
     item: Any = None  # a step's item
     call: Callable[[], Any] | None = None  # a job's call
     abandon: bool = False  # a job's: see ``ModelScheduler.call``
+    cleanup: bool = False  # a job of ``call_soon``: run even when the scheduler stops
+    running: bool = False  # a job's call is in the worker thread now
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
         self.value, self.error = value, error
@@ -88,7 +94,10 @@ class ModelScheduler(Generic[_S, _T]):
     @property
     def waiting(self) -> int:
         """Calls waiting for the model: jobs and steps."""
-        return len(self._jobs) + len(self._steps) + self._limiter.statistics().tasks_waiting
+        running = 1 if self._jobs and self._jobs[0].running else 0  # still first in its queue
+        return (
+            len(self._jobs) - running + len(self._steps) + self._limiter.statistics().tasks_waiting
+        )
 
     async def call(self, call: Callable[[], _R], *, abandon: bool = False) -> _R:
         """Run ``call`` alone in the worker thread, in its turn. ``abandon``: if the agent stops
@@ -99,6 +108,16 @@ class ModelScheduler(Generic[_S, _T]):
         self._jobs.append(job)
         result: _R = await self._wait(job)
         return result
+
+    def call_soon(self, call: Callable[[], object]) -> None:
+        """Run ``call`` in its turn, with no one waiting for it (freeing a session's cache when
+        its task ends, cancelled or not): never beside another model call. If ``run`` is not
+        running it runs now; if ``run`` ends first, ``run`` runs it on its way out."""
+        if not self._running:
+            call()
+            return
+        self._jobs.append(_Work(call=call, cleanup=True))
+        self._arrived.set()
 
     async def step(self, item: _S) -> _T:
         """Run ``item`` in the next batch of steps."""
@@ -115,18 +134,24 @@ class ModelScheduler(Generic[_S, _T]):
         self._running = True
         task_status.started()
         try:
-            batch_next = True
+            batch_next, batch_s, jobs_s = True, 0.0, 0.0
             while True:
                 await self._until_work()
+                started = time.perf_counter()
                 if self._steps and (batch_next or not self._jobs):
                     await self._gather()
+                    started = time.perf_counter()  # the gathering is not the batch's cost
                     await self._batch()
-                    batch_next = False
+                    batch_next, batch_s, jobs_s = False, time.perf_counter() - started, 0.0
                 elif self._jobs:
-                    await self._job(self._jobs.popleft())
-                    batch_next = True
+                    await self._job(self._jobs[0])
+                    jobs_s += time.perf_counter() - started
+                    batch_next = jobs_s >= batch_s
         finally:
             self._running = False
+            for job in self._jobs:  # no model call runs now: this one's thread call is done
+                if job.cleanup and job.call is not None and not job.done.is_set():
+                    job.call()
 
     async def _wait(self, work: _Work) -> Any:
         self._arrived.set()
@@ -166,12 +191,14 @@ class ModelScheduler(Generic[_S, _T]):
             work.settle(result)
 
     async def _job(self, job: _Work) -> None:
-        if job.dropped or job.call is None:
-            return
+        """Run the first job; it leaves the queue once it is done (or never started)."""
         try:
-            job.settle(await self._in_thread(job.call, abandon=job.abandon))
+            if not job.dropped and job.call is not None:
+                job.running = True
+                job.settle(await self._in_thread(job.call, abandon=job.abandon))
         except Exception as exc:
             job.settle(error=exc)
+        self._jobs.popleft()
 
     async def _in_thread(self, call: Callable[[], _R], *, abandon: bool = False) -> _R:
         return await anyio.to_thread.run_sync(
