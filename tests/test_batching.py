@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -181,9 +182,7 @@ async def test_a_step_whose_waiter_is_gone_is_not_run() -> None:
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(sched.run)
-            model.gate.clear()
-            tg.start_soon(sched.call, model.job("blocker"))
-            await wait_until(model.busy.is_set)
+            await hold_the_worker(tg, sched, model)
             with anyio.move_on_after(0.05):
                 await sched.step(1)  # given up on while the worker is busy
             tg.start_soon(sched.step, 2)
@@ -192,6 +191,16 @@ async def test_a_step_whose_waiter_is_gone_is_not_run() -> None:
             await wait_until(lambda: len(model.calls) == 2)
             tg.cancel_scope.cancel()
     assert model.calls == [("job", "blocker"), ("batch", [2])]
+
+
+async def hold_the_worker(
+    tg: anyio.abc.TaskGroup, sched: ModelScheduler[int, int], model: Model
+) -> None:
+    """Start a job that holds the worker until ``model.gate`` is set; return once it runs."""
+    model.gate.clear()
+    model.busy.clear()
+    tg.start_soon(sched.call, model.job("blocker"))
+    await wait_until(model.busy.is_set)
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
@@ -362,18 +371,13 @@ async def test_call_soon_runs_in_its_turn_and_on_the_way_out() -> None:
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             await tg.start(sched.run)
-            model.gate.clear()
-            tg.start_soon(sched.call, model.job("blocker"))
-            await wait_until(model.busy.is_set)
+            await hold_the_worker(tg, sched, model)
             sched.call_soon(lambda: freed.append("in turn"))
             await anyio.sleep(0.05)
             assert freed == ["before run"]  # the blocker still holds the model
             model.gate.set()
             await wait_until(lambda: len(freed) == 2)
-            model.gate.clear()
-            model.busy.clear()
-            tg.start_soon(sched.call, model.job("second blocker"))
-            await wait_until(model.busy.is_set)
+            await hold_the_worker(tg, sched, model)
             sched.call_soon(lambda: freed.append("on the way out"))
             tg.cancel_scope.cancel()  # the agent stops while the worker is busy
             model.gate.set()
