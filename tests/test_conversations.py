@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +29,7 @@ from moe2.agents.fusion.agent import FusionAgent
 from moe2.agents.fusion.config import FusionConfig
 from moe2.agents.fusion.conversations import ConversationRoutes
 from moe2.gateway_bodies import ChatBody, QuestionDefaults
+from moe2.gating import Gate
 from moe2.runtime import wire
 from moe2.runtime.client import new_conversation
 from moe2.runtime.connection import close_nats, connect_nats
@@ -118,8 +119,19 @@ class Pool:
             return await answer.collect()
 
 
+class HistoryGate:
+    """A gate that changes its mind as the history grows: e1 first for a prompt of one message,
+    e2 first for a longer one, so a later turn planned afresh would go to other experts."""
+
+    def gate(self, messages: Sequence[ChatMessage], experts: Sequence[str]) -> list[float]:
+        first = "e1" if len(messages) == 1 else "e2"
+        return [3.0 if e == first else 1.0 for e in experts]
+
+
 @asynccontextmanager
-async def pool(url: str, backends: dict[str, Backend], **config: Any) -> AsyncIterator[Pool]:
+async def pool(
+    url: str, backends: dict[str, Backend], gate: Gate | None = None, **config: Any
+) -> AsyncIterator[Pool]:
     prefix = next(_prefixes)
     nc = await connect_nats(url, name="test-fusion")
     try:
@@ -127,7 +139,7 @@ async def pool(url: str, backends: dict[str, Backend], **config: Any) -> AsyncIt
             fusion_config = FusionConfig(
                 prefix=prefix, step_deadline_s=30, prefill_deadline_s=60, discovery=False
             )
-            fusion = FusionAgent(nc, fusion_config)
+            fusion = FusionAgent(nc, fusion_config, gate=gate)
             await tg.start(fusion.run)
             bus = Pool(url, prefix, tg, client, fusion)
             for expert, backend in backends.items():
@@ -162,7 +174,7 @@ def turns(agent: ExpertAgent, start: str) -> float:
 async def test_turn_two_keeps_its_experts_prefills_only_new_tokens_and_answers_as_cold(
     nats_url: str, two: dict[str, Backend]
 ) -> None:
-    async with pool(nats_url, two) as bus:
+    async with pool(nats_url, two, HistoryGate()) as bus:
         cid = new_conversation()
         first = await bus.ask(TURN1, cid)
         assert first.usage.completion_tokens == ANSWER_TOKENS  # "length": 11 tokens were fed
@@ -170,9 +182,12 @@ async def test_turn_two_keeps_its_experts_prefills_only_new_tokens_and_answers_a
         before = {e: prefilled(a) for e, a in bus.experts.items()}
         warm = await bus.ask(turn2(first.text), cid)
         after = {e: prefilled(a) for e, a in bus.experts.items()}
-    assert warm.text == cold.text  # greedy: the kept cache changes nothing in the answer
-    assert warm.experts == first.experts == ["e1", "e2"]
-    assert warm.weights == first.weights
+    # two copies of one model fuse to that model whatever the weights: the same greedy text,
+    # whether each expert started from its kept cache (warm) or prefilled it all (cold)
+    assert warm.text == cold.text
+    assert cold.experts == ["e2", "e1"]  # the gate's choice for this history
+    assert warm.experts == first.experts == ["e1", "e2"]  # the first turn's, kept
+    assert warm.weights == first.weights == [0.75, 0.25]
     assert sample(bus.fusion, "moe2_fusion_conversation_turns_total", outcome="kept") == 1
     # Each expert computed only what follows turn 1's prompt and the 11 answer tokens it was fed.
     ids1, ids2 = two["e1"].encode_chat(TURN1), two["e1"].encode_chat(turn2(first.text))
