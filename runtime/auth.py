@@ -312,8 +312,16 @@ class AuthDir:
 
     def init(self, experts: Sequence[str] = ()) -> list[str]:
         """Create the directory and any missing seed (existing ones are kept); the new roles."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.path.chmod(0o700)
+        if not self.path.exists():
+            self.path.mkdir(parents=True, mode=0o700)
+            self.path.chmod(0o700)  # whatever the umask
+        mode = self.path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise Moe2Error(
+                ErrorCode.INVALID_FIELD,
+                f"{self.path} is open to others (mode {mode:o}): credentials need a directory "
+                "only its owner can enter (chmod 700, or a new one)",
+            )
         made = [r for r in ROLES if self._ensure(self.seed_file(r))]
         made += [f"expert-{e}" for e in experts if self._ensure(self.expert_file(e))]
         return made

@@ -586,3 +586,18 @@ async def test_tls_with_a_ca_and_a_client_certificate(tmp_path: Path) -> None:
     with pytest.raises(Moe2Error, match="TLS files unusable") as bad:
         NatsAuth(ca=tmp_path / "missing.pem").tls_context()
     assert bad.value.code == ErrorCode.INVALID_FIELD
+
+
+def test_credentials_are_never_written_into_a_directory_open_to_others(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(Moe2Error, match=r"open to others \(mode 755\)") as refused:
+        AuthDir(shared).init(["a"])
+    assert refused.value.code == ErrorCode.INVALID_FIELD
+    assert list(shared.iterdir()) == []
+    fresh = AuthDir(tmp_path / "new" / "auth")
+    assert fresh.init(["a"]) == ["client", "fusion", "admin", "expert-a"]
+    assert fresh.init(["a", "b"]) == ["expert-b"]  # existing seeds are kept
+    assert fresh.path.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in fresh.path.glob("*.nk")} == {0o600}
