@@ -134,16 +134,28 @@ class ConversationStore:
         else by a prefill (from ``prefix``'s head)."""
         self.expire()
         held = self._take(conversation, session) if conversation is not None else None
-        if held is None:
+        started = self._resume(session, held, ids, top_k) if held is not None else None
+        if started is None:
             top = self._with_room(lambda: self._backend.prefill(session, ids, top_k, prefix))
             started = Started(top, prefilled_tokens(ids, prefix), 0)
-        else:
-            reused = min(common_prefix(held, ids), len(ids) - 1)
-            top = self._with_room(lambda: self._backend.rewrite(session, ids, top_k))
-            started = Started(top, len(ids) - reused, reused)
         if conversation is not None:
-            self._count(session, conversation, len(ids), started, resumed=held is not None)
+            self._count(session, conversation, len(ids), started, resumed=started.reused > 0)
         return started
+
+    def _resume(
+        self, session: str, held: list[int], ids: Sequence[int], top_k: int
+    ) -> Started | None:
+        """``rewrite`` the kept cache, now ``session``'s, to ``ids``; None (the session freed)
+        if the backend has no room for the new tokens: its cache may be half-written."""
+        reused = min(common_prefix(held, ids), len(ids) - 1)
+        try:
+            top = self._backend.rewrite(session, ids, top_k)
+        except Moe2Error as exc:
+            if exc.code != ErrorCode.BUSY:
+                raise
+            self._backend.release(session)
+            return None
+        return Started(top, len(ids) - reused, reused)
 
     def keep(self, session: str, conversation: str) -> None:
         """``session`` has been closed: keep its cache as the conversation's (replacing an
