@@ -38,7 +38,8 @@ def how_to_connect(auth: AuthDir) -> str:
         f"  MOE2_NATS_NKEY={auth.path}/expert-<id>.nk moe2 expert --id <id>",
         f"  MOE2_NATS_NKEY={auth.seed_file('client')} moe2 ask 'a question'",
         f"  MOE2_NATS_NKEY={auth.seed_file('admin')} moe2 status",
-        "a new expert: moe2 auth add-expert <id> (the running server reloads its users)",
+        "a new expert: moe2 auth add-expert <id>; a client user with an inbox of its own: "
+        "moe2 auth add-client <name> (the running server reloads its users)",
     ]
     return "\n".join(lines)
 
@@ -72,10 +73,32 @@ def add_expert(
     except (Moe2Error, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"{'created' if made else 'kept'} {auth.expert_file(expert)}")
+    _reload(auth)
+    typer.echo(f"MOE2_NATS_NKEY={auth.expert_file(expert)} moe2 expert --id {expert}")
+
+
+@app.command(name="add-client")
+def add_client(
+    name: Annotated[str, typer.Argument(help="A name for the client user (client-<name>).")],
+    directory: AuthDirOption = None,
+) -> None:
+    """A client user of its own (an inbox no other client can read); the server reloads."""
+    auth = AuthDir(directory or default_auth_dir())
+    try:
+        made = auth.add_client(name)
+        auth.write_authorization()
+    except (Moe2Error, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    seed = auth.seed_file(f"client-{name}")
+    typer.echo(f"{'created' if made else 'kept'} {seed}")
+    _reload(auth)
+    typer.echo(f"MOE2_NATS_NKEY={seed} moe2 ask 'a question'")
+
+
+def _reload(auth: AuthDir) -> None:
     pid = auth.reload_server()
     if pid is not None:
         typer.echo(f"nats-server (pid {pid}) reloads its users", err=True)
-    typer.echo(f"MOE2_NATS_NKEY={auth.expert_file(expert)} moe2 expert --id {expert}")
 
 
 @app.command()

@@ -50,7 +50,7 @@ ENV = {
     "inbox_prefix": "MOE2_NATS_INBOX_PREFIX",
 }
 INBOX = "_INBOX"  # every role's inbox is _INBOX.<its user or nkey>.<nuid>
-ROLES = ("client", "fusion", "admin")  # and one "expert-<id>" per expert
+ROLES = ("client", "fusion", "admin")  # and one "expert-<id>" per expert, "client-<name>" more
 _PATHS = {"nkey", "creds", "ca", "cert", "key"}
 
 
@@ -242,7 +242,7 @@ def role_permissions(role: str, inbox: str, prefix: str = DEFAULT_PREFIX) -> Per
     """The subjects of ``client``, ``fusion``, ``admin`` or ``expert-<id>`` (docs/security.md)."""
     s = Subjects(prefix)
     own_inbox = f"{inbox}.>"
-    if role == "client":
+    if role == "client" or role.startswith("client-"):  # each its own inbox
         return Permissions(
             publish=(s.prompt, s.cancel("*")),
             subscribe=(own_inbox,),
@@ -303,9 +303,11 @@ class AuthDir:
         return all(self.seed_file(r).is_file() for r in ROLES)
 
     def roles(self) -> list[str]:
-        """Every role with a seed here: client, fusion, admin, then the experts by id."""
+        """Every role with a seed here: client, fusion, admin, the experts by id, then the
+        named clients."""
         experts = sorted(p.stem for p in self.path.glob("expert-*.nk"))
-        return [r for r in ROLES if self.seed_file(r).is_file()] + experts
+        clients = sorted(p.stem for p in self.path.glob("client-*.nk"))
+        return [r for r in ROLES if self.seed_file(r).is_file()] + experts + clients
 
     def experts(self) -> list[str]:
         return [r.removeprefix("expert-") for r in self.roles() if r.startswith("expert-")]
@@ -328,9 +330,15 @@ class AuthDir:
 
     def add_expert(self, expert: str) -> bool:
         """A seed for one more expert; False if it had one."""
-        if not self.path.is_dir():
-            self.init()
+        self.init()
         return self._ensure(self.expert_file(expert))
+
+    def add_client(self, name: str) -> bool:
+        """A seed for one more client user, ``client-<name>``: a client with an inbox of its own,
+        which other clients cannot read (the shared ``client`` user's processes can read each
+        other's). False if it had one."""
+        self.init()
+        return self._ensure(self.seed_file(f"client-{check_token('client name', name)}"))
 
     def _ensure(self, path: Path) -> bool:
         if path.exists():

@@ -601,3 +601,31 @@ def test_credentials_are_never_written_into_a_directory_open_to_others(tmp_path:
     assert fresh.init(["a", "b"]) == ["expert-b"]  # existing seeds are kept
     assert fresh.path.stat().st_mode & 0o777 == 0o700
     assert {p.stat().st_mode & 0o777 for p in fresh.path.glob("*.nk")} == {0o600}
+
+
+async def test_named_clients_cannot_read_each_others_answers(
+    nats_server: NatsServer, nats_auth: AuthDir
+) -> None:
+    """Refused by the SERVER: `moe2 auth add-client` users each read only their own inbox (the
+    processes of the one shared `client` user could read each other's)."""
+    assert nats_auth.add_client("alice") and nats_auth.add_client("bob")
+    nats_server.reload()
+    alice_inbox = nats_auth.auth("client-alice").inbox()
+    assert alice_inbox is not None
+    with anyio.fail_after(10):
+        while True:
+            try:
+                async with role(nats_server, nats_auth.auth("client-bob"), "bob") as bob:
+                    await bob.nc.subscribe(f"{alice_inbox}.>")
+                    said = await bob.violation("subscription", f"{alice_inbox}.>")
+                break
+            except (nats.errors.Error, OSError):  # the reload not read yet
+                await anyio.sleep(0.1)
+    assert "permissions violation" in said
+    alice_auth = nats_auth.auth("client-alice")
+    async with (
+        honest_pool(nats_server, nats_auth, {"a": Script()}) as (_, _agent, _conns),
+        moe2.connect(nats_server.plain_url, auth=alice_auth, name="alice") as alice,
+    ):
+        final = await alice.ask("mine only", max_tokens=64).collect()
+    assert final.text == "Hello from the bus."
