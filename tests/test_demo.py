@@ -5,6 +5,7 @@ exits 0 and leaves no process behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moe2.demo import binding_lines
+from moe2.demo import binding_lines, demo_backend
 from moe2.pool import DEFAULT_POOL, budget_report, load_pool
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from tests.test_gating_cli import EXPERTS as GATING_EXPERTS
@@ -48,6 +49,20 @@ def test_the_shipped_pool_has_both_families_the_adapters_and_a_profile_each() ->
             assert e.adapter is None
     assert pool.gate == DEFAULT_POOL.parent / "gate"
     assert pool.outputs == DEFAULT_POOL.parent / "outputs"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime") is None, reason="make demo installs [onnx]"
+)
+def test_the_demo_serves_plain_models_on_onnx_int8_and_lora_experts_on_transformers() -> None:
+    pool = load_pool(DEFAULT_POOL)
+    backends = {e.id: demo_backend(e) for e in pool.first(pool.demo_experts)}
+    assert backends == {
+        "gemma": "onnx-int8",
+        "lora-c0": "transformers",  # only transformers merges an adapter
+        "smollm2": "onnx-int8",
+        "lora-c4": "transformers",
+    }
 
 
 def test_the_shipped_budgets_bind_on_the_demo_experts_but_each_expert_fits_alone() -> None:
