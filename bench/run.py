@@ -46,7 +46,7 @@ class Script:
 
 SCRIPTS = (
     Script("bus_overhead.py", ("fused_step",), timeout_s=120, quick_timeout_s=60),
-    Script("batching.py", ("sessions_64", "batching_16")),
+    Script("batching.py", ("sessions_64", "batching_16"), timeout_s=420),
     Script("backends.py", ("backend_step",), ("--steps", "24"), timeout_s=360, quick_timeout_s=240),
     Script(
         "two_experts.py",
@@ -56,12 +56,12 @@ SCRIPTS = (
         quick_timeout_s=180,
     ),
     Script("speculative.py", ("speculative",), ("--tokens", "32"), timeout_s=420),
-    Script("conversation.py", ("conversation_turn2",)),
+    Script("conversation.py", ("conversation_turn2",), timeout_s=420),
     Script(
         "gate_latency.py",
         ("gating",),
-        ("--artifact", str(GATE), "--threads", "1", "--prompts", "40", "--rounds", "1"),
-        timeout_s=240,
+        ("--artifact", str(GATE), "--threads", "1", "--prompts", "30", "--rounds", "1"),
+        timeout_s=420,
     ),
 )
 
