@@ -246,9 +246,9 @@ def render(result: dict[str, Any]) -> str:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     source = resolve_model()
-    backends = [load_backend("transformers", source, threads=args.threads)]
-    for _ in range(args.experts - 1):  # one backend object per agent
-        backends.append(load_backend("transformers", source, threads=args.threads))
+    backends = [  # one backend object per agent: two agents never share one
+        load_backend("transformers", source, threads=args.threads) for _ in range(args.experts)
+    ]
     with NatsServer() as server:
         measured = anyio.run(measure, args, server.url, backends)
     result = summarise(measured, args.experts)
