@@ -13,6 +13,9 @@ another type than its subject carries is ``unknown_type``.
   answer's bytes are tokenised again (``answer_tokens``), and the KV cache is cut back to the
   head the new tokens share with the old and fed the rest (``Backend.rewrite``).
 - ``Close`` frees the KV cache; so does ``idle_timeout_s`` without a message for the session.
+- An ``Open`` with a ``conversation`` starts from the KV cache kept of that conversation's last
+  turn, if any, and prefills only the new tokens; the ``Close`` of such a session keeps its cache
+  for the next turn instead of freeing it (``conversations.ConversationStore``, bounded, LRU).
 - ``Score`` (request/reply, no session) builds the prompt as ``Open`` does, scores each target by
   teacher forcing and replies ``Scored``, or ``Error``, to the request's reply subject. A Score
   without a reply subject is logged and dropped.
