@@ -3,7 +3,10 @@ command takes (docs/security.md)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,7 +36,7 @@ def how_to_connect(auth: AuthDir) -> str:
     for role in auth.roles():
         lines.append(f"  {role:<16} {auth.env_lines(role)}")
     lines += [
-        "each agent reads MOE2_NATS_NKEY (or: moe2 --nats-nkey FILE <command> ...):",
+        "each agent reads MOE2_NATS_NKEY (or: moe2 <command> --nats-nkey FILE ...):",
         f"  MOE2_NATS_NKEY={auth.seed_file('fusion')} moe2 fusion",
         f"  MOE2_NATS_NKEY={auth.path}/expert-<id>.nk moe2 expert --id <id>",
         f"  MOE2_NATS_NKEY={auth.seed_file('client')} moe2 ask 'a question'",
@@ -130,3 +133,48 @@ NatsCreds = Annotated[Path | None, _opt("creds", "A NATS .creds file (JWT and se
 NatsCa = Annotated[Path | None, _opt("ca", "A CA bundle that signed the server's certificate.")]
 NatsCert = Annotated[Path | None, _opt("cert", "A client certificate (mutual TLS).")]
 NatsKey = Annotated[Path | None, _opt("key", "The client certificate's key.")]
+
+CREDENTIAL_OPTIONS: dict[str, Any] = {
+    "user": NatsUser,
+    "password": NatsPassword,
+    "token": NatsToken,
+    "nkey": NatsNkey,
+    "creds": NatsCreds,
+    "ca": NatsCa,
+    "cert": NatsCert,
+    "key": NatsKey,
+}
+
+
+def with_credentials(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` that also takes the ``--nats-*`` options after its own name
+    (``moe2 expert --id a --nats-nkey expert-a.nk``), exported as :func:`export_credentials`
+    does before it runs."""
+    names = {f"nats_{k}": k for k in CREDENTIAL_OPTIONS}
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        export_credentials({k: kwargs.pop(param) for param, k in names.items()})
+        return command(*args, **kwargs)
+
+    signature = inspect.signature(command, eval_str=True)  # Annotated[..., typer.Option]
+    extra = [
+        inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=a)
+        for p, a in zip(names, CREDENTIAL_OPTIONS.values(), strict=True)
+    ]
+    wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), *extra]
+    )
+    wrapper.__annotations__ = {
+        **command.__annotations__,
+        **{p.name: p.annotation for p in extra},
+    }
+    return wrapper
+
+
+def add_credential_options(app: typer.Typer, skip: tuple[str, ...] = ()) -> None:
+    """Give every command of ``app`` (not its sub-apps, not ``skip``) the ``--nats-*`` options."""
+    for info in app.registered_commands:
+        name = info.name or (info.callback.__name__ if info.callback else "")
+        if info.callback is not None and name not in skip:
+            info.callback = with_credentials(info.callback)

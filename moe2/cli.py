@@ -19,6 +19,7 @@ from moe2.auth_cli import (
     NatsPassword,
     NatsToken,
     NatsUser,
+    add_credential_options,
     export_credentials,
 )
 from moe2.auth_cli import app as auth_app
@@ -518,3 +519,5 @@ app.command(name="selection")(watch_selection)
 app.command(name="status")(status_command)  # the pool live: experts, health, S, tokens/s
 # the paper's experiments on a pool, from its collected outputs
 app.command(name="eval")(eval_command)
+# --nats-user ... --nats-key after any command's name too (they also go before it: docs/security.md)
+add_credential_options(app, skip=("server", "demo", "select", "eval"))  # no NATS there

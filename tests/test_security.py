@@ -629,3 +629,22 @@ async def test_named_clients_cannot_read_each_others_answers(
     ):
         final = await alice.ask("mine only", max_tokens=64).collect()
     assert final.text == "Hello from the bus."
+
+
+def test_every_command_takes_the_credentials_after_its_name(
+    nats_server: NatsServer, nats_auth: AuthDir
+) -> None:
+    """`moe2 status --nats-nkey admin.nk` gets in; the same without credentials is refused by
+    the server, and says so."""
+    base = [sys.executable, "-m", "moe2", "status", "--once", "--nats", nats_server.plain_url]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOE2_NATS")}
+    seen = subprocess.run(
+        [*base, "--nats-nkey", str(nats_auth.seed_file("admin"))],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert seen.returncode == 0, seen.stderr
+    assert "experts live" in seen.stdout
+    assert "violation" not in seen.stderr.lower()
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert refused.returncode == 1
+    assert "refused moe2-status: nats: 'Authorization Violation" in refused.stderr
