@@ -153,7 +153,7 @@ def steady_rate(sessions: list[list[float]]) -> tuple[int, float]:
 
 
 async def expert_rates(
-    backend: Backend, url: str, sessions: int, steps: int, rounds: int
+    backend: Backend, url: str, sessions: int, steps: int, rounds: int, gather_s: float
 ) -> dict[str, Any]:
     """Aggregate tokens/s of 1 and ``sessions`` concurrent sessions on one expert, alternating."""
     config = ExpertConfig(
@@ -163,6 +163,7 @@ async def expert_rates(
         energy_source="declared",
         max_batch=sessions,
         max_sessions=max(32, sessions),
+        batch_gather_s=gather_s,
     )
     keys = ("one", "many", "one_steady", "many_steady", "batches", "prefill_share")
     totals = {key: [0.0, 0.0] for key in keys}
@@ -288,7 +289,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     ceiling = decode_ceiling(backend, args.sessions, args.ceiling_steps)
     with NatsServer() as server:
         expert = anyio.run(
-            expert_rates, backend, server.url, args.sessions, args.steps, args.rounds
+            expert_rates,
+            backend,
+            server.url,
+            args.sessions,
+            args.steps,
+            args.rounds,
+            args.gather_ms / 1000,
         )
         replay = replay_row(args, server.url)
     return report(args, ceiling, expert, replay, time.monotonic() - started)
@@ -393,6 +400,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replay-sessions", type=int, default=64, help="replayed answers at once (64)")
     p.add_argument("--replay-steps", type=int, default=40, help="tokens per replayed answer (40)")
     p.add_argument("--batch-ms", type=float, default=20.0, help="replay experts' batch (20 ms)")
+    p.add_argument(
+        "--gather-ms", type=float, default=5.0, help="the SmolLM2 expert's --batch-gather-ms (5)"
+    )
     p.add_argument("--rounds", type=int, default=2, help="1-session and N-session runs each (2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
     p.add_argument("--json", type=Path, help="also write the results here")
