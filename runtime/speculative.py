@@ -18,6 +18,13 @@ against the weighted ensemble as in "Speculative Ensemble", ICML 2025) is: accep
 probability ``p(d)``, where ``p`` is what the plain sampler draws from (tempered, top-p), else
 draw from ``p`` with ``d`` removed, renormalised. Each token is then distributed as ``p``.
 
+On the byte path (experts of different tokenizers) the draft is the drafter's pieces
+(``Step.draft_text``), each expert appends them through its own tokenizer as a text step does,
+and a position is accepted while the fused candidate's bytes are the draft's next piece: each
+slice is the one a plain text step gives, so the greedy answer is plain byte-path fusion's.
+Sampling there draws as the plain sampler and accepts when the draw is the draft's piece, which
+for a point-mass draft is the same rule.
+
 An expert that answers a proposal or a draft with one slice does not speculate (one from before
 speculation, a scripted or a replayed expert): what it answered is used as a plain step's, and
 the session goes on in plain rounds, one round trip a token, as ``Decoding`` would.
@@ -31,6 +38,7 @@ stale slice is never taken for a fresh one of the same step number.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +52,7 @@ from moe2.runtime.decoding import (
     Accepted,
     Action,
     Arrived,
+    Choice,
     DecodeSettings,
     Decoding,
     Refused,
@@ -54,15 +63,17 @@ from moe2.runtime.decoding import (
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.sampling import SamplingParams, TokenSampler, tempered
 
+Unit = int | bytes  # a draft's token: an id (the id path) or a piece (the byte path)
+
 __all__ = ["DraftSampler", "SpeculativeDecoding", "decoding_for", "sampled_distribution"]
 
 
 def decoding_for(
     plan: SessionPlan, settings: DecodeSettings, started: float, speculate: int
 ) -> Decoding:
-    """The machine for a session: speculative with a draft of ``speculate`` tokens on the id
-    path, plain otherwise (the byte path does not speculate: docs/speculative.md)."""
-    if speculate > 0 and plan.fusion_path == "ids":
+    """The machine for a session: speculative with a draft of ``speculate`` tokens (by id, or
+    by pieces on the byte path), plain with 0."""
+    if speculate > 0:
         return SpeculativeDecoding(plan, settings, started, speculate)
     return Decoding(plan, settings, started)
 
@@ -116,7 +127,8 @@ class SpeculativeDecoding(Decoding):
         self._got: dict[str, list[wire.Slice]] = {}  # this wave's slices per expert, in order
         self._span = 1  # the most slices one expert may send in this wave
         self._drafter = ""  # who drafts this round ("": the round is verifying)
-        self._draft: list[int] = []
+        self._draft: list[Unit] = []  # ids (the id path) or pieces (the byte path)
+        self._piece = b""  # the byte path's last choice
         self._owed: Counter[str] = Counter()  # runs of slices a late expert still sends
         self._order: list[str] = []  # experts by when their prefill answered: the drafter first
         self._single: set[str] = set()  # answered a run of positions with one slice: no rounds
@@ -208,9 +220,9 @@ class SpeculativeDecoding(Decoding):
         w, drafter, asked = self._wait, self._drafter, self._span
         self._drafter = ""
         run = self._got.get(drafter, []) if drafter in w.slices else []
-        if len(run) == 1 and int(run[0].ids_array()[0]) not in self.plan.eos_ids:
+        if len(run) == 1 and not self._ended(run[0]):
             self._single.add(drafter)  # asked to propose, it answered as a plain step
-        self._draft = [int(s.ids_array()[0]) for s in run[:-1]]
+        self._draft = [self._best(s) for s in run[:-1]]
         self._got = {drafter: run} if run else {}
         others = [e for e in self.active if e != drafter]
         self._span = len(self._draft) + 1
@@ -222,31 +234,64 @@ class SpeculativeDecoding(Decoding):
             return
         self.rounds += 1
         self.drafted += len(self._draft)
-        step = wire.Step(
-            session=self.plan.session, step=w.step, token=self.tokens[-1], draft=self._draft
-        )
+        step = self._step_of(w.step, self._chosen(), draft=self._draft)
         out += [ToExpert(e, step) for e in others]
         if len(run) == asked:  # a whole draft: the drafter goes on while the others verify
-            self._draft_ahead(drafter, w.step + len(run), int(run[-1].ids_array()[0]), out)
+            self._draft_ahead(drafter, w.step + len(run), self._best(run[-1]), out)
 
-    def _draft_ahead(self, drafter: str, step: int, token: int, out: list[Action]) -> None:
+    def _best(self, s: wire.Slice) -> Unit:
+        """A slice's most likely token: its id, or on the byte path its piece (b"" for its
+        end or a special token: nothing to draft after)."""
+        best = int(s.ids_array()[0])
+        if self.plan.fusion_path == "ids":
+            return best
+        return b"" if best in self.plan.vocabulary(s.expert).eos_ids else s.pieces[0]
+
+    def _ended(self, s: wire.Slice) -> bool:
+        """Whether a drafter stops after this slice: its most likely token is its end."""
+        best = self._best(s)
+        return best == b"" or best in self.plan.vocabulary(s.expert).eos_ids
+
+    def _chosen(self) -> Unit:
+        """The last choice, as a draft names it: its id, or on the byte path its bytes."""
+        return self._piece if self.plan.fusion_path == "bytes" else self.tokens[-1]
+
+    def _by_bytes(self, slices: list[wire.Slice]) -> Choice:
+        choice = super()._by_bytes(slices)
+        self._piece = choice.piece
+        return choice
+
+    def _step_of(
+        self, step: int, unit: Unit, draft: Sequence[Unit] = (), propose: int = 0
+    ) -> wire.Step:
+        """A Step of this session's path: an id and ids, or bytes and pieces (§5, §7)."""
+        sid = self.plan.session
+        if isinstance(unit, bytes):
+            texts = [d for d in draft if isinstance(d, bytes)]
+            return wire.Step(
+                session=sid, step=step, token=-1, text=unit, draft_text=texts, propose=propose
+            )
+        ids = [d for d in draft if isinstance(d, int)]
+        return wire.Step(session=sid, step=step, token=unit, draft=ids, propose=propose)
+
+    def _draft_ahead(self, drafter: str, step: int, token: Unit, out: list[Action]) -> None:
         """Ask the drafter for the next round's draft now, as if the whole draft and its own
         next token were taken: the next round uses it if they are (``_next_round``)."""
         n = min(
             self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - len(self._draft) - 2
         )
-        if n <= 0 or token in self.plan.eos_ids:
+        if n <= 0 or token == b"" or token in self.plan.vocabulary(drafter).eos_ids:
             return
         self._ahead = Ahead(drafter, step, token, n)
-        propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
-        out.append(ToExpert(drafter, propose))
+        out.append(ToExpert(drafter, self._step_of(step, token, propose=n)))
 
     def _advance(self, w: StepWait, now: float, out: list[Action]) -> None:
         """Fuse the wave's positions in turn, as ``Decoding`` fuses a step, while the choice is
         the draft's next token; then start the next round from the last token taken."""
         positions = self._positions(w)
         for at, slices in enumerate(positions):
-            self._sampler.draft = self._draft[at] if at < len(self._draft) else None
+            draft = self._draft[at] if at < len(self._draft) else None
+            self._sampler.draft = draft if isinstance(draft, int) else None  # see DraftSampler
             chosen: list[Action] = []
             super()._advance(
                 StepWait(w.step + at, w.opened_at, w.deadline, set(), slices), now, chosen
@@ -254,7 +299,7 @@ class SpeculativeDecoding(Decoding):
             out += [a for a in chosen if not _is_step(a)]
             if self.finished:
                 return
-            if at + 1 == len(positions) or self.tokens[-1] != self._draft[at]:
+            if at + 1 == len(positions) or self._chosen() != self._draft[at]:
                 break
             self.accepted += 1
         self._next_round(w.step + at + 1, now, out)
@@ -269,7 +314,7 @@ class SpeculativeDecoding(Decoding):
         return [{e: run[i] for e, run in runs.items()} for i in range(reach)]
 
     def _next_round(self, step: int, now: float, out: list[Action]) -> None:
-        token, self._got, self._draft = self.tokens[-1], {}, []
+        token, self._got, self._draft = self._chosen(), {}, []
         n = min(self.speculate, self.plan.prompt.max_tokens - len(self.tokens) - 1)
         drafters = [e for e in self._order if e in self.active]
         plain = n <= 0 or not drafters or bool(self._single & set(self.active))
@@ -280,7 +325,7 @@ class SpeculativeDecoding(Decoding):
         self.rounds += ahead is None  # a draft asked for ahead costs no round trip now
         if plain:
             self._span = 1
-            message = wire.Step(session=self.plan.session, step=step, token=token)
+            message = self._step_of(step, token)
             out += [ToExpert(e, message) for e in self.active]
             deadline = now + self.settings.step_deadline_s
             self._wait = StepWait(step, now, deadline, set(self.active))
@@ -289,8 +334,7 @@ class SpeculativeDecoding(Decoding):
         deadline = now + self.settings.step_deadline_s * self._span
         self._wait = StepWait(step, now, deadline, {self._drafter})
         if ahead is None:
-            propose = wire.Step(session=self.plan.session, step=step, token=token, propose=n)
-            out.append(ToExpert(self._drafter, propose))
+            out.append(ToExpert(self._drafter, self._step_of(step, token, propose=n)))
             return
         self._got[self._drafter] = ahead.got
         if ahead.done:
@@ -315,7 +359,7 @@ class Ahead:
 
     expert: str
     step: int
-    token: int
+    token: Unit
     n: int
     got: list[wire.Slice] = field(default_factory=list)
 
@@ -323,7 +367,7 @@ class Ahead:
     def done(self) -> bool:
         return bool(self.got) and (self.got[-1].more == 0 or len(self.got) > self.n)
 
-    def fits(self, expert: str, step: int, token: int, n: int) -> bool:
+    def fits(self, expert: str, step: int, token: Unit, n: int) -> bool:
         return (self.expert, self.step, self.token, self.n) == (expert, step, token, n)
 
 

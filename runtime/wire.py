@@ -105,6 +105,7 @@ class Step(_Message, frozen=True, tag="moe2.v1.step"):
     # in the same pass and publish a slice for each position, steps ``step`` … ``step + len``
     draft: list[int] = []
     propose: int = 0  # then draft this many more greedily, a slice for each (0: none)
+    draft_text: list[bytes] = []  # the byte path's ``draft``: pieces to append after ``text``
 
 
 class Close(_Message, frozen=True, tag="moe2.v1.close"):

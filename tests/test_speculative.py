@@ -362,17 +362,27 @@ def gemma3() -> Iterator[TransformersBackend]:
 
 @pytest.mark.anyio
 @pytest.mark.model
-async def test_a_mixed_tokenizer_session_falls_back_to_plain_fusion(
+async def test_a_mixed_tokenizer_session_speculates_by_bytes_and_answers_as_plain_fusion(
     nats_url: str, backends: dict[str, TransformersBackend], gemma3: TransformersBackend
 ) -> None:
-    """Speculation is the id path's: SmolLM2 + Gemma-3 (fused by bytes) with speculate = 4
-    sends no draft and no proposal, and answers what plain byte-path fusion answers."""
+    """SmolLM2 + Gemma-3, fused by bytes: the draft is the drafter's pieces (``draft_text``),
+    each verifier's slice after each piece is the one a plain text step gives, and the greedy
+    answer is plain byte-path fusion's, in fewer round trips than tokens."""
     mixed = {"plain": backends["plain"], "gemma": gemma3}
     async with pool(nats_url, mixed, speculate=4) as bus:
-        spec, _ = await bus.ask(QUESTIONS[0], max_tokens=24)
-        assert bus.steps and all(s.text and not s.draft and not s.propose for _, s in bus.steps)
+        spec, chunks = await bus.ask(QUESTIONS[0], max_tokens=32)
+        steps, waves = list(bus.steps), bus.waves()
     async with pool(nats_url, mixed) as bus:
-        plain, _ = await bus.ask(QUESTIONS[0], max_tokens=24)
+        plain, _ = await bus.ask(QUESTIONS[0], max_tokens=32)
+        plain_waves = bus.waves()
     assert spec.experts == plain.experts == ["gemma", "plain"]
-    assert (spec.text, spec.finish_reason) == (plain.text, plain.finish_reason)
-    assert "Paris" in spec.text
+    assert (spec.text, spec.finish_reason, spec.usage) == (
+        plain.text,
+        plain.finish_reason,
+        plain.usage,
+    )
+    assert "".join(chunks) == spec.text and "Paris" in spec.text
+    assert all(s.token == -1 and s.text and not s.draft for _, s in steps)  # by bytes
+    assert any(s.draft_text for _, s in steps) and any(s.propose for _, s in steps)
+    assert plain_waves == plain.usage.completion_tokens - 1
+    assert waves < 0.75 * spec.usage.completion_tokens

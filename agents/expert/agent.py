@@ -152,7 +152,9 @@ class ExpertAgent:
             expected=lambda: sum(1 for s in self._sessions.values() if s.next_step > 0),
             on_batch=lambda size: self.metrics.batch.observe(size),
         )
-        self._speculation = Speculation(backend, self.meter, self.max_context)
+        self._speculation = Speculation(
+            backend, self.meter, self.max_context, lambda text: self.answer_tokenizer.ids(text)
+        )
         self._heartbeat_seq = 0
         self._log = log.bind(expert=config.expert_id)
         self._context_head: PrefixCache | None = None
@@ -504,16 +506,21 @@ class ExpertAgent:
 
     async def _speculative_step(self, session: _Session, step: wire.Step) -> None:
         """A draft to verify or to propose, or a step back (speculate.py): a slice a position."""
-        held = Held(session.id, session.prompt_tokens, session.next_step, session.top_k)
+        held = Held(
+            session.id,
+            session.prompt_tokens,
+            session.next_step,
+            session.top_k,
+            session.prompt_ids,
+            session.answer,
+        )
         self._speculation.check(held, step)
-        tops, reading = await self._in_worker(partial(self._speculation.run, held, step))
-        session.next_step = step.step + len(tops)
-        self.metrics.computed("decode", len(tops), reading.compute_s, reading.energy_j)
+        ran = await self._in_worker(partial(self._speculation.run, held, step))
+        session.next_step, session.answer = step.step + len(ran.tops), ran.answer
+        self.metrics.computed("decode", len(ran.tops), ran.reading.compute_s, ran.reading.energy_j)
         me, pieces = self.config.expert_id, self._backend.token_bytes
         subject = self.subjects.slice(session.id, me)
-        for message in slices_of(
-            tops, session=session.id, expert=me, step=step.step, reading=reading, pieces=pieces
-        ):
+        for message in slices_of(ran, session=session.id, expert=me, step=step.step, pieces=pieces):
             self.stats.slices += 1
             self.metrics.slices.inc()
             await self._publish(subject, message)

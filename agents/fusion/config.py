@@ -45,7 +45,7 @@ class FusionConfig:
     # one tokenizer, else by bytes; "bytes" always by bytes; "ids" only experts of one tokenizer
     fusion_path: str = "auto"
     # speculative fusion (docs/speculative.md): the drafter proposes this many tokens a round
-    # and the others verify them in one pass; 0: plain step-by-step fusion. Id path only.
+    # and the others verify them (by id: in one pass each); 0: plain step-by-step fusion
     speculate: int = 0
     metrics_port: int | None = None  # serve /metrics on this port (0: any free one; None: off)
     # $SRV.PING/INFO/STATS as the micro service moe2-fusion, and an agent of the Synadia Agent
