@@ -15,8 +15,10 @@ after each script, the commands) go to ``--out`` (default ``bench/out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,21 +97,36 @@ def run_script(script: Script, quick: bool, out: Path) -> Outcome:
         )
     print(f"· {script.name} (at most {timeout:.0f} s) ...", file=sys.stderr, flush=True)
     reason = ""
-    try:
-        with log.open("wb") as sink:
-            done = subprocess.run(
-                command, stdout=sink, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT
-            )
-        if done.returncode != 0:
-            reason = f"exited with {done.returncode}: {_last_line(log)}"
-    except subprocess.TimeoutExpired:
-        reason = f"timed out after {timeout:.0f} s (log: {log})"
+    with log.open("wb") as sink:
+        # its own process group: on a timeout the script's helpers (nats-server, experts) go too
+        proc = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout)
+            if code != 0:
+                reason = f"exited with {code}: {_last_line(log)}"
+        except subprocess.TimeoutExpired:
+            reason = f"timed out after {timeout:.0f} s (log: {log})"
+            _stop_group(proc)
     took = time.monotonic() - started
     rows: list[dict[str, Any]] = []
     if not reason:
         rows, reason = _rows(result)
     print(f"  {took:.0f} s{': ' + reason if reason else ''}", file=sys.stderr, flush=True)
     return Outcome(script.name, rows, reason, command, took, load, os.getloadavg()[0])
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """TERM the script's process group (its cleanup runs), then KILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _rows(result: Path) -> tuple[list[dict[str, Any]], str]:
