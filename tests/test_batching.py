@@ -226,13 +226,21 @@ def greedy_alone(backend: Backend, question: str, n: int) -> list[int]:
     return tokens
 
 
-async def greedy_session(bus: Bus, session: str, question: str, n: int) -> list[int]:
-    """A fusion agent's greedy loop for one session: open, step on the best id, close."""
+async def greedy_session(
+    bus: Bus, session: str, question: str, n: int, joules: list[float] | None = None
+) -> list[int]:
+    """A fusion agent's greedy loop for one session: open, step on the best id, close; each
+    slice's ``energy_j`` goes into ``joules``."""
     sub = await bus.open(session, [wire.ChatMessage("user", question)], top_k=4)
-    tokens = [int(slice_of(await bus.reply(sub), 0).ids_array()[0])]
-    for step in range(1, n):
-        await bus.send("step", wire.Step(session=session, step=step, token=tokens[-1]))
-        tokens.append(int(slice_of(await bus.reply(sub), step).ids_array()[0]))
+    tokens: list[int] = []
+    for step in range(n):
+        if step:
+            await bus.send("step", wire.Step(session=session, step=step, token=tokens[-1]))
+        got = slice_of(await bus.reply(sub), step)
+        tokens.append(int(got.ids_array()[0]))
+        assert got.energy_j == pytest.approx(15.0 * got.compute_s)  # the declared 15 W
+        if joules is not None:
+            joules.append(got.energy_j)
     await bus.send("close", wire.Close(session=session, reason="done"))
     await sub.unsubscribe()
     return tokens
@@ -269,8 +277,10 @@ async def test_concurrent_sessions_answer_as_one_at_a_time_in_batches(
     async with expert_on_bus(backend, nats_url, metrics_port=0, batch_gather_s=0.05) as bus:
         assert bus.agent.metrics_port is not None
 
+        joules: list[float] = []
+
         async def session(i: int) -> None:
-            answers[i] = await greedy_session(bus, f"c{i}", QUESTIONS[i], steps)
+            answers[i] = await greedy_session(bus, f"c{i}", QUESTIONS[i], steps, joules)
 
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
@@ -279,9 +289,15 @@ async def test_concurrent_sessions_answer_as_one_at_a_time_in_batches(
         batches, sessions, singles = await anyio.to_thread.run_sync(
             batch_sizes, bus.agent.metrics_port
         )
+        energy = bus.agent.metrics.registry.get_sample_value(
+            "moe2_expert_energy_joules_total", {"energy_source": "declared", "phase": "decode"}
+        ) + bus.agent.metrics.registry.get_sample_value(
+            "moe2_expert_energy_joules_total", {"energy_source": "declared", "phase": "prefill"}
+        )
         await bus.sessions_drop_to(0)  # every session's KV cache freed on Close
     assert [answers[i] for i in range(len(QUESTIONS))] == alone
     assert getattr(backend, "sessions", None) == held_before
+    assert sum(joules) == pytest.approx(energy, rel=1e-3)  # each batch's energy split, none lost
     assert sessions == len(QUESTIONS) * (steps - 1)  # every decode step went through a batch
     assert sessions / batches >= 3  # mostly batched: the prefills split a few of them
     assert singles < batches
