@@ -9,8 +9,9 @@ starts). Greedy: the two texts must be identical.
 
 Two pools, one after the other: all three experts on transformers (the same speed: the drafter
 is one of equals), and, where llama-cpp-python is installed, the base expert on llama.cpp (its
-Q4_1 kernels decode SmolLM2 about 6x faster than transformers here), which answers the prefill
-first and so drafts: the case speculation is for, a fast expert drafting for slow ones.
+Q4_1 kernels decode SmolLM2 about 6x faster than transformers here), whose prefill is the
+fastest per token and so drafts: the case speculation is for, a fast expert drafting for slow
+ones.
 
 Per answer, on the client: decode tokens/s (tokens after the first over the time from the
 first chunk to the last), and round trips, counted on the bus: the Open, then every distinct

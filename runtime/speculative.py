@@ -1,7 +1,7 @@
 """Speculative fusion: fewer round trips than tokens (docs/speculative.md).
 
 ``SpeculativeDecoding`` is ``Decoding`` with rounds instead of steps. After choosing token
-``c`` at step ``s - 1`` it asks one expert, the drafter (the first to answer the prefill), to
+``c`` at step ``s - 1`` it asks one expert, the drafter (the fastest prefill per prompt token), to
 append ``c`` and propose ``n`` more tokens greedily (``Step.propose``): the drafter answers a
 slice per position, steps ``s`` … ``s + n``, and its top-1 ids along them are the draft
 ``d_1 … d_n``. Every other expert then appends ``c, d_1 … d_n`` in one forward pass
@@ -130,7 +130,10 @@ class SpeculativeDecoding(Decoding):
         self._draft: list[Unit] = []  # ids (the id path) or pieces (the byte path)
         self._piece = b""  # the byte path's last choice
         self._owed: Counter[str] = Counter()  # runs of slices a late expert still sends
-        self._order: list[str] = []  # experts by when their prefill answered: the drafter first
+        # experts by their prefill's own compute per prompt token, then by when it arrived:
+        # the fastest drafts
+        self._order: list[str] = []
+        self._prefill_s: dict[str, float] = {}
         self._single: set[str] = set()  # answered a run of positions with one slice: no rounds
         self._ahead: Ahead | None = None  # the drafter's draft for the round after this one
 
@@ -178,7 +181,9 @@ class SpeculativeDecoding(Decoding):
             w.slices[sender] = got[0]
             w.waiting.discard(sender)
             if w.step == 0:
+                self._prefill_s[sender] = m.compute_s / max(m.prompt_tokens, 1)
                 self._order.append(sender)
+                self._order.sort(key=self._prefill_s.__getitem__)  # stable: ties by arrival
 
     def _take_ahead(self, m: wire.Slice, out: list[Action]) -> None:
         """A slice of the draft ahead: kept for the next round, or the draft is given up."""

@@ -223,12 +223,14 @@ async def test_an_expert_verifies_a_draft_in_one_pass_and_goes_back(
             for step in (
                 wire.Step(session="spec", step=0, token=greedy[2]),  # before the first step
                 wire.Step(session="spec", step=7, token=greedy[2]),  # beyond the next: 6
-                wire.Step(session="spec", step=6, token=-1, text=b"x"),
+                wire.Step(session="spec", step=6, token=-1, text=b"x"),  # by id, not bytes
+                wire.Step(session="spec", step=6, token=greedy[5], draft_text=[b"x"]),
             ):
                 await bus.send("step", step)
                 error = await bus.reply(sub)
                 assert isinstance(error, wire.Error) and error.step == step.step
-                assert error.code == ("invalid_field" if step.text else "wrong_step")
+                by_bytes = step.text or step.draft_text
+                assert error.code == ("invalid_field" if by_bytes else "wrong_step"), error
 
 
 # --- fused answers of real experts ------------------------------------------------------------
