@@ -479,3 +479,28 @@ def test_a_session_released_mid_batch_leaves_the_others_unchanged(
             np.take_along_axis(alone[i], best, axis=1),
             atol=TOLERANCES[name].self_atol,
         )
+
+
+def test_two_batches_taking_turns_decode_as_each_alone(
+    name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
+) -> None:
+    """More sessions than one batch holds: two batches take turns (an expert's ``max_batch``)."""
+    vocab, steps = backend.info.vocab_size, 5
+    alone = [
+        follow_tokens(backend, p, ref.tokens[:steps], vocab)
+        for p, ref in zip(prompts, reference, strict=True)
+    ]
+    rows = {i: [_dense(backend.prefill(f"t{i}", p, vocab), vocab)] for i, p in enumerate(prompts)}
+    for step in range(steps - 1):
+        for group in ((0, 2), (1, 3)):
+            requests = [DecodeRequest(f"t{i}", reference[i].tokens[step], vocab) for i in group]
+            for i, top in zip(group, backend.decode_batch(requests), strict=True):
+                rows[i].append(_dense(top, vocab))
+    for i, got in rows.items():
+        backend.release(f"t{i}")
+        best = np.argsort(-alone[i], axis=1)[:, :K]
+        np.testing.assert_allclose(
+            np.take_along_axis(np.stack(got), best, axis=1),
+            np.take_along_axis(alone[i], best, axis=1),
+            atol=TOLERANCES[name].self_atol,
+        )

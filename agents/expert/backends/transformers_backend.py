@@ -56,7 +56,7 @@ log = structlog.get_logger("moe2.backend")
 
 NAME: Final = "transformers"
 _MARKER: Final = "moe2-conversion.json"
-_STACKED: Final = object()  # in ``_caches``: the session's cache is a row of ``_stacked``
+_STACKED: Final = object()  # in ``_caches``: the session's cache is a row of a kept batch
 
 
 class TransformersBackend:
@@ -74,7 +74,9 @@ class TransformersBackend:
         self._model = model.eval()
         self._tokenizer = tokenizer
         self._caches: dict[str, Any] = {}
-        self._stacked: Stacked | None = None  # the last decode_batch's sessions, kept stacked
+        # the batches decode_batch left stacked, by session (each session in one at most): kept
+        # while the same sessions step together, so alternating batches are not re-stacked
+        self._stack_of: dict[str, Stacked] = {}
         self._ids: dict[str, list[int]] = {}  # per session: the ids its cache holds
         vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self._token_bytes = build_token_bytes(tokenizer, vocab_size)
@@ -197,9 +199,9 @@ class TransformersBackend:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self._stacked = stacked.advanced(out.past_key_values)
+        advanced = stacked.advanced(out.past_key_values)
         for r in requests:
-            self._caches[r.session] = _STACKED
+            self._caches[r.session], self._stack_of[r.session] = _STACKED, advanced
             self._ids[r.session].append(int(r.token))
         return [top_k_of(out.logits[row[r.session], -1], r.top_k) for r in requests]
 
@@ -215,8 +217,8 @@ class TransformersBackend:
         return top_k_of(logits, top_k)
 
     def release(self, session: str) -> None:
-        if self._caches.get(session) is _STACKED:
-            self._unstack()
+        if session in self._stack_of:
+            self._unstack(self._stack_of[session])
         self._caches.pop(session, None)
         self._ids.pop(session, None)
 
@@ -232,25 +234,27 @@ class TransformersBackend:
         """The session's cache, taken out of the stacked batch if it is in it."""
         if session not in self._caches:
             raise Moe2Error(ErrorCode.UNKNOWN_SESSION, f"no KV cache for session {session!r}")
-        if self._caches[session] is _STACKED:
-            self._unstack()
+        if session in self._stack_of:
+            self._unstack(self._stack_of[session])
         return self._caches[session]
 
     def _stacked_for(self, sessions: list[str]) -> Stacked | None:
-        """The batch of ``sessions``: the kept one if it holds exactly them, else a new one."""
-        if self._stacked is not None and set(self._stacked.sessions) == set(sessions):
-            return self._stacked
-        self._unstack()
+        """The batch of ``sessions``: a kept one if it holds exactly them, else a new one (the
+        kept batches that hold any of them are split first)."""
+        kept = self._stack_of.get(sessions[0])
+        if kept is not None and set(kept.sessions) == set(sessions):
+            return kept
+        for session in sessions:
+            if session in self._stack_of:
+                self._unstack(self._stack_of[session])
         caches = [self._caches[s] for s in sessions]
         return Stacked.of(sessions, caches) if all(reusable(c) for c in caches) else None
 
-    def _unstack(self) -> None:
-        """Give every session of the kept batch its own cache again."""
-        stacked, self._stacked = self._stacked, None
-        if stacked is None:
-            return
+    def _unstack(self, stacked: Stacked) -> None:
+        """Give every session of a kept batch its own cache again."""
         for row, session in enumerate(stacked.sessions):
-            if self._caches.get(session) is _STACKED:
+            if self._stack_of.get(session) is stacked:
+                del self._stack_of[session]
                 self._caches[session] = stacked.row(row)
 
     def _prefill(self, ids: list[int], prefix: PrefixCache | None) -> tuple[torch.Tensor, Any]:
