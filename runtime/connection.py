@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,17 +17,36 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 log = structlog.get_logger("moe2.connection")
 
 
+def server_urls(url: str | Sequence[str]) -> list[str]:
+    """The servers of a ``--nats`` value: one URL, several separated by commas
+    (``nats://hub-1:4222,nats://hub-2:4222``), or a list; blanks dropped."""
+    parts = url.split(",") if isinstance(url, str) else [u for s in url for u in s.split(",")]
+    urls = [u.strip() for u in parts if u.strip()]
+    if not urls:
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "no NATS server URL given")
+    return urls
+
+
 async def connect_nats(
-    url: str, *, name: str, connect_timeout: float = 2.0, auth: NatsAuth | None = None
+    url: str | Sequence[str],
+    *,
+    name: str,
+    connect_timeout: float = 2.0,
+    auth: NatsAuth | None = None,
 ) -> NATS:
     """Connect, or raise Moe2Error(UNREACHABLE) naming the URL.
 
+    ``url``: one server, or several (comma-separated, or a list): the servers of one cluster.
+    It connects to one of them and, when that one goes away, reconnects to another (and to
+    those the cluster announces), for ever once connected (docs/deploy.md).
     ``auth``: the credentials and TLS (runtime/auth.py); default the ``MOE2_NATS_*`` environment.
     Credentials in the URL win. A server that asks for none gets a warning in the log: anyone on
     it may read every prompt and answer in anyone's name (docs/security.md).
     """
     auth = auth if auth is not None else NatsAuth.from_env()
-    options = auth.connect_options(url)
+    servers = server_urls(url)
+    url = ",".join(servers)  # how the log lines and errors name it
+    options = auth.connect_options(servers[0])
 
     holder: list[NATS] = []
 
@@ -36,7 +55,9 @@ async def connect_nats(
             log.warning("nats_disconnected", name=name, url=url)
 
     async def on_reconnect() -> None:
-        log.info("nats_reconnected", name=name, url=url)
+        now = holder[0].connected_url if holder else None
+        server = f"{now.hostname}:{now.port}" if now else None  # no credentials in the log
+        log.info("nats_reconnected", name=name, url=url, server=server)
 
     connected = False
 
@@ -50,7 +71,7 @@ async def connect_nats(
 
     try:
         nc = await nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
