@@ -161,6 +161,17 @@ class NatsServer:
             proc.kill()
             proc.wait(timeout)
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (the fault tests of a cluster); no-op if not running."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
     def wait(self) -> int:
         """Block until the server exits (for ``moe2 server``)."""
         return self._proc.wait() if self._proc is not None else 0

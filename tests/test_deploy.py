@@ -1,0 +1,118 @@
+"""Deployment across sites (issue 12 part 4, docs/deploy.md): the shipped nats-server configs
+(deploy/nats) pass nats-server's config test with the secrets gen-secrets.sh makes, and run as a
+3-node hub cluster with an edge leaf node over which a session crosses; the systemd units of an
+edge box (deploy/systemd) pass systemd-analyze and name only options moe2 has."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import moe2
+from moe2.runtime.server import nats_server_binary
+from tests.deploy_site import (
+    HUBS,
+    NATS_DIR,
+    ROOT,
+    fusion_process,
+    first_answer,
+    local_site,
+    make_secrets,
+    scripted_expert,
+    shipped,
+    stop_all,
+)
+
+CONFIGS = [f"{h}.conf" for h in HUBS] + ["edge.conf"]
+SYSTEMD = ROOT / "deploy" / "systemd"
+
+
+def config_test(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.fixture(scope="module")
+def secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("etc") / "nats"
+    make_secrets(directory)
+    return directory
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_nats_server_accepts_every_shipped_config(secrets: Path, name: str) -> None:
+    path = secrets / name
+    path.write_text(shipped(name, secrets))
+    done = config_test(path)
+    assert done.returncode == 0, done.stderr
+    assert "is valid" in done.stderr + done.stdout
+
+
+def test_the_config_test_refuses_an_edge_without_its_leaf_remote(secrets: Path) -> None:
+    """So the test above can fail: a missing include is an error, not a silent default."""
+    path = secrets / "edge-broken.conf"
+    path.write_text(shipped("edge.conf", secrets).replace("leaf-remote.conf", "missing.conf"))
+    done = config_test(path)
+    assert done.returncode != 0
+    assert "missing.conf" in done.stderr
+
+
+def test_gen_secrets_makes_owner_only_files_a_valid_certificate_and_keeps_them(
+    secrets: Path,
+) -> None:
+    for f in [*secrets.rglob("*.pem"), *secrets.rglob("*.nk"), *secrets.glob("*.conf")]:
+        if f.name in CONFIGS or f.name.startswith("edge-"):
+            continue  # the configs the tests above wrote
+        assert f.stat().st_mode & 0o077 == 0, f
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", "certs/ca.pem", "certs/server.pem"],
+        cwd=secrets,
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", "certs/server.pem", "-noout", "-text"],
+        cwd=secrets,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "DNS:hub-1" in text and "TLS Web Client Authentication" in text  # routes: mutual TLS
+    users = (secrets / "authorization.conf").read_text()
+    assert "# expert-a" in users and "# fusion" in users and "# client" in users
+    before = {f: f.read_bytes() for f in secrets.rglob("*") if f.is_file()}
+    make_secrets(secrets)  # a second run keeps what is there
+    assert all(f.read_bytes() == data for f, data in before.items())
+    password = re.search(r'password: "(\w+)"', (secrets / "leaf-users.conf").read_text())
+    assert password and password.group(1) in (secrets / "leaf-remote.conf").read_text()
+
+
+@pytest.mark.anyio
+async def test_a_session_crosses_a_leaf_node(tmp_path: Path) -> None:
+    """Expert on the edge site's leaf node, fusion agent and client on the hub cluster (on
+    different hub nodes), each with its own role's nkey and the CA: the answer arrives."""
+    with local_site(tmp_path / "nats") as site:
+        assert site.edge is not None
+        procs = [
+            scripted_expert(site, site.edge_url, "a", tmp_path / "expert.log"),
+            fusion_process(site, site.hub_url(0), tmp_path / "fusion.log"),
+        ]
+        try:
+            async with moe2.connect(site.hub_url(2), auth=site.auth("client")) as client:
+                with anyio.fail_after(40):
+                    final = await first_answer(client)
+            leafz = site.monitor(site.edge_ports.http, "leafz")
+        finally:
+            stop_all(procs)
+        logs = (tmp_path / "fusion.log").read_text() + (tmp_path / "expert.log").read_text()
+    assert final.text == "Hello from the bus.", logs
+    assert final.experts == ["a"]
+    assert "Violation" not in site.edge.log_text + site.hubs[0].log_text  # permissions held
+    assert leafz["leafnodes"] == 1
