@@ -6,9 +6,7 @@ edge box (deploy/systemd) pass systemd-analyze and name only options moe2 has.""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import anyio
@@ -18,10 +16,9 @@ import moe2
 from moe2.runtime.server import nats_server_binary
 from tests.deploy_site import (
     HUBS,
-    NATS_DIR,
     ROOT,
-    fusion_process,
     first_answer,
+    fusion_process,
     local_site,
     make_secrets,
     scripted_expert,
