@@ -5,14 +5,18 @@ edge box (deploy/systemd) pass systemd-analyze and name only options moe2 has.""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
 import moe2
+from moe2.runtime.auth import ENV
 from moe2.runtime.server import nats_server_binary
 from tests.deploy_site import (
     HUBS,
@@ -113,3 +117,90 @@ async def test_a_session_crosses_a_leaf_node(tmp_path: Path) -> None:
     assert final.experts == ["a"]
     assert "Violation" not in site.edge.log_text + site.hubs[0].log_text  # permissions held
     assert leafz["leafnodes"] == 1
+
+
+# --- systemd units of an edge box ----------------------------------------------------------------
+
+UNITS = {  # unit -> (instance to verify, env file)
+    "moe2-expert@.service": ("moe2-expert@a.service", "expert-a.env"),
+    "moe2-fusion.service": ("moe2-fusion.service", "fusion.env"),
+    "moe2-gateway.service": ("moe2-gateway.service", "gateway.env"),
+    "nats-edge.service": ("nats-edge.service", None),
+}
+VENV_BIN = "/opt/moe2/venv/bin/"
+
+
+def env_file(name: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in (SYSTEMD / name).read_text().splitlines())
+    return {k: v for k, v in (p for p in pairs if len(p) == 2) if not k.startswith("#")}
+
+
+def units_in(directory: Path, binary_dir: str) -> list[str]:
+    """The shipped units in ``directory`` with ``binary_dir`` for the venv; the names to verify."""
+    for unit in UNITS:
+        text = (SYSTEMD / unit).read_text().replace(VENV_BIN, binary_dir)
+        (directory / unit).write_text(text)
+        (directory / UNITS[unit][0]).write_text(text)  # the template's instance, for verify
+    return [instance for instance, _ in UNITS.values()]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_analyze_accepts_the_units(tmp_path: Path) -> None:
+    names = units_in(tmp_path, f"{Path(sys.executable).parent}/")
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *names],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Unknown" not in done.stderr and "ignoring" not in done.stderr, done.stderr
+    # and it would have said so: a unit whose program is missing fails
+    broken = units_in(tmp_path, "/nonexistent/")
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", broken[1]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "not executable" in done.stderr
+
+
+def test_every_service_restarts_and_reads_its_credentials_from_its_env_file() -> None:
+    known = {"MOE2_NATS", *ENV.values(), "MOE2_EXPERT_ARGS", "MOE2_FUSION_ARGS"}
+    known |= {"MOE2_GATEWAY_ARGS"}
+    for unit, (_, env) in UNITS.items():
+        text = (SYSTEMD / unit).read_text()
+        assert re.search(r"^Restart=always$", text, re.M), unit
+        if env is None:
+            continue
+        values = env_file(env)
+        assert set(values) <= known, (env, set(values) - known)
+        assert values["MOE2_NATS"].startswith("tls://") and values["MOE2_NATS_NKEY"].endswith(".nk")
+        assert values["MOE2_NATS_CA"] == "/etc/moe2/nats/certs/ca.pem"
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.startswith("moe2-")])
+def test_each_exec_start_names_only_options_moe2_has(unit: str) -> None:
+    """The ExecStart line as systemd runs it (%i the instance, $VARS from the env file, split
+    into words), with --help appended: moe2 refuses an option it does not have."""
+    text = (SYSTEMD / unit).read_text()
+    line = re.search(r"^ExecStart=(.+)$", text, re.M)
+    assert line is not None
+    env = env_file(UNITS[unit][1] or "")
+    words = line.group(1).replace("%i", "a").split()
+    args = [w for word in words for w in (env[word[1:]].split() if word[0] == "$" else [word])]
+    assert args[0] == f"{VENV_BIN}moe2"
+    done = subprocess.run(
+        [sys.executable, "-m", "moe2", *args[1:], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Usage" in done.stdout
+    for flag in (a for a in args if a.startswith("--")):
+        assert flag in done.stdout, flag
