@@ -82,7 +82,7 @@ class Site:
         return {**os.environ, "PYTHONPATH": str(ROOT), **self.auth(role).env()}
 
     def hub_url(self, i: int) -> str:
-        return f"nats://127.0.0.1:{self.hub_ports[i].client}"
+        return f"tls://127.0.0.1:{self.hub_ports[i].client}"  # as the env files say
 
     @property
     def hub_urls(self) -> str:
@@ -91,7 +91,7 @@ class Site:
 
     @property
     def edge_url(self) -> str:
-        return f"nats://127.0.0.1:{self.edge_ports.client}"
+        return f"tls://127.0.0.1:{self.edge_ports.client}"
 
     def hub_config(self, i: int) -> Path:
         text = shipped(f"{HUBS[i]}.conf", self.directory)
