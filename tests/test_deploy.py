@@ -27,6 +27,7 @@ from tests.deploy_site import (
     make_secrets,
     scripted_expert,
     shipped,
+    spawn,
     stop_all,
 )
 
@@ -204,3 +205,29 @@ def test_each_exec_start_names_only_options_moe2_has(unit: str) -> None:
     assert "Usage" in done.stdout
     for flag in (a for a in args if a.startswith("--")):
         assert flag in done.stdout, flag
+
+
+@pytest.mark.anyio
+@pytest.mark.model
+async def test_a_smollm2_expert_on_the_leaf_answers_a_client_on_the_hub(tmp_path: Path) -> None:
+    """The same with a real `moe2 expert` (SmolLM2-135M) on the edge: greedy, so the answer is
+    the model's own."""
+    with local_site(tmp_path / "nats") as site:
+        expert = [sys.executable, "-m", "moe2", "expert", "--id", "b", "--nats", site.edge_url]
+        expert += ["--threads", "1", "--no-warmup", "--log-level", "warning"]
+        procs = [
+            spawn(expert, site.env("expert-b"), tmp_path / "expert.log"),
+            fusion_process(site, site.hub_urls, tmp_path / "fusion.log"),
+        ]
+        try:
+            async with moe2.connect(site.hub_urls, auth=site.auth("client")) as client:
+                with anyio.fail_after(90):
+                    await first_answer(client, limit_s=80)  # the model loads meanwhile
+                    answer = client.ask("What is the capital of France?", max_tokens=12)
+                    final = await answer.collect()
+        finally:
+            stop_all(procs)
+        logs = (tmp_path / "fusion.log").read_text() + (tmp_path / "expert.log").read_text()
+    assert final.experts == ["b"], logs
+    assert "Paris" in final.text, final.text
+    assert site.edge is not None and "Violation" not in site.edge.log_text
