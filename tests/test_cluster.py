@@ -16,7 +16,8 @@ from nats.aio.client import Client as NATS
 import moe2
 from moe2.runtime.client import Answer
 from moe2.runtime.connection import close_nats, connect_nats
-from moe2.runtime.errors import Moe2Error
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.server import NatsServer, free_port
 from tests.deploy_site import (
     Site,
     first_answer,
@@ -122,3 +123,23 @@ async def _kill_mid_answer(
             tg.start_soon(outcome, "in_flight", client.ask("x", max_tokens=64, timeout=30))
             tg.start_soon(new_question)
     return (*results["in_flight"], *results["new"])
+
+
+async def test_a_nats_value_may_name_several_servers(nats_server: NatsServer) -> None:
+    """``--nats A,B``: a dead server in the list costs nothing; all dead is one clear error."""
+    dead = f"nats://127.0.0.1:{free_port()}"
+    for value in (f"{dead}, {nats_server.url}", [dead, nats_server.url]):
+        nc = await connect_nats(value, name="several")
+        try:
+            assert nc.connected_url is not None
+            assert nc.connected_url.port == nats_server.port
+        finally:
+            await close_nats(nc)
+    other = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(Moe2Error) as refused:
+        await connect_nats(f"{dead},{other}", name="several")
+    assert refused.value.code == ErrorCode.UNREACHABLE
+    assert dead in str(refused.value) and other in str(refused.value)
+    with pytest.raises(Moe2Error) as empty:
+        await connect_nats(" , ", name="several")
+    assert empty.value.code == ErrorCode.INVALID_FIELD
