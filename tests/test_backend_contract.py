@@ -18,6 +18,7 @@ import numpy.typing as npt
 import pytest
 
 from moe2.agents.expert.backends import Backend, DecodeRequest, TopK, load_backend
+from moe2.agents.expert.backends.base import PrefillRequest, common_prefix, prefill_batch
 from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.speculate import Extending
@@ -427,6 +428,46 @@ _LEAVES = 6  # the turn at which session 1 stops stepping
 def _stepping(i: int, turn: int) -> bool:
     """Session 1 leaves; session 2 sits out two turns, then catches up."""
     return not (i == 1 and turn >= _LEAVES) and not (i == 2 and turn in (4, 5))
+
+
+# --- batched prefill: prefill_batch is each session's own prefill, in one call ---------------
+
+
+def test_a_batch_of_prefills_starts_each_session_as_its_own_prefill(
+    name: str, backend: Backend, prompts: list[list[int]], reference: list[Chain]
+) -> None:
+    """New sessions of different prompt lengths prefilled in one call, some from a prefix
+    cache (sharing heads of two different lengths), some from nothing: each first slice, and
+    each session's next decode step, equals its own ``prefill`` (within ``self_atol``)."""
+    vocab, tolerance = backend.info.vocab_size, TOLERANCES[name]
+    head = common_prefix(prompts[0], prompts[1])
+    assert head > 2 and len({len(p) for p in prompts}) > 1
+    short, long_ = backend.keep_prefix(prompts[0][: head - 2]), backend.keep_prefix(prompts[0])
+    prefixes = [long_, short, None, long_][: len(prompts)]  # prompt 0 shares all but its last
+    requests = [
+        PrefillRequest(f"p{i}", p, vocab, prefix)
+        for i, (p, prefix) in enumerate(zip(prompts, prefixes, strict=True))
+    ]
+    batched = prefill_batch(backend, requests)
+    after = [
+        _dense(top, vocab)
+        for top in backend.decode_batch(
+            [DecodeRequest(f"p{i}", reference[i].tokens[0], vocab) for i in range(len(requests))]
+        )
+    ]
+    for i in range(len(requests)):
+        backend.release(f"p{i}")
+    for i, r in enumerate(requests):
+        alone = backend.prefill("alone", r.prompt_ids, vocab)
+        then = backend.decode("alone", reference[i].tokens[0], vocab)
+        backend.release("alone")
+        for got, expected in ((_dense(batched[i], vocab), alone), (after[i], then)):
+            best = expected.ids[:K]
+            np.testing.assert_allclose(got[best], expected.logprobs[:K], atol=tolerance.self_atol)
+            assert int(got.argmax()) == int(expected.ids[0]) or not tolerance.self_argmax
+    with pytest.raises(Moe2Error) as refused:
+        prefill_batch(backend, [requests[0], requests[0]])
+    assert refused.value.code == ErrorCode.INVALID_FIELD
 
 
 def test_a_batch_that_names_a_session_twice_or_an_unknown_one_changes_nothing(

@@ -398,3 +398,52 @@ async def test_call_soon_runs_in_its_turn_and_on_the_way_out() -> None:
             tg.cancel_scope.cancel()  # the agent stops while the worker is busy
             model.gate.set()
     assert freed == ["before run", "in turn", "on the way out"]
+
+
+async def test_waiting_prefills_run_as_one_call_within_a_steps_time() -> None:
+    """Batchable jobs (prefills) waiting together run as one call of their runner; with
+    sessions decoding, a batch holds no more tokens than fit in the last batch's time; an
+    item's own error reaches only its caller."""
+    model = Model(job_s=0.0, batch_s=0.2)
+    runs: list[list[int]] = []
+
+    def prefills(items: list[int]) -> list[int | BaseException]:
+        runs.append(list(items))
+        time.sleep(0.01 * sum(items))  # 10 ms per "token"
+        return [Moe2Error(ErrorCode.EMPTY_PROMPT, "no tokens") if i == 0 else -i for i in items]
+
+    sched = scheduler(model, expected=lambda: 1)
+    results: dict[str, Any] = {}
+
+    async def prefill(name: str, tokens: int) -> None:
+        try:
+            results[name] = await sched.call_batched(prefills, tokens, cost=tokens)
+        except Moe2Error as exc:
+            results[name] = exc.code
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            await hold_the_worker(tg, sched, model)
+            for name, tokens in (("a", 3), ("b", 0), ("c", 2)):
+                tg.start_soon(prefill, name, tokens)
+            await wait_until(lambda: sched.waiting == 3)
+            model.gate.set()
+            await wait_until(lambda: len(results) == 3)
+            assert runs == [[3, 0, 2]]  # nothing decodes yet: all at once
+            tg.start_soon(sched.step, 1)  # a session decodes: 200 ms per batch
+            await wait_until(lambda: model.calls[-1] == ("batch", [1]))
+            await hold_the_worker(tg, sched, model)
+            for i, tokens in enumerate((8, 8, 8, 4)):
+                tg.start_soon(prefill, f"d{i}", tokens)
+            tg.start_soon(sched.step, 2)
+            await wait_until(lambda: sched.waiting == 5)
+            model.gate.set()
+            await wait_until(lambda: len(results) == 7)
+            tg.cancel_scope.cancel()
+    assert results["a"] == -3 and results["c"] == -2
+    assert results["b"] == ErrorCode.EMPTY_PROMPT
+    # about 10 ms per token measured, 200 ms per step: under 20 tokens a turn, the first always
+    assert runs[1] == [8, 8]
+    assert [i for run in runs[1:] for i in run] == [8, 8, 8, 4]
+    assert all(sum(run) < 20 or len(run) == 1 for run in runs)

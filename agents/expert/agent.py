@@ -41,10 +41,12 @@ session (its KV cache may be half-written); the agent lives on.
 Model calls (sessions and scores alike) run one at a time in a worker thread, so the event loop
 keeps heartbeating; the messages of one session are handled in arrival order by that session's
 own task. The calls go through one scheduler (``scheduler.ModelScheduler``): the pending decode
-steps of all sessions run as one ``Backend.decode_batch`` (at most ``max_batch`` of them), and
-every other call (a prefill, a score, a byte-path rewrite, a speculative step) runs alone, turns
-alternating, so a new session's prefill holds the others back by at most one call. A batch's
-compute time and energy are shared equally among its sessions' slices (docs/backends.md).
+steps of all sessions run as one ``Backend.decode_batch`` (at most ``max_batch`` of them), the
+waiting prefills of new sessions (those not resuming a conversation) as one
+``Backend.prefill_batch`` (capped so that it fits one decode step's time), and every other call
+(a score, a byte-path rewrite, a speculative step) runs alone, turns alternating, so a new
+session's prefill holds the others back by about one step. A batch's compute time and energy
+are shared equally among its sessions' slices (docs/backends.md).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from prometheus_client import CollectorRegistry
 from moe2.agents.discovery import EXPERT_SERVICE, Served, micro_service
 from moe2.agents.expert.answer_tokens import AnswerTokenizer
 from moe2.agents.expert.backends import Backend, DecodeRequest, PrefixCache, TopK, load_backend
-from moe2.agents.expert.backends.base import common_prefix
+from moe2.agents.expert.backends.base import PrefillRequest, common_prefix, prefill_batch
 from moe2.agents.expert.config import ExpertConfig, ExpertStats
 from moe2.agents.expert.conversations import ConversationStore, TurnOrder
 from moe2.agents.expert.energy import EnergyMeter, Reading, choose_meter
@@ -75,7 +77,7 @@ from moe2.agents.expert.models import resolve_model
 from moe2.agents.expert.scheduler import ModelScheduler
 from moe2.agents.expert.score import run_score, score_refusal
 from moe2.agents.expert.speculate import Held, Speculation, slices_of
-from moe2.agents.expert.warmup import WARMUP_PROMPT, warm_up
+from moe2.agents.expert.warmup import WARMUP_PROMPT, prefilled_tokens, warm_up
 from moe2.agents.metrics import ExpertMetrics
 from moe2.runtime import wire
 from moe2.runtime.connection import close_nats, connect_nats, publish_or_log
@@ -114,6 +116,18 @@ class _Session:
     answer: bytes = b""  # the answer's bytes so far: the pieces of its tokens, or the texts
     conversation: str | None = None  # the Open's: its cache is kept on Close (conversations.py)
     ended: str = "stopped"  # why it ended, for metrics: a Close's reason, idle, refused, failed
+
+
+class _Prefill(NamedTuple):
+    """A new session's prefill, waiting for the next batch of prefills
+    (``ModelScheduler.call_batched``)."""
+
+    session: str
+    messages: Sequence[wire.ChatMessage]
+    top_k: int
+
+
+_Prefilled = tuple[TopK, list[int], Reading]
 
 
 class _Decode(NamedTuple):
@@ -455,13 +469,71 @@ class ExpertAgent:
         if open_.conversation is not None:  # after the turn before is closed and kept
             session.conversation = open_.conversation
             await self._turns.begin(open_.conversation, session.id)
-        prefill = partial(
-            self._encode_and_prefill, session.id, open_.messages, session.top_k, open_.conversation
-        )
-        top, session.prompt_ids, reading = await self._in_worker(prefill)
+            prefill = partial(
+                self._encode_and_prefill,
+                session.id,
+                open_.messages,
+                session.top_k,
+                open_.conversation,
+            )
+            top, session.prompt_ids, reading = await self._in_worker(prefill)
+        else:  # batched with the other new sessions' prefills waiting then
+            item = _Prefill(session.id, open_.messages, session.top_k)
+            chars = sum(len(m.content) for m in [*self.config.context, *open_.messages])
+            started: _Prefilled = await self._scheduler.call_batched(
+                self._prefill_batch, item, cost=chars // 4 + 8
+            )
+            top, session.prompt_ids, reading = started
         session.prompt_tokens = len(session.prompt_ids)
         session.next_step = 1
         await self._publish_slice(session, 0, top, reading)
+
+    def _prefill_batch(self, items: list[_Prefill]) -> list[_Prefilled | Moe2Error]:
+        """Worker thread: the prefills of new sessions as one ``prefill_batch``; each slice
+        carries an equal share of its compute time and energy. A refused prompt gets its own
+        error; if the batch fails, each prefill runs alone (and fails alone)."""
+        checked: list[list[int] | Moe2Error] = []
+        for item in items:
+            try:
+                checked.append(self._checked_prompt(item.messages))
+            except Moe2Error as exc:
+                checked.append(exc)
+        requests = [
+            PrefillRequest(item.session, ids, item.top_k, self._context_head)
+            for item, ids in zip(items, checked, strict=True)
+            if not isinstance(ids, Moe2Error)
+        ]
+        try:
+            with self.meter.measure() as reading:
+                tops = iter(prefill_batch(self._backend, requests))
+        except Exception:
+            self._log.info("prefill_batch_failed", sessions=len(requests), exc_info=True)
+            return [self._prefill_alone(item) for item in items]
+        prefilled = sum(prefilled_tokens(r.prompt_ids, r.prefix) for r in requests)
+        if requests:
+            self.stats.note_prefill(reading.compute_s, prefilled)
+            self.metrics.computed("prefill", prefilled, reading.compute_s, reading.energy_j)
+        share = Reading(
+            reading.compute_s / max(len(requests), 1), reading.energy_j / max(len(requests), 1)
+        )
+        return [ids if isinstance(ids, Moe2Error) else (next(tops), ids, share) for ids in checked]
+
+    def _prefill_alone(self, item: _Prefill) -> _Prefilled | Moe2Error:
+        try:
+            return self._encode_and_prefill(item.session, item.messages, item.top_k)
+        except Moe2Error as exc:
+            return exc
+
+    def _checked_prompt(self, messages: Sequence[wire.ChatMessage]) -> list[int]:
+        """The prompt's ids; ``prompt_too_long`` if they fill the expert's context."""
+        ids = self._prompt_ids(messages)
+        if len(ids) >= self.max_context:
+            raise Moe2Error(
+                ErrorCode.PROMPT_TOO_LONG,
+                f"the prompt is {len(ids)} tokens; this expert's context is "
+                f"{self.max_context} tokens",
+            )
+        return ids
 
     def _encode_and_prefill(
         self,
@@ -471,13 +543,7 @@ class ExpertAgent:
         conversation: str | None = None,
     ) -> tuple[TopK, list[int], Reading]:
         """Runs in the worker thread."""
-        ids = self._prompt_ids(messages)
-        if len(ids) >= self.max_context:
-            raise Moe2Error(
-                ErrorCode.PROMPT_TOO_LONG,
-                f"the prompt is {len(ids)} tokens; this expert's context is "
-                f"{self.max_context} tokens",
-            )
+        ids = self._checked_prompt(messages)
         with self.meter.measure() as reading:  # from the conversation's kept cache, if any
             started = self.conversations.start(
                 session, conversation, ids, top_k, self._context_head

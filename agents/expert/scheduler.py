@@ -6,20 +6,27 @@ An expert has one model and one worker thread for it. Two kinds of work wait for
   to them (at most ``max_batch``) run as one call of ``run_batch`` (the agent's, which calls
   ``Backend.decode_batch``): sessions join and leave the batch between steps.
 - *jobs*: any other call (a prefill, a score, a byte-path rewrite, a speculative draft, a
-  warm-up), run alone, in arrival order.
+  warm-up), run alone, in arrival order. A *batchable* job (``call_batched``: a new session's
+  prefill) runs together with the other batchable jobs of the same runner waiting behind it, as
+  one call of that runner (the agent's, which calls ``Backend.prefill_batch``), as many as the
+  token budget below allows (the first always).
 
 Turns alternate between a batch of the waiting steps and jobs: after a batch, jobs run until
 their time adds up to the batch's (at least one job, and the last one may run past it), then the
 waiting steps go next. So the sessions already decoding are held back by new sessions' prefills
 (or a score) for about one decode step per step, plus one job at most: a new session's prefill
 never holds them back longer than one step, a burst of new sessions is prefilled a few per step
-(fewer small batches while they join), and neither kind of work can starve the other.
+(fewer small batches while they join), and neither kind of work can starve the other. A batch of
+prefills is capped so that it fits that turn: its estimated tokens (``cost``) times the seconds
+per token the prefill batches have taken so far must fit in what is left of the last batch's
+time; when no session is decoding (nothing waits for the model but new sessions) the cap is
+``max_prefill_tokens``.
 
 Before a batch the scheduler waits up to ``gather_s`` for the steps of sessions that are expected
 to step (``expected()``: the agent's open sessions past their prefill) and are not yet waiting:
 their fusion agents send the next step about one bus round trip after the last slice, and a
 batch that leaves them out would make them wait a whole batch more. With one session, or when
-every expected step is there, nothing waits.
+every expected step is there, nothing waits: a lone session's step runs the moment it arrives.
 
 Before ``run`` starts (and after it ends) a call runs directly, still one at a time.
 """
@@ -53,6 +60,8 @@ class _Work:
     abandon: bool = False  # a job's: see ``ModelScheduler.call``
     cleanup: bool = False  # a job of ``call_soon``: run even when the scheduler stops
     running: bool = False  # a job's call is in the worker thread now
+    runner: Callable[[list[Any]], Sequence[Any]] | None = None  # a batchable job's runner
+    cost: int = 0  # a batchable job's estimated tokens
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
         self.value, self.error = value, error
@@ -79,9 +88,12 @@ class ModelScheduler(Generic[_S, _T]):
         gather_s: float,
         expected: Callable[[], int],
         on_batch: Callable[[int], None] = lambda size: None,
+        max_prefill_tokens: int = 4096,
     ) -> None:
         self._run_batch = run_batch
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
+        self._s_per_cost = 0.0  # seconds per token of the batchable jobs run so far (average)
         self.gather_s = gather_s
         self._expected = expected
         self._on_batch = on_batch
@@ -108,6 +120,29 @@ class ModelScheduler(Generic[_S, _T]):
         self._jobs.append(job)
         result: _R = await self._wait(job)
         return result
+
+    async def call_batched(
+        self,
+        runner: Callable[[list[Any]], Sequence[_R | BaseException]],
+        item: Any,
+        *,
+        cost: int,
+    ) -> _R:
+        """Run ``item`` in the worker thread, in its turn, in one call ``runner(items)`` with the
+        other items of ``runner`` waiting then (see the module's docstring). ``runner`` returns
+        one result per item, in order: an exception in a result is raised to that item's caller
+        alone; one it raises reaches every caller of the batch. ``cost``: the item's estimated
+        tokens."""
+        if not self._running:
+            result = (await self._in_thread(lambda: runner([item])))[0]
+        else:
+            job = _Work(item=item, runner=runner, cost=max(1, cost))
+            self._jobs.append(job)
+            result = await self._wait(job)
+        if isinstance(result, BaseException):
+            raise result
+        done: _R = result
+        return done
 
     def call_soon(self, call: Callable[[], object]) -> None:
         """Run ``call`` in its turn, with no one waiting for it (freeing a session's cache when
@@ -143,6 +178,10 @@ class ModelScheduler(Generic[_S, _T]):
                     started = time.perf_counter()  # the gathering is not the batch's cost
                     await self._batch()
                     batch_next, batch_s, jobs_s = False, time.perf_counter() - started, 0.0
+                elif self._jobs and self._jobs[0].runner is not None:
+                    await self._job_batch(self._prefill_budget(batch_s - jobs_s))
+                    jobs_s += time.perf_counter() - started
+                    batch_next = jobs_s >= batch_s
                 elif self._jobs:
                     await self._job(self._jobs[0])
                     jobs_s += time.perf_counter() - started
@@ -199,6 +238,42 @@ class ModelScheduler(Generic[_S, _T]):
         except Exception as exc:
             job.settle(error=exc)
         self._jobs.popleft()
+
+    def _prefill_budget(self, left_s: float) -> int:
+        """The tokens a batch of batchable jobs may hold this turn (the first job always runs)."""
+        if not (self._steps or self._expected()) or self._s_per_cost <= 0:
+            return self.max_prefill_tokens
+        return min(self.max_prefill_tokens, int(max(left_s, 0.0) / self._s_per_cost))
+
+    async def _job_batch(self, budget: int) -> None:
+        """Run the first job, a batchable one, with those of its runner waiting behind it that
+        fit in ``budget`` tokens; they leave the queue now."""
+        first = self._jobs[0]
+        runner, taken, total = first.runner, [first], first.cost
+        for job in list(self._jobs)[1:]:  # in arrival order, past other kinds of jobs
+            if job.runner is not runner or job.dropped:
+                continue
+            if total + job.cost > budget:
+                break
+            taken.append(job)
+            total += job.cost
+        for job in taken:
+            self._jobs.remove(job)
+        taken = [job for job in taken if not job.dropped]
+        if runner is None or not taken:
+            return
+        items = [job.item for job in taken]
+        started = time.perf_counter()
+        try:
+            results = await self._in_thread(lambda: runner(items))
+        except Exception as exc:  # every caller of the batch learns of it
+            for job in taken:
+                job.settle(error=exc)
+            return
+        per_cost = (time.perf_counter() - started) / sum(job.cost for job in taken)
+        self._s_per_cost = per_cost if self._s_per_cost <= 0 else (self._s_per_cost + per_cost) / 2
+        for job, result in zip(taken, results, strict=True):
+            job.settle(result)
 
     async def _in_thread(self, call: Callable[[], _R], *, abandon: bool = False) -> _R:
         return await anyio.to_thread.run_sync(

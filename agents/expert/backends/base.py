@@ -84,6 +84,15 @@ class PrefixCache:
     state: object
 
 
+class PrefillRequest(NamedTuple):
+    """One new session's prefill in a batch (``prefill_batch``): ``Backend.prefill``'s arguments."""
+
+    session: str
+    prompt_ids: Sequence[int]
+    top_k: int
+    prefix: PrefixCache | None = None
+
+
 class Backend(Protocol):
     """One loaded model. Synchronous; never called from two threads at once."""
 
@@ -249,6 +258,22 @@ def sentencepiece_bytes(token: str) -> bytes:
         except ValueError:
             pass
     return token.replace(_SP_SPACE, " ").encode()
+
+
+def prefill_batch(backend: Backend, requests: Sequence[PrefillRequest]) -> list[TopK]:
+    """``prefill`` for several distinct new sessions, results in the requests' order: the
+    backend's own ``prefill_batch(requests)`` where it has one (one batched forward pass, each
+    result equal to the session's own ``prefill`` within float rounding), else one ``prefill``
+    after another (ONNX Runtime, llama.cpp). A repeated session is refused (``invalid_field``)
+    before any cache changes."""
+    sessions = [r.session for r in requests]
+    if len(set(sessions)) != len(sessions):
+        raise Moe2Error(ErrorCode.INVALID_FIELD, "a prefill batch names a session twice")
+    batched = getattr(backend, "prefill_batch", None)
+    if batched is None or len(requests) < 2:
+        return [backend.prefill(*r) for r in requests]
+    tops: list[TopK] = batched(requests)
+    return tops
 
 
 def check_batch(requests: Sequence[DecodeRequest], known: Callable[[str], bool]) -> None:

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moe2.agents.expert.backends.base import (
     BackendInfo,
     DecodeRequest,
+    PrefillRequest,
     PrefixCache,
     TargetLogprobs,
     TopK,
@@ -41,7 +42,7 @@ from moe2.agents.expert.backends.chat_tokenizer import (  # the one tokenizer co
     encode_chat,
     eos_ids,
 )
-from moe2.agents.expert.backends.transformers_batch import Stacked
+from moe2.agents.expert.backends.transformers_batch import Layers, Stacked, prefill_rows
 from moe2.agents.expert.backends.transformers_scoring import (
     copied_cache,
     cut_cache,
@@ -128,6 +129,38 @@ class TransformersBackend:
         logits, self._caches[session] = self._prefill(list(prompt_ids), prefix)
         self._ids[session] = [int(i) for i in prompt_ids]
         return top_k_of(logits, top_k)
+
+    def prefill_batch(self, requests: Sequence[PrefillRequest]) -> list[TopK]:
+        """``prefill`` for several new sessions in one padded forward pass
+        (``transformers_batch.prefill_rows``); each from a copy of its prefix's shared head."""
+        if len({r.session for r in requests}) != len(requests):
+            raise Moe2Error(ErrorCode.INVALID_FIELD, "a prefill batch names a session twice")
+        plans = [self._prefill_plan(list(r.prompt_ids), r.prefix) for r in requests]
+        ready = [p for p in plans if p is not None]
+        if len(requests) < 2 or len(ready) < len(plans):
+            return [self.prefill(*r) for r in requests]
+        for r in requests:
+            self.release(r.session)
+        logits, caches = prefill_rows(self._model, [h for h, _ in ready], [t for _, t in ready])
+        for r, cache in zip(requests, caches, strict=True):
+            self._caches[r.session] = cache
+            self._ids[r.session] = [int(i) for i in r.prompt_ids]
+        return [top_k_of(row, r.top_k) for row, r in zip(logits, requests, strict=True)]
+
+    def _prefill_plan(
+        self, ids: list[int], prefix: PrefixCache | None
+    ) -> tuple[Layers | None, list[int]] | None:
+        """A prompt as (its shared head's cache layers, the tail to compute); None if the
+        prefix's cache cannot be sliced (sliding-window layers)."""
+        if not ids:
+            raise Moe2Error(ErrorCode.EMPTY_PROMPT, "the prompt has no tokens")
+        shared = 0 if prefix is None else min(common_prefix(ids, prefix.ids), len(ids) - 1)
+        if prefix is None or not shared:
+            return None, ids
+        if not reusable(prefix.state):
+            return None
+        head = [(k[:, :, :shared], v[:, :, :shared]) for k, v, *_ in prefix.state]  # type: ignore[attr-defined]
+        return head, ids[shared:]
 
     def extend(self, session: str, ids: Sequence[int], top_k: int) -> list[TopK]:
         """Append ``ids`` in one forward pass; the top-k after each of them (speculation)."""

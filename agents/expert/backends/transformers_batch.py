@@ -74,3 +74,77 @@ class Stacked:
 def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     """(1, heads, n, dim) to (1, heads, width, dim), zeros on the left."""
     return F.pad(tensor, (0, 0, width - tensor.shape[2], 0))
+
+
+# --- batched prefill ---------------------------------------------------------------------------
+
+Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), (1, heads, n, dim)
+
+
+def prefill_rows(
+    model: Any, heads: Sequence[Layers | None], tails: Sequence[list[int]]
+) -> tuple[list[torch.Tensor], list[DynamicCache]]:
+    """Several prompts in one forward pass: each row is a head already computed (a copy of a
+    ``PrefixCache``'s shared head, or none) and a tail of ids to compute. Returns each row's
+    last-position logits and its own cache (head and tail, no padding).
+
+    The batch is ``[left padding][head][tail][right padding]`` per row: heads are left-padded to
+    the longest head (zeros, hidden by the attention mask), tails right-padded to the longest
+    tail, so every real position sees exactly its own row's head and tail, and no real query is
+    fully masked; each tail position's id is its row's head length plus its index. Only the
+    positions that end a row get logits (``logits_to_keep`` as indices).
+    """
+    head_lengths = [0 if h is None else int(h[0][0].shape[2]) for h in heads]
+    width, span = max(head_lengths), max(len(t) for t in tails)
+    rows = len(tails)
+    device = model.device
+    past = None
+    if width:
+        template = next(h for h in heads if h is not None)
+        layers = []
+        for at, (key0, value0) in enumerate(template):
+            keys = [key0[:, :, :0] if h is None else h[at][0] for h in heads]
+            values = [value0[:, :, :0] if h is None else h[at][1] for h in heads]
+            layers.append(
+                (
+                    torch.cat([_left_pad(k, width) for k in keys]),
+                    torch.cat([_left_pad(v, width) for v in values]),
+                )
+            )
+        past = DynamicCache(layers)
+    mask = torch.zeros(rows, width + span, dtype=torch.long)
+    ids = torch.zeros(rows, span, dtype=torch.long)
+    for row, (head, tail) in enumerate(zip(head_lengths, tails, strict=True)):
+        mask[row, width - head : width + len(tail)] = 1
+        ids[row, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        ids[row, len(tail) :] = tail[-1]  # any real id: these positions are never read
+    positions = torch.tensor(head_lengths, dtype=torch.long)[:, None] + torch.arange(span)
+    ends = sorted({len(t) - 1 for t in tails})
+    with torch.inference_mode():
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=torch.tensor(ends, device=device),
+        )
+    logits = [out.logits[row, ends.index(len(t) - 1)] for row, t in enumerate(tails)]
+    caches = [
+        DynamicCache(
+            [
+                (
+                    _row(k, row, width - head, width + len(tail)),
+                    _row(v, row, width - head, width + len(tail)),
+                )
+                for k, v, *_ in out.past_key_values
+            ]
+        )
+        for row, (head, tail) in enumerate(zip(head_lengths, tails, strict=True))
+    ]
+    return logits, caches
+
+
+def _row(tensor: torch.Tensor, row: int, start: int, end: int) -> torch.Tensor:
+    """Positions ``start:end`` of batch row ``row``, (1, heads, n, dim), in memory of its own."""
+    return tensor[row : row + 1, :, start:end].clone()
