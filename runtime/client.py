@@ -25,6 +25,13 @@ from moe2.runtime.subjects import DEFAULT_PREFIX, Subjects
 log = structlog.get_logger("moe2.client")
 
 NO_RESPONDER_RETRIES = 3
+# docs/faults.md: a fusion agent of this version takes a prompt with an empty Moe2-Alive message
+# at once and sends one whenever it sent nothing for a second
+ALIVE_HEADER = "Moe2-Alive"
+ALIVE_SUFFIX = ".alive"  # the prompt's reply subject ends so: keepalives asked for
+FIRST_MESSAGE_S = 1.0  # no first message in this time: the prompt is asked again
+NOT_STARTED_RETRIES = 8  # ... this many times (a stopped agent in the queue group)
+ALIVE_TIMEOUT_S = 2.5  # once keepalives came: silence this long is fusion_lost
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]
 
@@ -55,6 +62,7 @@ class Answer:
         self.chunks: list[wire.Chunk] = []
         self.session = ""  # fixed by the first message that names one
         self._ended = False  # a Final or an Error came: nothing left to cancel
+        self._starts = 0  # the prompt asked again because no fusion agent took it
 
     @property
     def text(self) -> str:
@@ -70,12 +78,21 @@ class Answer:
         async def deliver(msg: Msg) -> None:
             await send.send(msg)  # a slow reader slows the subscription, never loses text
 
-        sub = await nc.subscribe(nc.new_inbox(), cb=deliver)
+        sub = await nc.subscribe(nc.new_inbox() + ALIVE_SUFFIX, cb=deliver)
         try:
             await self._client.publish_prompt(self._prompt, reply=sub.subject)
             retries = 0
+            heard = alive = False  # any message of a fusion agent; a keepalive among them
             while self.final is None:
-                msg = await self._next(inbox)
+                msg = await self._next(inbox, heard, alive)
+                if msg is None:  # no fusion agent took the prompt: ask another (docs/faults.md)
+                    log.info("prompt_not_taken", retry=self._starts)
+                    await self._client.publish_prompt(self._prompt, reply=sub.subject)
+                    continue
+                heard = True
+                if msg.headers and ALIVE_HEADER in msg.headers:
+                    alive = True
+                    continue
                 if _no_responders(msg) and retries < NO_RESPONDER_RETRIES:
                     # nats-server now and then answers 503 just as a subscriber appears, and
                     # a fusion agent may be restarting: ask again before giving up.
@@ -108,9 +125,28 @@ class Answer:
         except Exception as exc:  # the connection is gone: the agent sees no inbox either
             log.debug("cancel_not_sent", session=self.session, error=str(exc))
 
-    async def _next(self, inbox: MemoryObjectReceiveStream[Msg]) -> Msg:
-        with anyio.move_on_after(self._timeout):
+    async def _next(
+        self, inbox: MemoryObjectReceiveStream[Msg], heard: bool, alive: bool
+    ) -> Msg | None:
+        """The next message; None when none came within ``FIRST_MESSAGE_S`` of the prompt (and
+        it may be asked again). Raises ``fusion_lost`` when a fusion agent that sent keepalives
+        fell silent, ``timeout`` after ``timeout`` s of silence otherwise."""
+        limit = self._timeout
+        if alive:
+            limit = min(limit, ALIVE_TIMEOUT_S)
+        elif not heard and self._starts < NOT_STARTED_RETRIES:
+            limit = min(limit, FIRST_MESSAGE_S)
+        waited_less = limit < self._timeout
+        with anyio.move_on_after(limit):
             return await inbox.receive()
+        if waited_less and alive:
+            raise Moe2Error(
+                ErrorCode.FUSION_LOST,
+                f"the fusion agent serving this answer sent nothing for {limit:g}s: it stopped",
+            )
+        if waited_less and not heard:
+            self._starts += 1
+            return None
         raise Moe2Error(ErrorCode.TIMEOUT, f"no answer within {self._timeout}s of the last message")
 
     def _read(self, msg: Msg) -> wire.Chunk | None:

@@ -89,7 +89,17 @@ class Cancelled:
     reason: str
 
 
-Event = Arrived | Tick | Cancelled
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """An expert of the session is not there any more (NATS answered *no responders* on its
+    subject, or it did not answer a liveness probe): dropped at once, not after more deadlines
+    (docs/faults.md)."""
+
+    expert: str
+    reason: str
+
+
+Event = Arrived | Tick | Cancelled | Gone
 
 
 # --- actions --------------------------------------------------------------------------------------
@@ -122,7 +132,15 @@ class Refused:
     reason: str
 
 
-Action = ToExpert | ToClient | Accepted | Refused
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Ask whether ``expert`` is still there (it missed a step's deadline): the I/O layer
+    answers with ``Gone`` when it is not, and with nothing when it is (docs/faults.md)."""
+
+    expert: str
+
+
+Action = ToExpert | ToClient | Accepted | Refused | Probe
 
 # why a slice was not taken -> the code its sender is told
 _PROBLEM_CODES = {
@@ -225,11 +243,26 @@ class Decoding:
             return out
         if now >= self._wait.deadline:
             self._end_step(now, out)
+        gone = isinstance(event, Gone) and not self.finished and self._gone(event, out)
+        if gone and not self._wait.waiting:
+            self._end_step(now, out)
         if isinstance(event, Arrived) and not self.finished:
             self._arrive(event, now, out)
             if not self._wait.waiting:
                 self._end_step(now, out)
         return out
+
+    def _gone(self, event: Gone, out: list[Action]) -> bool:
+        """Drop an expert that is not there any more; True if it was still in the session."""
+        expert = event.expert
+        if expert not in self.active:
+            return False
+        self.log.warning("expert_gone", expert=expert, step=self._wait.step, why=event.reason)
+        self.active.remove(expert)
+        self.dropped.append(expert)
+        self._wait.waiting.discard(expert)
+        self._close([expert], "dropped", out)
+        return True
 
     def abort(self, error: Moe2Error) -> list[Action]:
         """End the session with ``error`` (the I/O layer's own failure)."""
@@ -339,6 +372,7 @@ class Decoding:
             self.active = [e for e in self.active if e not in to_drop]
             self.dropped += [e for e in to_drop if e not in failed]
             self._close(to_drop, "dropped", out)
+        out += [Probe(e) for e in late if e in self.active]  # one not there any more: Gone
         if not w.slices:
             raise self._no_slice(w, late)
 

@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     BAD_LOGPROBS = "bad_logprobs"  # NaN, inf or positive log-probabilities
     NO_EXPERTS = "no_experts"  # no live expert may serve this prompt
     NO_FUSION_AGENT = "no_fusion_agent"  # nobody listens on the prompt subject
+    FUSION_LOST = "fusion_lost"  # the fusion agent serving an answer stopped mid-answer
     NO_SLICES = "no_slices"  # a step passed its deadline with no slice at all
     BUSY = "busy"  # the agent is at its session limit
     TRACE_DIVERGED = "trace_diverged"  # a replay expert was asked for a path its trace lacks

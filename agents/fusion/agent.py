@@ -19,7 +19,13 @@ from moe2.agents.fusion.conversations import ConversationRouter
 from moe2.agents.fusion.limits import PromptRate, client_of
 from moe2.agents.fusion.membership import Membership, probe_expert, same_tokenizer, vocabulary_of
 from moe2.agents.fusion.reselection import Reselector
-from moe2.agents.fusion.session import FusionSession, SessionCounters, SessionPlan
+from moe2.agents.fusion.session import (
+    ALIVE_HEADER,
+    ALIVE_SUFFIX,
+    FusionSession,
+    SessionCounters,
+    SessionPlan,
+)
 from moe2.agents.metrics import FusionMetrics
 from moe2.gating import Gate, UniformGate, top_k_experts
 from moe2.runtime import wire
@@ -211,7 +217,8 @@ class FusionAgent:
         if not request.reply:
             raise Moe2Error(ErrorCode.INVALID_FIELD, "a prompt needs a reply subject")
         check_prompt(request.message, self.config)
-        self.prompt_rate.take(client_of(request.reply), started)  # busy past its rate
+        client = client_of(request.reply.removesuffix(ALIVE_SUFFIX))
+        self.prompt_rate.take(client, started)  # busy past its rate
         if self.sessions >= self.config.max_sessions:
             raise Moe2Error(ErrorCode.BUSY, f"at the limit of {self.config.max_sessions} sessions")
         assert self._tg is not None, "the endpoints serve inside run()"
@@ -234,6 +241,9 @@ class FusionAgent:
                 self.served += 1
                 self.metrics.session_ended(session.machine if session else None, failure)
 
+        keepalive = reply.endswith(ALIVE_SUFFIX)  # the client asked for keepalives
+        if keepalive:  # taken: the client need not ask another fusion agent (docs/faults.md)
+            await self._alive(reply)
         try:
             plan = await self._plan(prompt)
             self.metrics.planned(plan.experts, plan.weights)
@@ -248,6 +258,8 @@ class FusionAgent:
                 observe,
                 ended,
                 self.session_counters,
+                gone=self._expert_gone,
+                keepalive=keepalive,
             )
             await session.run()
         except Moe2Error as exc:
@@ -259,6 +271,18 @@ class FusionAgent:
             await self._refuse(reply, Moe2Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             ended()
+
+    async def _alive(self, reply: str) -> None:
+        try:
+            await self.nc.publish(reply, b"", headers={ALIVE_HEADER: "1"})
+        except Exception as exc:  # the bus failed, not the agent
+            log.warning("keepalive_failed", error=repr(exc))
+
+    def _expert_gone(self, expert: str) -> None:
+        """A session found ``expert`` not there any more (no responders, or no answer to a
+        probe): not selectable until it answers a probe again (docs/faults.md)."""
+        if self.membership.gone(expert, time.monotonic()):
+            log.warning("expert_gone", expert=expert)
 
     async def choose(
         self, messages: Sequence[wire.ChatMessage], k: int | None = None

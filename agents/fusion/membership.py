@@ -66,6 +66,16 @@ class Membership:
         self._probing.discard(expert)
         self._refused[expert] = now
 
+    def gone(self, expert: str, now: float) -> bool:
+        """A session found the expert not there (no responders, or no answer to a probe): not
+        live until a heartbeat after ``PROBE_RETRY_S`` and its probe say otherwise. True if it
+        was live."""
+        was = expert in self._admitted
+        self._admitted.discard(expert)
+        self._probing.discard(expert)
+        self._refused[expert] = now
+        return was
+
     def _fresh(self, expert: str, now: float) -> bool:
         """Heard from within ``missed`` of the expert's own heartbeat intervals (capped)."""
         seen, hb = self._last[expert]

@@ -7,6 +7,13 @@ the actions it returns, and a watcher ticks the machine when its deadline passes
 goes out with that inbox as its reply subject: when the client's inbox has no subscriber any
 more (it stopped reading, or disconnected), the server answers there with a 503 *no responders*
 status, and the session ends as if the client had sent a ``Cancel``.
+
+Faults (docs/faults.md): every ``Open`` and ``Step`` goes out with a reply subject of the session's
+own, one per expert, so that an expert whose subscriptions are gone (killed, disconnected) is
+answered *no responders* by the server at once and dropped (``Gone``); an expert that misses a
+deadline is probed, and one that does not answer the probe is dropped too. While no Chunk went to
+the client for ``KEEPALIVE_S``, a client that asked for them gets an empty ``Moe2-Alive`` message:
+it tells a working fusion agent from a dead one within seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from dataclasses import dataclass
 
 import anyio
 import structlog
+from anyio.abc import TaskGroup
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from moe2.agents.fusion.config import FusionConfig
+from moe2.agents.fusion.membership import probe_expert
 from moe2.runtime import wire
+from moe2.runtime.client import ALIVE_HEADER, ALIVE_SUFFIX
 from moe2.runtime.connection import flush_subscriptions, publish_or_log
 from moe2.runtime.decoding import (
     Accepted,
@@ -33,6 +43,8 @@ from moe2.runtime.decoding import (
     Cancelled,
     DecodeSettings,
     Event,
+    Gone,
+    Probe,
     Refused,
     SessionPlan,
     Tick,
@@ -48,7 +60,10 @@ log = structlog.get_logger("moe2.fusion")
 
 Queued = tuple[Event, str]  # an event and the reply subject of the message it came in (or "")
 
-__all__ = ["FusionSession", "SessionPlan", "decode_settings"]
+__all__ = ["ALIVE_HEADER", "ALIVE_SUFFIX", "FusionSession", "SessionPlan", "decode_settings"]
+
+KEEPALIVE_S = 1.0  # a client that asked for them gets one when no message went out for this long
+PROBE_LIMIT_S = 1.0  # a late expert that does not answer its probe in this time is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +108,12 @@ class FusionSession:
         observe: Callable[[wire.Slice], None] | None = None,
         ended: Callable[[], None] | None = None,
         counters: SessionCounters | None = None,
+        gone: Callable[[str], None] | None = None,
+        keepalive: bool = False,
     ) -> None:
         self.nc, self.subjects, self.plan, self.reply = nc, subjects, plan, reply
+        self.gone = gone  # told the id of an expert found not there any more (membership)
+        self.keepalive = keepalive  # the client asked for keepalives (ALIVE_HEADER)
         self.observe = observe  # sees every accepted slice (live selection's costs)
         self.ended = ended  # called once the client has its last message, before the clean-up
         counters = counters or SessionCounters.of(subjects)
@@ -114,6 +133,12 @@ class FusionSession:
         settings = decode_settings(config, plan.prompt)
         self.machine = decoding_for(plan, settings, started, config.speculate)
         self.inbox = nc.new_inbox()  # the reply subject of every Chunk: 503 here = client gone
+        # <experts>.<expert>: the reply subject of its Opens and Steps: 503 here = expert gone
+        self.experts_inbox = nc.new_inbox()
+        self._probing: set[str] = set()
+        self._tg: TaskGroup | None = None  # the probes' and keepalives' tasks, while running
+        self._sent_at = started  # when the client last got a message
+        self._probe_s = min(PROBE_LIMIT_S, settings.step_deadline_s / 2)
         self.log = log.bind(session=plan.session)
         # events that came while another was being applied (its publishing awaited): applied
         # next, in arrival order, by the call already applying
@@ -136,13 +161,18 @@ class FusionSession:
             await self._slices.subscribe(),
             await self._cancels.subscribe(),
             await self.nc.subscribe(self.inbox, cb=self._on_inbox),
+            await self.nc.subscribe(f"{self.experts_inbox}.*", cb=self._on_expert_reply),
         ]
         await flush_subscriptions(self.nc)  # before any Open: slice 0 must find the subscription
         try:
-            await self._step(None)  # the Opens
-            self._applying = False
-            await self._apply_backlog()
-            await self._watch_deadline()
+            async with anyio.create_task_group() as self._tg:
+                if self.keepalive:
+                    self._tg.start_soon(self._keep_alive)
+                await self._step(None)  # the Opens
+                self._applying = False
+                await self._apply_backlog()
+                await self._watch_deadline()
+                self._tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 if not self.machine.finished:  # the agent is shutting down
@@ -218,7 +248,9 @@ class FusionSession:
                 if data is None or data[0] is not action.message:
                     data = (action.message, wire.encode(action.message))
                 subject = self._expert_subject[type(action.message)](action.expert)
-                await self._publish(subject, data[1])
+                asks = not isinstance(action.message, wire.Close)  # 503 if nobody listens
+                reply = f"{self.experts_inbox}.{action.expert}" if asks else ""
+                await self._publish(subject, data[1], reply)
             elif isinstance(action, ToClient):
                 if isinstance(action.message, wire.Final):
                     await self._final(action.message)
@@ -231,6 +263,38 @@ class FusionSession:
                     self.log.exception("observe_failed")
             elif isinstance(action, Refused) and reply:
                 await self._refuse(reply, Moe2Error(action.code, action.reason))
+            elif isinstance(action, Probe) and self._tg and action.expert not in self._probing:
+                self._probing.add(action.expert)
+                self._tg.start_soon(self._probe, action.expert)
+
+    async def _probe(self, expert: str) -> None:
+        """Is a late expert still there? One that is not is Gone now, not after more deadlines."""
+        try:
+            failure = await probe_expert(self.nc, self.subjects, expert, self._probe_s)
+        finally:
+            self._probing.discard(expert)
+        if failure and not self.machine.finished:
+            await self._expert_gone(expert, f"probe: {failure}")
+
+    async def _expert_gone(self, expert: str, why: str) -> None:
+        if self.gone is not None:
+            self.gone(expert)
+        await self._apply(Gone(expert, why))
+
+    async def _keep_alive(self) -> None:
+        """An empty ``Moe2-Alive`` message to the client whenever nothing went out for
+        ``KEEPALIVE_S`` (docs/protocol.md): the client tells a dead fusion agent by its silence."""
+        while not self.machine.finished:
+            wait = self._sent_at + KEEPALIVE_S - time.monotonic()
+            if wait > 0:
+                await anyio.sleep(wait)
+                continue
+            self._sent_at = time.monotonic()
+            try:
+                headers = {ALIVE_HEADER: "1"}  # 503 on the inbox: the client is gone
+                await self.nc.publish(self.reply, b"", reply=self.inbox, headers=headers)
+            except Exception as exc:  # the bus failed, not the session
+                self.log.warning("keepalive_failed", error=repr(exc))
 
     def _about_session(self, _: object) -> ErrorRoute:
         """Errors answered on the session's subjects name the session and its current step."""
@@ -252,6 +316,7 @@ class FusionSession:
         if not self.reply:
             return
         reply = self.inbox if isinstance(message, wire.Chunk) else ""
+        self._sent_at = time.monotonic()
         await self._publish(self.reply, wire.encode(message), reply=reply)
 
     # --- subscription callbacks: the endpoint decoded the message; apply it --------------------
@@ -274,6 +339,21 @@ class FusionSession:
                 f"session {cancel.session!r} is not the one {request.subject} names",
             )
         await self._apply(Cancelled(f"Cancel: {cancel.reason}"))
+
+    async def _on_expert_reply(self, msg: Msg) -> None:
+        """What an expert answers to an Open or Step sent with a reply subject: the server's
+        *no responders* (nobody subscribes to its subjects any more), or an Error."""
+        expert = msg.subject.rsplit(".", 1)[-1]
+        if msg.headers and msg.headers.get("Status") == "503":
+            await self._expert_gone(expert, "no responders on its subjects")
+            return
+        try:
+            message = wire.decode(msg.data)
+        except Moe2Error:
+            self.log.warning("expert_reply_undecodable", expert=expert)
+            return
+        if isinstance(message, wire.Error):
+            await self._apply(Arrived(expert, message))
 
     async def _on_inbox(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get("Status") == "503":

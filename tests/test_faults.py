@@ -1,0 +1,247 @@
+"""Issue 12 part 2, "Faults": experts and fusion agents killed (SIGKILL) or stopped (SIGSTOP) as
+real processes on a real nats-server, and what the client sees (docs/faults.md).
+
+Experts are scripted expert processes (tests/live_expert.py: each step answers one byte of
+"Hello from the bus." after a delay), or real `moe2 expert` processes serving SmolLM2 for the
+overload test; fusion agents are `moe2 fusion` processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+
+import moe2
+from moe2.runtime import wire
+from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.server import NatsServer
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "Hello from the bus."  # what every scripted expert answers (tests/scripted.py)
+DEADLINE_S = 1.0  # the step deadline the questions ask for
+_names = itertools.count()
+
+
+@dataclass
+class Procs:
+    """Agent processes of one test, each logging to its own file; all gone after the test."""
+
+    url: str
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def _start(self, name: str, command: list[str]) -> None:
+        with (self.logs / f"{name}.log").open("ab") as out:
+            self.procs[name] = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+
+    def expert(self, name: str, heartbeat_s: float = 0.2, delay_s: float = 0.05) -> None:
+        """A scripted expert process (tests/live_expert.py)."""
+        args = [self.url, name, str(heartbeat_s), str(delay_s)]
+        self._start(name, [sys.executable, "-m", "tests.live_expert", *args])
+
+    def moe2(self, name: str, *args: str) -> None:
+        self._start(name, [sys.executable, "-m", "moe2", *args, "--nats", self.url])
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_logged(self, name: str, event: str, times: int = 1, limit_s: float = 120) -> None:
+        deadline = time.monotonic() + limit_s
+        while self.log(name).count(f"] {event} ") < times:
+            assert self.procs[name].poll() is None, f"{name} exited:\n{self.log(name)[-3000:]}"
+            assert time.monotonic() < deadline, f"{name}: no {event}:\n{self.log(name)[-3000:]}"
+            time.sleep(0.05)
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        os.kill(self.procs[name].pid, sig)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)  # a stopped one takes no SIGTERM before this
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def procs(nats_server: NatsServer, tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(nats_server.url, tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def names(prefix: str, n: int) -> list[str]:
+    """Expert ids no earlier test of the module used (the bus and its fusion agents are shared)."""
+    k = next(_names)
+    return [f"{prefix}{k}x{i}" for i in range(n)]
+
+
+def scripted_bus(
+    procs: Procs, n: int, *, heartbeat_s: float = 0.2, delay_s: float = 0.05, fusions: int = 1
+) -> list[str]:
+    """``n`` scripted expert processes and ``fusions`` fusion agents that have seen them join."""
+    experts = names("f", n)
+    for e in experts:
+        procs.expert(e, heartbeat_s, delay_s)
+    for i in range(fusions):
+        procs.moe2(f"fusion{i}", "fusion")
+    for i in range(fusions):
+        procs.wait_logged(f"fusion{i}", "fusion_ready")
+        procs.wait_logged(f"fusion{i}", "expert_joined", n)
+    return experts
+
+
+async def timed_answer(url: str, **ask: object) -> tuple[wire.Final, float]:
+    async with moe2.connect(url, name="faults-client") as client:
+        started = time.monotonic()
+        final = await client.ask(TEXT, step_deadline_s=DEADLINE_S, **ask).collect()  # type: ignore[arg-type]
+        return final, time.monotonic() - started
+
+
+# --- 1. an expert killed or stopped mid-answer ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+async def test_an_expert_lost_mid_answer_costs_one_step_deadline_and_is_named(
+    procs: Procs, sig: signal.Signals
+) -> None:
+    """Before: three full step deadlines (three late steps in a row) before it was dropped. Now:
+    the step it misses ends at its deadline with the others' slices, and the probe sent then
+    (or the server's no-responders answer to the next Step) drops it at once."""
+    experts = scripted_bus(procs, 3, delay_s=0.1)
+    victim = experts[2]
+    with anyio.fail_after(60):
+        clean, clean_s = await timed_answer(procs.url)
+        assert clean.text == TEXT and clean.dropped == []
+        async with moe2.connect(procs.url, name="faults-client") as client:
+            started = time.monotonic()
+            answer = client.ask(TEXT, step_deadline_s=DEADLINE_S)
+            async for chunk in answer:
+                if chunk.index == 3:
+                    procs.signal(victim, sig)
+            took = time.monotonic() - started
+    final = answer.final
+    assert final is not None and final.text == TEXT
+    assert final.dropped == [victim]
+    # one deadline (the step it missed), a probe of at most half a deadline, and scheduling
+    assert took - clean_s < 1.8 * DEADLINE_S, (took, clean_s)
+
+
+# --- 2. a new question right after an expert's death ---------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+async def test_a_new_question_right_after_an_expert_is_lost_is_answered_by_the_others(
+    procs: Procs, sig: signal.Signals
+) -> None:
+    """Heartbeats every 2 s: the fusion agent still counts the lost expert as a member when the
+    question comes 0.2 s after. A killed one answers the Open with no responders (dropped at
+    once); a stopped one misses step 0's deadline and its probe. The next question leaves it out."""
+    experts = scripted_bus(procs, 3, heartbeat_s=2.0)
+    victim = experts[0]
+    with anyio.fail_after(60):
+        clean, clean_s = await timed_answer(procs.url)
+        assert clean.experts == sorted(experts)
+        procs.signal(victim, sig)
+        await anyio.sleep(0.2)
+        first, first_s = await timed_answer(procs.url)
+        second, second_s = await timed_answer(procs.url)
+    assert first.text == second.text == TEXT
+    assert first.dropped == [victim] or victim not in first.experts
+    extra = 0.5 if sig == signal.SIGKILL else 1.8 * DEADLINE_S  # a stopped one: one deadline
+    assert first_s - clean_s < extra, (first_s, clean_s)
+    assert victim not in second.experts and second.dropped == []
+    assert second_s - clean_s < 0.5, (second_s, clean_s)
+
+
+# --- 3. the fusion agent killed or stopped -------------------------------------------------------
+
+
+async def test_the_fusion_agent_killed_mid_answer_is_a_clear_error_within_3_s(
+    procs: Procs,
+) -> None:
+    scripted_bus(procs, 2, delay_s=0.3)  # about 6 s for the whole answer
+    with anyio.fail_after(30):
+        async with moe2.connect(procs.url, name="faults-client") as client:
+            answer = client.ask(TEXT, step_deadline_s=DEADLINE_S)
+            with pytest.raises(Moe2Error) as caught:
+                async for chunk in answer:
+                    if chunk.index == 2:
+                        procs.signal("fusion0", signal.SIGKILL)
+                        killed = time.monotonic()
+            noticed = time.monotonic() - killed
+    assert caught.value.code == ErrorCode.FUSION_LOST
+    assert "stopped" in caught.value.message
+    assert noticed < 3.0, noticed
+
+
+async def test_the_fusion_agent_stopped_before_the_answer_is_a_clear_error_within_3_s(
+    procs: Procs,
+) -> None:
+    """Stopped while it plans (no Chunk yet): its keepalives stop, the client says so."""
+    scripted_bus(procs, 1, delay_s=2.0)  # the first chunk after 2 s
+    with anyio.fail_after(30):
+        async with moe2.connect(procs.url, name="faults-client") as client:
+            answer = client.ask(TEXT, step_deadline_s=5.0)
+            started = time.monotonic()
+            async with anyio.create_task_group() as tg:
+
+                async def stop_soon() -> None:
+                    await anyio.sleep(0.5)  # the agent took the prompt: its keepalive came
+                    procs.signal("fusion0", signal.SIGSTOP)
+
+                tg.start_soon(stop_soon)
+                with pytest.raises(Moe2Error) as caught:
+                    await answer.collect()
+            took = time.monotonic() - started
+    assert caught.value.code == ErrorCode.FUSION_LOST
+    assert took < 0.5 + 3.0, took
+
+
+async def test_a_stopped_fusion_agent_in_the_queue_group_costs_a_retry_not_a_timeout(
+    procs: Procs,
+) -> None:
+    """Two fusion agents, one stopped: before, half the questions timed out after 60 s. Now a
+    prompt the stopped one got is asked again after 1 s without a first message."""
+    scripted_bus(procs, 2, fusions=2)
+    procs.signal("fusion1", signal.SIGSTOP)
+    with anyio.fail_after(90):
+        _, clean_s = await timed_answer(procs.url)
+        times = []
+        for _ in range(6):
+            final, took = await timed_answer(procs.url)
+            assert final.text == TEXT
+            times.append(took)
+    # the worst: a few retries of 1 s each (each goes to the stopped agent with probability 1/2)
+    assert max(times) < clean_s + 6.0, times
+
+
+async def test_a_killed_fusion_agent_in_the_queue_group_costs_nothing(procs: Procs) -> None:
+    scripted_bus(procs, 2, fusions=2)
+    procs.signal("fusion1", signal.SIGKILL)
+    procs.procs["fusion1"].wait(10)
+    with anyio.fail_after(60):
+        _, clean_s = await timed_answer(procs.url)
+        for _ in range(4):
+            final, took = await timed_answer(procs.url)
+            assert final.text == TEXT and took < clean_s + 0.5
