@@ -12,18 +12,20 @@ a process; and afterwards a normal question gets the right answer.
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import string
 import struct
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from hypothesis import strategies as st
@@ -132,6 +134,7 @@ class Expect(Enum):
     ERROR = "an Error"  # not a valid request: with a reply subject, a wire Error answers it
     LENIENT = "nothing, or an Error"  # a valid message that is no request (Close, Cancel, ...)
     SCORED = "a Scored or an Error"  # a valid Score
+    JSON = "JSON replies, or none"  # $SRV and the agent protocol: their payloads are not wire
 
 
 class Live:
@@ -147,7 +150,9 @@ LIVE = Live()
 @dataclass(frozen=True)
 class Target:
     """A subject of docs/protocol.md §2. ``kind``: prompt, open, step, close, score, verb (an
-    unknown last token on an expert's subject), slice, cancel, members or selection."""
+    unknown last token on an expert's subject), slice, cancel, members or selection; or srv
+    (``$SRV.<verb>``, the agents' micro services) or agent (``agents.<verb>.moe2.moe2.moe2``,
+    the fusion agent in the Agent Protocol)."""
 
     kind: str
     expert: str = ""  # the subject's expert token
@@ -168,6 +173,10 @@ class Target:
                 return f"{ROOT}.session.{session}.cancel"
             case "members":
                 return f"{ROOT}.members.{self.expert}"
+            case "srv":
+                return f"$SRV.{self.verb}"
+            case "agent":
+                return f"agents.{self.verb}.moe2.moe2.moe2"
         raise ValueError(self.kind)
 
 
@@ -230,7 +239,7 @@ def _fill(body: Any, session: str, expert: str, experts: Sequence[str]) -> Any:
 def nobody_may_listen(target: Target, experts: Sequence[str]) -> bool:
     """Subjects where a 503 *no responders* is a fair answer: sessions that may have ended,
     unknown verbs and experts."""
-    if target.kind in ("slice", "cancel", "verb"):
+    if target.kind in ("slice", "cancel", "verb", "srv", "agent"):
         return True
     return target.kind in ("open", "step", "close", "score") and target.expert not in experts
 
@@ -260,6 +269,8 @@ def reply_problem(shot: Shot, replies: Sequence[Msg], experts: Sequence[str]) ->
         if nobody_may_listen(shot.target, experts) or shot.expect is Expect.LENIENT:
             return None
         return "503 no responders: nobody serves this subject (did its agent stop?)"
+    if shot.expect is Expect.JSON:  # every service answers $SRV; the agent protocol streams
+        return next(filter(None, map(json_problem, replies)), None)
     single = shot.target.kind not in ("members", "selection")  # there, each watcher answers
     if single and len(replies) > 1:
         return f"{len(replies)} replies, expected one"
@@ -268,6 +279,18 @@ def reply_problem(shot: Shot, replies: Sequence[Msg], experts: Sequence[str]) ->
             continue
         if problem := wire_error(msg.data):
             return problem
+    return None
+
+
+def json_problem(msg: Msg) -> str | None:
+    """None for a reply of a micro service or the agent protocol (JSON; or empty: the agent
+    protocol's end of a stream, or a header-only status), else what is wrong with it."""
+    if not msg.data:
+        return None
+    try:
+        json.loads(msg.data)
+    except ValueError:
+        return f"a reply that is not JSON: {msg.data[:60]!r}"
     return None
 
 
@@ -451,16 +474,17 @@ async def ask(url: str, question: str, max_tokens: int, *, patient: bool = False
 CHAT = [{"role": "user", "content": "Why is the sky blue?"}]
 S, E = Slot.SESSION, Slot.EXPERT
 VALID: dict[str, dict[str, Any]] = {
-    "prompt": PROMPT_BODY,
+    "prompt": {**PROMPT_BODY, "step_deadline_s": 1.0, "conversation": "fuzz-1"},
     "open": {"type": "moe2.v1.open", "session": S, "messages": CHAT, "top_k": 8, "max_tokens": 4},
-    "step": {"type": "moe2.v1.step", "session": S, "step": 1, "token": 5},
+    "step": {"type": "moe2.v1.step", "session": S, "step": 1, "token": 5, "draft": [6, 7],
+             "propose": 2},
     "close": {"type": "moe2.v1.close", "session": S, "reason": "done"},
     "cancel": {"type": "moe2.v1.cancel", "session": S, "reason": "client"},
     "score": {"type": "moe2.v1.score", "messages": CHAT, "targets": ["Rayleigh."], "top_k": 0},
     "slice": {
         "type": "moe2.v1.slice", "session": S, "expert": E, "step": 0, "ids": u32(5, 6),
         "logprobs": f32(-0.5, -1.5), "rest": 0.17, "pieces": [b"a", b"b"], "compute_s": 0.001,
-        "energy_j": 0.0, "prompt_tokens": 3,
+        "energy_j": 0.0, "prompt_tokens": 3, "more": 0,
     },
     "error": {
         "type": "moe2.v1.error", "code": "internal", "message": "fuzz", "session": S,
@@ -472,7 +496,8 @@ VALID: dict[str, dict[str, Any]] = {
         "eos_ids": [0], "device": None, "energy_source": "declared", "sessions": 0,
         "interval_s": 1.0, "seq": 1,
     },
-    "chunk": {"type": "moe2.v1.chunk", "session": S, "index": 0, "text": "hi", "tokens": [1]},
+    "chunk": {"type": "moe2.v1.chunk", "session": S, "index": 0, "text": "hi", "tokens": [1],
+              "dominant": [E]},
     "final": {
         "type": "moe2.v1.final", "session": S, "text": "", "finish_reason": "eos",
         "usage": {"prompt_tokens": 1, "completion_tokens": 1},
@@ -494,15 +519,18 @@ VALID: dict[str, dict[str, Any]] = {
 NUM, STR, INT, ARR, MAP = {"float", "int"}, {"str"}, {"int"}, {"array"}, {"map"}
 FIELDS: dict[str, dict[str, set[str]]] = {
     "prompt": {"messages": ARR, "max_tokens": INT, "temperature": NUM, "top_p": NUM,
-               "seed": INT | {"nil"}, "stop": ARR, "experts": INT | {"nil"}},
-    "open": {"session": STR, "messages": ARR, "top_k": INT, "max_tokens": INT},
-    "step": {"session": STR, "step": INT, "token": INT},
+               "seed": INT | {"nil"}, "stop": ARR, "experts": INT | {"nil"},
+               "step_deadline_s": NUM | {"nil"}, "conversation": STR | {"nil"}},
+    "open": {"session": STR, "messages": ARR, "top_k": INT, "max_tokens": INT,
+             "conversation": STR | {"nil"}},
+    "step": {"session": STR, "step": INT, "token": INT, "text": {"bin", "nil"}, "draft": ARR,
+             "propose": INT, "draft_text": ARR},
     "close": {"session": STR, "reason": STR},
     "cancel": {"session": STR, "reason": STR},
     "score": {"messages": ARR, "targets": ARR, "top_k": INT},
     "slice": {"session": STR, "expert": STR, "step": INT, "ids": {"bin"}, "logprobs": {"bin"},
               "rest": NUM, "pieces": ARR, "compute_s": NUM, "energy_j": NUM,
-              "prompt_tokens": INT},
+              "prompt_tokens": INT, "more": INT},
     "error": {"code": STR, "message": STR, "session": STR, "expert": STR, "step": INT},
     "heartbeat": {"expert": STR, "model": STR, "tokenizer": STR, "backend": STR,
                   "vocab_size": INT, "eos_ids": ARR, "device": MAP | {"nil"},
@@ -523,6 +551,7 @@ EMPTY_CHATS: list[Any] = [[], [{"role": "user", "content": " \n\t"}], [None], ["
                           [{"role": "user"}], [{"role": "user", "content": 7}]]  # fmt: skip
 NOT_TOKENS = ["", "a.b", "a b", "*", ">"]
 OTHER_SESSION = "0123456789abcdef" * 2  # a session other than the subject's
+BAD_CONVERSATIONS = ["", "a.b", "a b", "*", ">", "x" * 65, "é"]
 # Values of the right kind that the protocol refuses (§4, §5, §6, §13).
 BAD_VALUES: dict[str, dict[str, list[Any]]] = {
     "prompt": {
@@ -532,8 +561,11 @@ BAD_VALUES: dict[str, dict[str, list[Any]]] = {
         "top_p": [0.0, -0.5, 1.0000001, 2.0, NAN, INF],
         "seed": [-1, -(2**63)],
         "experts": [0, -1, -(2**63)],
+        "step_deadline_s": [0.0, -1.0, NAN, INF, -INF, 1e300],
+        "conversation": BAD_CONVERSATIONS,
     },
-    "open": {"messages": EMPTY_CHATS, "top_k": [-1, -(2**63)], "session": NOT_TOKENS},
+    "open": {"messages": EMPTY_CHATS, "top_k": [-1, -(2**63)], "session": NOT_TOKENS,
+             "conversation": BAD_CONVERSATIONS},
     "step": {"step": [0, -1, -(2**63), 2**64 - 1], "token": [-1, 2**32, 2**64 - 1],
              "session": NOT_TOKENS},
     "score": {"messages": EMPTY_CHATS, "targets": [[], [""], ["a", ""], [None], [7]],
@@ -563,6 +595,7 @@ RETAGS: list[Any] = [
 TYPE_OF = {"prompt": "prompt", "open": "open", "step": "step", "close": "close", "score": "score",
            "cancel": "cancel", "members": "heartbeat", "selection": "selection"}  # fmt: skip
 ACCEPTED = {**{k: {v} for k, v in TYPE_OF.items()}, "slice": {"slice", "error"}, "verb": set()}
+ACCEPTED |= {"srv": set(), "agent": set()}  # their payloads are not wire messages
 
 
 # msgpack headers that promise more than follows (or are reserved, c1)
@@ -574,120 +607,174 @@ def deep(n: int, opener: bytes = b"\x91") -> Raw:
     return Raw(opener * n + b"\xc0")
 
 
-DEPTHS = st.one_of(st.integers(1, 64), st.sampled_from([1000, 10_000, 100_000, 200_000]))
-FIELD_DEPTHS = st.one_of(st.integers(1, 64), st.sampled_from([1000, 10_000, 100_000]))  # x2 fits
-TOKENS = st.text(
-    string.ascii_letters + string.digits + "_-+=!#$%&()[]{}|;:',<?/~@^`\"", min_size=1, max_size=70
-)
+DEEP = [1000, 10_000, 100_000, 200_000]
+FIELD_DEEP = [1000, 10_000, 100_000]  # twice in one body still fits
+TOKEN_CHARS = string.ascii_letters + string.digits + "_-+=!#$%&()[]{}|;:',<?/~@^`\""
+_T = TypeVar("_T")
 
 
-@st.composite
-def targets(draw: st.DrawFn, experts: Sequence[str]) -> Target:
-    kind = draw(st.sampled_from(sorted(ACCEPTED)))
-    expert = draw(st.sampled_from([*experts, *experts, "nobody"]))
+class Draw(Protocol):
+    """Where a generator's choices come from: hypothesis (``HypothesisDraw``, shrinkable, for
+    the default suite) or a seeded ``random.Random`` (``RandomDraw``, some thousand times
+    faster: the slow suite's 10,000+ payloads per subject)."""
+
+    def pick(self, options: Sequence[_T]) -> _T: ...
+    def integer(self, lo: int, hi: int) -> int: ...
+    def blob(self, lo: int, hi: int) -> bytes: ...
+    def token(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class HypothesisDraw:
+    draw: st.DrawFn
+
+    def pick(self, options: Sequence[_T]) -> _T:
+        return self.draw(st.sampled_from(options))
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.draw(st.integers(lo, hi))
+
+    def blob(self, lo: int, hi: int) -> bytes:
+        return self.draw(st.binary(min_size=lo, max_size=hi))
+
+    def token(self) -> str:
+        return self.draw(st.text(TOKEN_CHARS, min_size=1, max_size=70))
+
+
+@dataclass(frozen=True)
+class RandomDraw:
+    rng: random.Random
+
+    def pick(self, options: Sequence[_T]) -> _T:
+        return options[self.rng.randrange(len(options))]
+
+    def integer(self, lo: int, hi: int) -> int:
+        return self.rng.randint(lo, hi)
+
+    def blob(self, lo: int, hi: int) -> bytes:
+        return self.rng.randbytes(self.rng.randint(lo, hi))
+
+    def token(self) -> str:
+        return "".join(self.rng.choices(TOKEN_CHARS, k=self.rng.randint(1, 70)))
+
+
+def depth(d: Draw, choices: Sequence[int]) -> int:
+    return d.integer(1, 64) if d.integer(0, 1) else d.pick(choices)
+
+
+# Every subject an agent listens on (docs/protocol.md §2, docs/discovery.md).
+KINDS = sorted(ACCEPTED)
+
+
+def target(d: Draw, experts: Sequence[str], kinds: Sequence[str] = KINDS) -> Target:
+    kind = d.pick(kinds)
+    expert = d.pick([*experts, *experts, "nobody"])
     if kind == "members":
-        expert = draw(st.one_of(st.sampled_from(experts), TOKENS))
+        expert = d.pick(experts) if d.integer(0, 1) else d.token()
     elif kind == "slice":
-        expert = draw(st.sampled_from([*experts, "zz"]))
-    session: str | Live = draw(
-        st.sampled_from([LIVE, LIVE, uuid.UUID(int=draw(st.integers(0, 2**128 - 1))).hex])
-    )
-    verb = draw(st.sampled_from(["frob", "Open", "scores", "_", "opened"]))
+        expert = d.pick([*experts, "zz"])
+    session: str | Live = LIVE if d.integer(0, 2) else uuid.UUID(int=d.integer(0, 2**128 - 1)).hex
+    verb = d.pick(SRV_VERBS if kind == "srv" else AGENT_VERBS if kind == "agent" else VERBS)
     return Target(kind, expert, session, verb)
 
 
-@st.composite
-def garbage(draw: st.DrawFn, target: Target) -> Shot:
-    choice = draw(st.integers(0, 5))
+VERBS = ["frob", "Open", "scores", "_", "opened"]
+# $SRV.<verb>, with no name, every agent's service name, an unknown one (and an id)
+SRV_VERBS = [
+    f"{verb}{name}"
+    for verb in ("PING", "INFO", "STATS", "NOPE")
+    for name in ("", ".moe2-fusion", ".moe2-expert", ".agents", ".nobody", ".moe2-fusion.x")
+]
+AGENT_VERBS = ["prompt", "status"]  # agents.<verb>.moe2.<owner>.<session>
+
+
+def garbage(d: Draw, target: Target) -> Shot:
+    choice = d.integer(0, 5)
     if choice == 0:
-        raw = draw(st.binary(max_size=64))
+        raw = d.blob(0, 64)
         return Shot(target, Expect.ERROR, f"random bytes {raw[:16].hex()}", raw=raw)
     if choice == 1:
-        name = draw(st.sampled_from(sorted(CRASHERS)))
+        name = d.pick(sorted(CRASHERS))
         return Shot(target, Expect.ERROR, f"crasher {name}", raw=CRASHERS[name])
     if choice == 2:
-        opener = draw(st.sampled_from([b"\x91", b"\x81\xa1a", b"\xdd\x00\x00\x00\x01"]))
-        n = min(draw(DEPTHS), 200_000 // len(opener))  # within the suite's 256 KiB max_payload
+        opener = d.pick([b"\x91", b"\x81\xa1a", b"\xdd\x00\x00\x00\x01"])
+        n = min(depth(d, DEEP), 200_000 // len(opener))  # within the suite's 256 KiB max_payload
         return Shot(target, Expect.ERROR, f"{n} nested {opener.hex()}", raw=deep(n, opener).data)
     if choice == 3:
-        head = draw(st.sampled_from(LYING_HEADERS))
+        head = d.pick(LYING_HEADERS)
         return Shot(target, Expect.ERROR, f"lying header {head}", raw=bytes.fromhex(head))
-    name = draw(st.sampled_from(sorted(VALID)))
+    name = d.pick(sorted(VALID))
     if choice == 4:
-        cut = draw(st.integers(0, 1 << 16))
+        cut = d.integer(0, 1 << 16)
         return Shot(target, Expect.ERROR, f"truncated {name}", body=VALID[name], cut=cut)
-    tail = draw(st.binary(min_size=1, max_size=16))
+    tail = d.blob(1, 16)
     return Shot(target, Expect.ERROR, f"{name} + garbage {tail.hex()}", body=VALID[name], tail=tail)
 
 
-@st.composite
-def non_maps(draw: st.DrawFn, target: Target) -> Shot:
-    kind = draw(st.sampled_from(sorted(HOSTILE)))
-    value = draw(st.sampled_from([v for v in HOSTILE[kind] if not isinstance(v, dict)] or [7]))
+def non_map(d: Draw, target: Target) -> Shot:
+    kind = d.pick(sorted(HOSTILE))
+    value = d.pick([v for v in HOSTILE[kind] if not isinstance(v, dict)] or [7])
     return Shot(target, Expect.ERROR, f"msgpack {kind} {value!r:.30}", body=value)
 
 
-@st.composite
-def mutated(draw: st.DrawFn, target: Target) -> Shot:
+def mutated(d: Draw, target: Target) -> Shot:
     """The subject's own message type, made invalid by one or two mutations."""
-    name = TYPE_OF.get(target.kind) or draw(st.sampled_from(["slice", "error"]))
-    if target.kind == "verb":
-        name = draw(st.sampled_from(sorted(FIELDS)))
+    name = TYPE_OF.get(target.kind) or d.pick(["slice", "error"])
+    if target.kind in ("verb", "srv", "agent"):
+        name = d.pick(sorted(FIELDS))
     body, notes = dict(VALID[name]), []
-    for _ in range(draw(st.integers(1, 2))):
-        notes.append(draw(_mutation(body, name)))
+    for _ in range(d.integer(1, 2)):
+        notes.append(mutation(d, body, name))
     return Shot(target, Expect.ERROR, f"{name} with {'; '.join(notes)}", body=body)
 
 
-@st.composite
-def _mutation(draw: st.DrawFn, body: dict[Any, Any], name: str) -> str:
+def mutation(d: Draw, body: dict[Any, Any], name: str) -> str:
     """Change ``body`` in place so that no receiver may accept it; say how."""
     ways = ["wrong kind", "missing", "bad utf-8", "bad key", "deep", "retag"]
     ways += ["bad value"] * 3 if name in BAD_VALUES else []
-    way = draw(st.sampled_from(ways))
+    way = d.pick(ways)
     fields = FIELDS[name]
     if way == "wrong kind":
-        key = draw(st.sampled_from(sorted(fields)))
-        kind = draw(st.sampled_from(sorted(set(HOSTILE) - fields[key])))
-        body[key] = draw(st.sampled_from(HOSTILE[kind]))
+        key = d.pick(sorted(fields))
+        kind = d.pick(sorted(set(HOSTILE) - fields[key]))
+        body[key] = d.pick(HOSTILE[kind])
         return f"{key}={body[key]!r:.40}"
     if way == "missing":
-        key = draw(st.sampled_from(REQUIRED[name]))
+        key = d.pick(REQUIRED[name])
         body.pop(key, None)
         return f"no {key}"
     if way == "bad utf-8":
-        bad = RawStr(b"ab\xff\xfe" + draw(st.binary(max_size=4)))
+        bad = RawStr(b"ab\xff\xfe" + d.blob(0, 4))
         keys = sorted(k for k, kinds in fields.items() if kinds == STR)
         if not keys:  # a prompt or a score: in a message's content
             body["messages"] = [{"role": "user", "content": bad}]
             return "content invalid UTF-8"
-        key = draw(st.sampled_from(keys))
+        key = d.pick(keys)
         body[key] = bad
         return f"{key} invalid UTF-8"
     if way == "bad key":
-        key = draw(st.sampled_from([1, -1, None, True, b"type", 1.5]))  # keys must be str
+        key = d.pick([1, -1, None, True, b"type", 1.5])  # keys must be str
         body[key] = 1
         return f"key {key!r}"
     if way == "deep":
-        key, n = draw(st.sampled_from(sorted(fields))), draw(FIELD_DEPTHS)
+        key, n = d.pick(sorted(fields)), depth(d, FIELD_DEEP)
         body[key] = deep(n)
         return f"{key} nested {n} deep"
     if way == "retag":
-        tag = draw(st.sampled_from([*RETAGS, "missing"]))
+        tag = d.pick([*RETAGS, "missing"])
         if tag == "missing":
             body.pop("type", None)
         else:
             body["type"] = tag.format(name) if isinstance(tag, str) else tag
         return f"type {tag!r}"
-    key = draw(st.sampled_from(sorted(BAD_VALUES[name])))
-    body[key] = draw(st.sampled_from(BAD_VALUES[name][key]))
+    key = d.pick(sorted(BAD_VALUES[name]))
+    body[key] = d.pick(BAD_VALUES[name][key])
     return f"{key}={body[key]!r:.40}"
 
 
-@st.composite
-def misrouted(draw: st.DrawFn, target: Target) -> Shot:
+def misrouted(d: Draw, target: Target) -> Shot:
     """A valid message of a type this subject does not carry."""
-    name = draw(st.sampled_from(sorted(set(VALID) - ACCEPTED[target.kind])))
+    name = d.pick(sorted(set(VALID) - ACCEPTED.get(target.kind, set())))
     return Shot(target, Expect.ERROR, f"a valid {name}", body=VALID[name])
 
 
@@ -708,19 +795,37 @@ def valid(target: Target, experts: Sequence[str]) -> Shot | None:
     return None
 
 
-def shots(experts: Sequence[str]) -> st.SearchStrategy[Shot]:
-    """One payload for one subject, of any style."""
+def shot(d: Draw, experts: Sequence[str], kinds: Sequence[str] = KINDS) -> Shot:
+    """One payload for one subject of ``kinds``, of any style. On ``$SRV`` and the agent
+    protocol's subjects the payload is whatever it is, and a reply is JSON (``Expect.JSON``)."""
+    where = target(d, experts, kinds)
+    style = d.pick(STYLES)
+    if style == "valid" and (one := valid(where, experts)) is not None:
+        return one
+    made = {"garbage": garbage, "non-map": non_map, "misrouted": misrouted}.get(style, mutated)
+    one = made(d, where)
+    if where.kind in ("srv", "agent"):
+        one = replace(one, expect=Expect.JSON)
+    return one
+
+
+def shots(experts: Sequence[str], kinds: Sequence[str] = KINDS) -> st.SearchStrategy[Shot]:
+    """Hypothesis' strategy of :func:`shot`."""
 
     @st.composite
     def one(draw: st.DrawFn) -> Shot:
-        target = draw(targets(experts))
-        style = draw(st.sampled_from(STYLES))
-        if style == "valid" and (shot := valid(target, experts)) is not None:
-            return shot
-        make = {"garbage": garbage, "non-map": non_maps, "misrouted": misrouted}.get(style, mutated)
-        return draw(make(target))
+        return shot(HypothesisDraw(draw), experts, kinds)
 
     return one()
+
+
+def random_shots(
+    experts: Sequence[str], kinds: Sequence[str], count: int, seed: int = 0
+) -> Iterator[Shot]:
+    """``count`` payloads for subjects of ``kinds``, from a seeded ``random.Random``."""
+    d = RandomDraw(random.Random(f"{'/'.join(kinds)}/{seed}"))
+    for _ in range(count):
+        yield shot(d, experts, kinds)
 
 
 STYLES = ["garbage", "garbage", "non-map", "mutated", "mutated", "mutated", "misrouted", "valid"]
