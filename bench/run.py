@@ -65,6 +65,7 @@ SCRIPTS = (
         ("--artifact", str(GATE), "--threads", "1", "--prompts", "30", "--rounds", "1"),
         timeout_s=420,
     ),
+    Script("load.py", ("load_256",), timeout_s=240, quick_timeout_s=150),
 )
 
 

@@ -55,6 +55,11 @@ ROWS: dict[str, tuple[str, str, str]] = {
         "the embedder's raw forward",
         "p50 ≤ 1.15×; ≤ 15 ms",
     ),
+    "load_256": (
+        "256 concurrent sessions for 60 s, replay experts, 2 fusion agents, each its own process",
+        "every process's RSS after a warm-up under the same load",
+        "started = completed; RSS growth < 10 % for every process",
+    ),
 }
 
 
