@@ -71,7 +71,15 @@ try:
 except ModuleNotFoundError:  # bench/suite.py is bench/run.py's; the script runs without it
     SUITE_ROWS = "suite_rows"
 
-    def suite_row(key: str, baseline: str, measured: str, passed: bool | None) -> dict[str, Any]:
+    def suite_row(
+        key: str,
+        baseline: str,
+        measured: str,
+        passed: bool | None,
+        *,
+        row: str = "",
+        note: str = "",
+    ) -> dict[str, Any]:
         return {"key": key, "baseline": baseline, "measured": measured, "passed": passed}
 
 
@@ -252,12 +260,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp_dir, ExitStack() as stack:
         tmp = Path(tmp_dir)
         server = stack.enter_context(NatsServer())
-        trace = tmp / "synthetic.moe2"
+        trace_path = tmp / "synthetic.moe2"
         chosen = synthetic_trace(
-            trace, experts=EXPERTS, prompt_messages=PROMPT, steps=args.steps, prefix=PREFIX
+            trace_path, experts=EXPERTS, prompt_messages=PROMPT, steps=args.steps, prefix=PREFIX
         )
         expected = "".join(f" t{t}" for t in chosen[: args.steps])
-        serving = [__file__, "--serve", server.url, str(trace), "--batch-ms", str(args.batch_ms)]
+        serving = [
+            __file__,
+            "--serve",
+            server.url,
+            str(trace_path),
+            "--batch-ms",
+            str(args.batch_ms),
+        ]
         replay = stack.enter_context(helper_process(serving))
         agents = stack.enter_context(fusion_agents(server.url, args.fusion, args.sessions, tmp))
         assert server._proc is not None

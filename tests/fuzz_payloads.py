@@ -753,9 +753,9 @@ def mutation(d: Draw, body: dict[Any, Any], name: str) -> str:
         body[key] = bad
         return f"{key} invalid UTF-8"
     if way == "bad key":
-        key = d.pick([1, -1, None, True, b"type", 1.5])  # keys must be str
-        body[key] = 1
-        return f"key {key!r}"
+        odd: Any = d.pick([1, -1, None, True, b"type", 1.5])  # keys must be str
+        body[odd] = 1
+        return f"key {odd!r}"
     if way == "deep":
         key, n = d.pick(sorted(fields)), depth(d, FIELD_DEEP)
         body[key] = deep(n)

@@ -167,7 +167,9 @@ async def _check(server: NatsServer, pid: int, port: int, agents: Agents) -> Non
 
         raw = RawStalledClient(server.host, server.port)
         stop = anyio.Event()
-        rss, active, answered, dropped = [rss_start], [], [], []
+        rss, active = [rss_start], list[float]()
+        answered: list[tuple[str, float]] = []
+        dropped: list[Exception] = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(stalled_nats_py, server.url, stop, dropped)
             started, dropped_at = time.monotonic(), None
