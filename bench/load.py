@@ -359,6 +359,8 @@ def report(
             f"per token p50 {_p(result['per_token'], 'p50_ms')} "
             f"p99 {_p(result['per_token'], 'p99_ms')}",
             all_done and bounded,
+            row=f"{args.sessions} concurrent sessions for {args.duration:g} s, replay experts, "
+            f"{args.fusion} fusion agents, each its own process",
         )
     ]
     return result
