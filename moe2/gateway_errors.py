@@ -31,6 +31,7 @@ HTTP_STATUS: Final[dict[ErrorCode, tuple[int, str]]] = {
     ErrorCode.NOT_IN_SESSION: (502, "server_error"),
     ErrorCode.BAD_LOGPROBS: (502, "server_error"),
     ErrorCode.TRACE_DIVERGED: (502, "server_error"),
+    ErrorCode.FUSION_LOST: (502, "server_error"),  # the fusion agent stopped mid-answer
     ErrorCode.NO_ENERGY_METER: (500, "server_error"),
     ErrorCode.INTERNAL: (500, "server_error"),
 }

@@ -64,6 +64,9 @@ class DecodeSettings:
     # once the first step-0 slice is in after e seconds, the others get max(step deadline, this × e)
     prefill_grace: float = 2.0
     max_consecutive_late: int = 3
+    # a step with no slice at all waits this many more step deadlines while an expert it waits
+    # for answers its probe (loaded, not gone: docs/faults.md) before the session fails
+    no_slice_extensions: int = 0
 
 
 # --- events ---------------------------------------------------------------------------------------
@@ -161,6 +164,7 @@ class StepWait:
     slices: dict[str, wire.Slice] = field(default_factory=dict)
     errors: dict[str, wire.Error] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # expert -> its first refusal's code
+    extended: int = 0  # step deadlines added because no slice had come (no_slice_extensions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +349,8 @@ class Decoding:
 
     def _end_step(self, now: float, out: list[Action]) -> None:
         w = self._wait
+        if self._extend(w, now, out):
+            return
         try:
             self._account(w, out)
         except _ContextFull:
@@ -358,6 +364,19 @@ class Decoding:
         else:
             self.step_ms.append((now - self._chosen_at) * 1000)
         self._advance(w, now, out)
+
+    def _extend(self, w: StepWait, now: float, out: list[Action]) -> bool:
+        """No slice at all yet, and experts still awaited: wait one more step deadline (at most
+        ``no_slice_extensions`` times) and probe them; one that is gone ends the wait early.
+        A loaded expert makes the answer slower, not a failure (docs/faults.md)."""
+        awaited = [e for e in self.active if e in w.waiting]
+        if w.slices or not awaited or w.extended >= self.settings.no_slice_extensions:
+            return False
+        w.extended += 1
+        w.deadline = now + self.settings.step_deadline_s
+        self.log.info("step_extended", step=w.step, waiting=awaited, times=w.extended)
+        out += [Probe(e) for e in awaited]
+        return True
 
     def _account(self, w: StepWait, out: list[Action]) -> None:
         """Drop failed experts and experts late too often; raise if no slice was accepted."""

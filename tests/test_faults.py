@@ -245,3 +245,78 @@ async def test_a_killed_fusion_agent_in_the_queue_group_costs_nothing(procs: Pro
         for _ in range(4):
             final, took = await timed_answer(procs.url)
             assert final.text == TEXT and took < clean_s + 0.5
+
+
+# --- 5. overload: real SmolLM2 experts ------------------------------------------------------------
+
+
+def smollm2_bus(procs: Procs, prefix: str, experts: dict[str, int]) -> None:
+    """`moe2 expert` processes (SmolLM2, id -> its --max-sessions) and one fusion agent."""
+    for e, limit in experts.items():
+        args = ["--id", e, "--threads", "1", "--no-warmup", "--max-sessions", str(limit)]
+        procs.moe2(e, "expert", *args, "--prefix", prefix)
+    if "fusion0" not in procs.procs:
+        procs.moe2("fusion0", "fusion", "--prefix", prefix)
+    procs.wait_logged("fusion0", "fusion_ready")
+    procs.wait_logged("fusion0", "expert_joined", len(procs.procs) - 1, limit_s=180)
+
+
+async def concurrent(url: str, prefix: str, n: int, **ask: object) -> list[wire.Final | Moe2Error]:
+    """``n`` questions at once; each one's Final or error."""
+    results: list[wire.Final | Moe2Error] = []
+
+    async def one(client: moe2.Client) -> None:
+        try:
+            results.append(await client.ask("Name a colour.", **ask).collect())  # type: ignore[arg-type]
+        except Moe2Error as exc:
+            results.append(exc)
+
+    async with (
+        moe2.connect(url, prefix=prefix, name="faults-client") as client,
+        anyio.create_task_group() as tg,
+    ):
+        for _ in range(n):
+            tg.start_soon(one, client)
+    return results
+
+
+async def test_an_expert_at_capacity_refuses_with_busy_and_the_others_answer(
+    procs: Procs,
+) -> None:
+    """One expert with room for one session: of two questions at once, one is answered and the
+    other refused with ``busy`` at once (not a deadline). With a second expert on the bus, the
+    session the first refuses goes on with the second."""
+    prefix = f"ovl{next(_names)}"
+    smollm2_bus(procs, prefix, {"one": 1})
+    with anyio.fail_after(120):
+        results = await concurrent(procs.url, prefix, 2, max_tokens=8)
+    codes = sorted(r.code if isinstance(r, Moe2Error) else "final" for r in results)
+    assert codes == [ErrorCode.BUSY, "final"], results
+    smollm2_bus(procs, prefix, {"two": 4})
+    with anyio.fail_after(120):
+        results = await concurrent(procs.url, prefix, 2, max_tokens=8)
+    finals = [r for r in results if isinstance(r, wire.Final)]
+    assert len(finals) == 2, results
+    assert all(f.text and f.finish_reason in ("eos", "length") for f in finals)
+    assert "request_refused" in procs.log("one") and "busy" in procs.log("one")
+
+
+@pytest.mark.slow
+async def test_one_expert_with_16_questions_at_once_answers_them_all_slower(
+    procs: Procs,
+) -> None:
+    """The issue's example: one SmolLM2 expert, 16 questions at once, the default 2 s step
+    deadline. Before continuous batching 11 of 16 failed with ``no_slices``; admitted sessions
+    must get slower, never fail by deadline because of load alone."""
+    prefix = f"ovl{next(_names)}"
+    smollm2_bus(procs, prefix, {"solo": 32})
+    started = time.monotonic()
+    with anyio.fail_after(300):
+        results = await concurrent(procs.url, prefix, 16, max_tokens=32)
+    took = time.monotonic() - started
+    failed = [r for r in results if isinstance(r, Moe2Error)]
+    print(
+        f"16 questions on one expert: {16 - len(failed)} answered, {len(failed)} failed "
+        f"({sorted({str(f.code) for f in failed})}) in {took:.1f} s"
+    )
+    assert not failed, failed

@@ -63,7 +63,10 @@ Queued = tuple[Event, str]  # an event and the reply subject of the message it c
 __all__ = ["ALIVE_HEADER", "ALIVE_SUFFIX", "FusionSession", "SessionPlan", "decode_settings"]
 
 KEEPALIVE_S = 1.0  # a client that asked for them gets one when no message went out for this long
-PROBE_LIMIT_S = 1.0  # a late expert that does not answer its probe in this time is dropped
+# a late expert that does not answer its probe in min(PROBE_LIMIT_S, max(PROBE_FLOOR_S, step
+# deadline / 2)) is dropped: never less than a round trip on a busy box, whatever the deadline
+PROBE_LIMIT_S = 1.0
+PROBE_FLOOR_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,7 @@ def decode_settings(config: FusionConfig, prompt: wire.Prompt | None = None) -> 
         prefill_deadline_s=config.prefill_deadline_s,
         prefill_grace=config.prefill_grace,
         max_consecutive_late=config.max_consecutive_late,
+        no_slice_extensions=0 if config.speculate else config.max_consecutive_late - 1,
     )
 
 
@@ -138,7 +142,7 @@ class FusionSession:
         self._probing: set[str] = set()
         self._tg: TaskGroup | None = None  # the probes' and keepalives' tasks, while running
         self._sent_at = started  # when the client last got a message
-        self._probe_s = min(PROBE_LIMIT_S, settings.step_deadline_s / 2)
+        self._probe_s = min(PROBE_LIMIT_S, max(PROBE_FLOOR_S, settings.step_deadline_s / 2))
         self.log = log.bind(session=plan.session)
         # events that came while another was being applied (its publishing awaited): applied
         # next, in arrival order, by the call already applying
