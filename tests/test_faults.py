@@ -23,8 +23,19 @@ import pytest
 
 import moe2
 from moe2.runtime import wire
+from moe2.runtime.decoding import (
+    Arrived,
+    DecodeSettings,
+    Decoding,
+    Gone,
+    Probe,
+    Tick,
+    ToClient,
+    ToExpert,
+)
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
+from tests.test_decoding import SETTINGS, plan, slice_of
 
 pytestmark = pytest.mark.anyio
 
@@ -116,6 +127,39 @@ async def timed_answer(url: str, **ask: object) -> tuple[wire.Final, float]:
         started = time.monotonic()
         final = await client.ask(TEXT, step_deadline_s=DEADLINE_S, **ask).collect()  # type: ignore[arg-type]
         return final, time.monotonic() - started
+
+
+# --- the decode loop's part, without a bus -------------------------------------------------------
+
+
+def test_a_gone_expert_leaves_at_once_and_the_step_ends_with_the_others() -> None:
+    machine = Decoding(plan(["a", "b"]), SETTINGS, started=0.0)
+    machine.start(0.0)
+    machine.apply(Arrived("a", slice_of("a", 0, b"hi")), 0.1)
+    out = machine.apply(Gone("b", "no responders"), 0.2)  # long before the step's deadline
+    steps = [a for a in out if isinstance(a, ToExpert) and isinstance(a.message, wire.Step)]
+    closes = [
+        a.expert for a in out if isinstance(a, ToExpert) and isinstance(a.message, wire.Close)
+    ]
+    assert closes == ["b"] and [a.expert for a in steps] == ["a"]
+    assert machine.step == 1 and machine.dropped == ["b"] and machine.active == ["a"]
+
+
+def test_a_step_without_slices_waits_longer_while_probed_then_fails() -> None:
+    settings = DecodeSettings(step_deadline_s=1.0, max_consecutive_late=3, no_slice_extensions=2)
+    machine = Decoding(plan(["a"]), settings, started=0.0)
+    machine.start(0.0)
+    machine.apply(Arrived("a", slice_of("a", 0, b"hi")), 0.1)
+    probes = [machine.apply(Tick(), t) for t in (1.2, 2.3)]  # two more deadlines, each probed
+    assert [[type(a) for a in out] for out in probes] == [[Probe], [Probe]]
+    assert not machine.finished
+    out = machine.apply(Arrived("a", slice_of("a", 1, b"hi")), 2.5)  # slow, not gone: taken
+    assert machine.step == 2 and machine.tracker.late == {}
+    machine.apply(Tick(), 3.6)
+    machine.apply(Tick(), 4.7)
+    out = machine.apply(Tick(), 5.8)
+    errors = [a.message for a in out if isinstance(a, ToClient)]
+    assert machine.finished and [e.code for e in errors] == ["no_slices"]  # type: ignore[union-attr]
 
 
 # --- 1. an expert killed or stopped mid-answer ---------------------------------------------------
