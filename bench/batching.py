@@ -166,7 +166,9 @@ async def expert_rates(
         batch_gather_s=gather_s,
     )
     keys = ("one", "many", "one_steady", "many_steady", "batches", "prefill_share")
+    keys += ("prefill_batch",)
     totals = {key: [0.0, 0.0] for key in keys}
+    prefill_calls = counted_prefills(backend)
     async with (
         nats_connection(url, name="bench-expert") as agent_nc,
         nats_connection(url, name="bench-sessions") as nc,
@@ -182,6 +184,7 @@ async def expert_rates(
                     return greedy_session(nc, f"s{run}-{i}", prompts[i], steps)
 
                 before = _batches(agent)
+                prefill_calls.clear()
                 arrivals, took = await concurrently(n, one)
                 key = "one" if n == 1 else "many"
                 _add(totals[key], sum(len(a) for a in arrivals), took)
@@ -190,10 +193,31 @@ async def expert_rates(
                     after = _batches(agent)
                     _add(totals["batches"], after[0] - before[0], after[1] - before[1])
                     _add(totals["prefill_share"], after[2] - before[2], took)
+                    _add(totals["prefill_batch"], n, len(prefill_calls))
         tg.cancel_scope.cancel()
     rates = {key: tokens / seconds for key, (tokens, seconds) in totals.items()}
     rates["mean_batch"] = rates.pop("batches")  # sessions per batch in the N-session runs
     return rates
+
+
+def counted_prefills(backend: Backend) -> list[int]:
+    """Wrap ``backend``'s ``prefill`` and ``prefill_batch``: the list returned gets the number of
+    sessions of every prefill call (a prefill alone is 1)."""
+    calls: list[int] = []
+    alone, batched = backend.prefill, getattr(backend, "prefill_batch", None)
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return alone(*args, **kwargs)
+
+    def prefill_batch(requests: Sequence[Any]) -> Any:
+        calls.append(len(requests))
+        return batched(requests) if batched is not None else None
+
+    setattr(backend, "prefill", prefill)  # noqa: B010  # an instance's method, for this run
+    if batched is not None:
+        setattr(backend, "prefill_batch", prefill_batch)  # noqa: B010
+    return calls
 
 
 def _batches(agent: ExpertAgent) -> tuple[float, float, float]:
@@ -361,7 +385,8 @@ def report(
                 f"1 session {expert['one']:.1f} tok/s",
                 f"{n} sessions {expert['many']:.1f} tok/s = {expert_ratio:.2f}× whole answers, "
                 f"{steady_ratio:.2f}× while all decode (decode_batch ceiling {raw_ratio:.2f}×; "
-                f"mean batch {expert['mean_batch']:.1f})",
+                f"mean batch {expert['mean_batch']:.1f}; prefill calls of "
+                f"{expert['prefill_batch']:.1f} sessions)",
                 expert_ratio >= TARGET_EXPERT,
             ),
             suite_row(
@@ -385,7 +410,8 @@ def render(result: dict[str, Any]) -> str:
         f"replayed answer, {s['rounds']} rounds (1 session and N alternating), "
         f"{s['threads']} torch thread(s); N sessions on the expert: mean decode batch "
         f"{result['expert_tokens_per_s']['mean_batch']:.1f}, prefills "
-        f"{result['expert_tokens_per_s']['prefill_share']:.0%} of the wall time; "
+        f"{result['expert_tokens_per_s']['prefill_share']:.0%} of the wall time in calls of "
+        f"{result['expert_tokens_per_s']['prefill_batch']:.1f} sessions on average; "
         f"{m['cpus']} CPUs, load {m['loadavg'][0]}, Python {m['python']}; {result['took_s']} s"
     )
     header = ["row", "1 session tok/s", "N sessions tok/s", "ratio", "target", "result"]

@@ -412,7 +412,8 @@ async def test_waiting_prefills_run_as_one_call_within_a_steps_time() -> None:
         time.sleep(0.01 * sum(items))  # 10 ms per "token"
         return [Moe2Error(ErrorCode.EMPTY_PROMPT, "no tokens") if i == 0 else -i for i in items]
 
-    sched = scheduler(model, expected=lambda: 1)
+    decoding = [0]  # sessions past their prefill
+    sched = scheduler(model, expected=lambda: decoding[0])
     results: dict[str, Any] = {}
 
     async def prefill(name: str, tokens: int) -> None:
@@ -431,6 +432,7 @@ async def test_waiting_prefills_run_as_one_call_within_a_steps_time() -> None:
             model.gate.set()
             await wait_until(lambda: len(results) == 3)
             assert runs == [[3, 0, 2]]  # nothing decodes yet: all at once
+            decoding[0] = 1
             tg.start_soon(sched.step, 1)  # a session decodes: 200 ms per batch
             await wait_until(lambda: model.calls[-1] == ("batch", [1]))
             await hold_the_worker(tg, sched, model)

@@ -17,10 +17,15 @@ waiting steps go next. So the sessions already decoding are held back by new ses
 (or a score) for about one decode step per step, plus one job at most: a new session's prefill
 never holds them back longer than one step, a burst of new sessions is prefilled a few per step
 (fewer small batches while they join), and neither kind of work can starve the other. A batch of
-prefills is capped so that it fits that turn: its estimated tokens (``cost``) times the seconds
-per token the prefill batches have taken so far must fit in what is left of the last batch's
-time; when no session is decoding (nothing waits for the model but new sessions) the cap is
-``max_prefill_tokens``.
+prefills is capped so that it holds the decoding sessions back no longer than a job alone could:
+its estimated tokens (``cost``) times the seconds per token that batches of prefills have taken
+so far must fit in what is left of the last batch's time, or in the time the first prefill
+would take alone (measured the same way), whichever is longer; until a batch is measured, a
+token in a batch is taken to cost half one alone. When no session is decoding (nothing waits
+for the model but new sessions) the cap is ``max_prefill_tokens``. Before taking a batch of
+prefills the worker lets the event loop turn a few times while more keep arriving
+(microseconds, no timed wait), so a burst of Opens already read from the bus is prefilled as
+one batch.
 
 Before a batch the scheduler waits up to ``gather_s`` for the steps of sessions that are expected
 to step (``expected()``: the agent's open sessions past their prefill) and are not yet waiting:
@@ -41,6 +46,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 _S = TypeVar("_S")  # a step's item, what ``run_batch`` reads
 _T = TypeVar("_T")  # a step's result
@@ -93,7 +99,8 @@ class ModelScheduler(Generic[_S, _T]):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        self._s_per_cost = 0.0  # seconds per token of the batchable jobs run so far (average)
+        self._s_per_cost = 0.0  # seconds per token of batches of batchable jobs (average)
+        self._s_per_cost_alone = 0.0  # the same, of a batchable job run alone
         self.gather_s = gather_s
         self._expected = expected
         self._on_batch = on_batch
@@ -179,7 +186,9 @@ class ModelScheduler(Generic[_S, _T]):
                     await self._batch()
                     batch_next, batch_s, jobs_s = False, time.perf_counter() - started, 0.0
                 elif self._jobs and self._jobs[0].runner is not None:
-                    await self._job_batch(self._prefill_budget(batch_s - jobs_s))
+                    await self._settle()
+                    budget = self._prefill_budget(batch_s - jobs_s, self._jobs[0].cost)
+                    await self._job_batch(budget)
                     jobs_s += time.perf_counter() - started
                     batch_next = jobs_s >= batch_s
                 elif self._jobs:
@@ -239,11 +248,30 @@ class ModelScheduler(Generic[_S, _T]):
             job.settle(error=exc)
         self._jobs.popleft()
 
-    def _prefill_budget(self, left_s: float) -> int:
-        """The tokens a batch of batchable jobs may hold this turn (the first job always runs)."""
-        if not (self._steps or self._expected()) or self._s_per_cost <= 0:
+    async def _settle(self) -> None:
+        """A few event-loop turns while more jobs keep arriving (at most 64): the messages
+        already read from the bus (a burst of Opens) queue their calls before a batch of them
+        is taken. Microseconds; no waiting on time."""
+        seen, quiet = len(self._jobs), 0
+        for _ in range(64):
+            await anyio.lowlevel.checkpoint()
+            quiet, seen = (quiet + 1, seen) if len(self._jobs) == seen else (0, len(self._jobs))
+            if quiet >= 3:
+                return
+
+    def _prefill_budget(self, left_s: float, first: int) -> int:
+        """The tokens a batch of batchable jobs may hold this turn (the first job always runs):
+        with sessions decoding, what fits in ``left_s`` (the rest of the last batch's time) or
+        in the time the first job would take alone, whichever is longer (a job alone could
+        always run past the batch's time); with none, ``max_prefill_tokens``."""
+        if not (self._steps or self._expected()):
             return self.max_prefill_tokens
-        return min(self.max_prefill_tokens, int(max(left_s, 0.0) / self._s_per_cost))
+        alone = self._s_per_cost_alone or self._s_per_cost
+        batched = self._s_per_cost or alone / 2  # until a batch is measured: twice as fast
+        if batched <= 0:
+            return 0
+        allowed_s = max(left_s, first * alone)
+        return min(self.max_prefill_tokens, int(allowed_s / batched))
 
     async def _job_batch(self, budget: int) -> None:
         """Run the first job, a batchable one, with those of its runner waiting behind it that
@@ -251,7 +279,7 @@ class ModelScheduler(Generic[_S, _T]):
         first = self._jobs[0]
         runner, taken, total = first.runner, [first], first.cost
         for job in list(self._jobs)[1:]:  # in arrival order, past other kinds of jobs
-            if job.runner is not runner or job.dropped:
+            if job.runner != runner or job.dropped:  # a bound method is a new object each time
                 continue
             if total + job.cost > budget:
                 break
@@ -271,7 +299,10 @@ class ModelScheduler(Generic[_S, _T]):
                 job.settle(error=exc)
             return
         per_cost = (time.perf_counter() - started) / sum(job.cost for job in taken)
-        self._s_per_cost = per_cost if self._s_per_cost <= 0 else (self._s_per_cost + per_cost) / 2
+        if len(taken) == 1:
+            self._s_per_cost_alone = _average(self._s_per_cost_alone, per_cost)
+        else:
+            self._s_per_cost = _average(self._s_per_cost, per_cost)
         for job, result in zip(taken, results, strict=True):
             job.settle(result)
 
@@ -279,3 +310,8 @@ class ModelScheduler(Generic[_S, _T]):
         return await anyio.to_thread.run_sync(
             call, limiter=self._limiter, abandon_on_cancel=abandon
         )
+
+
+def _average(average: float, sample: float) -> float:
+    """A moving average that starts at its first sample."""
+    return sample if average <= 0 else (average + sample) / 2
