@@ -63,6 +63,8 @@ class Answer:
         self.session = ""  # fixed by the first message that names one
         self._ended = False  # a Final or an Error came: nothing left to cancel
         self._starts = 0  # the prompt asked again because no fusion agent took it
+        self._duplicates: dict[str, bool] = {}  # sessions a prompt asked again also started:
+        # cancelled once each (True: the Cancel went out)
 
     @property
     def text(self) -> str:
@@ -101,6 +103,7 @@ class Answer:
                     await self._client.publish_prompt(self._prompt, reply=sub.subject)
                     continue
                 item = self._read(msg)
+                await self._cancel_duplicates()
                 if isinstance(item, wire.Chunk):
                     self.chunks.append(item)
                     yield item
@@ -115,15 +118,25 @@ class Answer:
     async def _cancel(self) -> None:
         """Tell the session's fusion agent to stop; before its id is known, the agent learns it
         from the server's no-responders answer to its next Chunk."""
-        if not self.session:
-            return
-        cancel = wire.Cancel(session=self.session)
+        if self.session:
+            await self._send_cancel(self.session, "client")
+
+    async def _cancel_duplicates(self) -> None:
+        """A prompt asked again (no first message in time) may have been taken twice: the
+        sessions after the first to answer are cancelled, so they free their experts."""
+        for session, sent in list(self._duplicates.items()):
+            if not sent:
+                self._duplicates[session] = True
+                await self._send_cancel(session, "duplicate")
+
+    async def _send_cancel(self, session: str, reason: str) -> None:
+        cancel = wire.Cancel(session=session, reason=reason)
         try:
             await self._client.nc.publish(
-                self._client.subjects.cancel(self.session), wire.encode(cancel)
+                self._client.subjects.cancel(session), wire.encode(cancel)
             )
         except Exception as exc:  # the connection is gone: the agent sees no inbox either
-            log.debug("cancel_not_sent", session=self.session, error=str(exc))
+            log.debug("cancel_not_sent", session=session, error=str(exc))
 
     async def _next(
         self, inbox: MemoryObjectReceiveStream[Msg], heard: bool, alive: bool
@@ -175,6 +188,8 @@ class Answer:
             return True
         if item.session == self.session:
             return True
+        if self._starts and not isinstance(item, wire.Final | wire.Error):
+            self._duplicates.setdefault(item.session, False)  # the prompt was taken twice
         log.warning(
             "foreign_message_ignored",
             type=type(item).__name__,

@@ -35,6 +35,7 @@ from moe2.runtime.decoding import (
 )
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
+from moe2.runtime.subjects import Subjects
 from tests.test_decoding import SETTINGS, plan, slice_of
 
 pytestmark = pytest.mark.anyio
@@ -364,3 +365,57 @@ async def test_one_expert_with_16_questions_at_once_answers_them_all_slower(
         f"({sorted({str(f.code) for f in failed})}) in {took:.1f} s"
     )
     assert not failed, failed
+
+
+async def test_a_prompt_taken_twice_after_a_retry_cancels_the_second_session(
+    nats_url: str,
+) -> None:
+    """A fusion agent that takes the prompt late (after the client asked again) starts a second
+    session: the client keeps the first one to answer and cancels the other."""
+    prefix = f"dup{next(_names)}"
+    subjects = Subjects(prefix)
+    cancelled: list[wire.Cancel] = []
+    asked: list[str] = []
+    async with moe2.connect(nats_url, prefix=prefix) as client:
+        nc = client.nc
+
+        async def answer(session: str, reply: str, delay_s: float, pieces: int) -> None:
+            await anyio.sleep(delay_s)
+            for i in range(pieces):
+                chunk = wire.Chunk(session=session, index=i, text="x", tokens=[1])
+                await nc.publish(reply, wire.encode(chunk))
+                await anyio.sleep(0.3)
+            final = wire.Final(
+                session=session,
+                text="x" * pieces,
+                finish_reason="length",
+                usage=wire.Usage(prompt_tokens=1, completion_tokens=pieces),
+                timings=wire.Timings(0.0, 0.0, 0.0, 0.0, 0.0),
+                experts=[],
+                weights=[],
+                late={},
+                dropped=[],
+            )
+            await nc.publish(reply, wire.encode(final))
+
+        async with anyio.create_task_group() as tg:
+
+            async def on_prompt(msg: object) -> None:
+                asked.append(msg.reply)  # type: ignore[attr-defined]
+                late = len(asked) == 1  # the first agent to take it answers after the retry
+                name = "late" if late else "first"
+                tg.start_soon(answer, name, msg.reply, 1.4 if late else 0.0, 6)  # type: ignore[attr-defined]
+
+            async def on_cancel(msg: object) -> None:
+                cancelled.append(wire.decode(msg.data))  # type: ignore[attr-defined, arg-type]
+
+            await nc.subscribe(subjects.prompt, cb=on_prompt)
+            await nc.subscribe(subjects.cancel("late"), cb=on_cancel)
+            await nc.flush()
+            with anyio.fail_after(10):
+                final = await client.ask("x", max_tokens=6).collect()
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+    assert final.session == "first" and final.text == "xxxxxx"
+    assert len(asked) == 2  # asked again once, after the first second of silence
+    assert [(c.session, c.reason) for c in cancelled] == [("late", "duplicate")]
