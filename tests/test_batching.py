@@ -176,6 +176,30 @@ async def test_a_batch_waits_for_the_expected_steps_but_no_longer_than_gather_s(
         assert model.calls == expected
 
 
+async def test_a_lone_sessions_step_and_prefill_wait_for_nothing() -> None:
+    """One session (two experts fused, one session each): its step runs the moment it comes,
+    whatever the gathering window, and so does a new session's prefill."""
+    model = Model()
+    decoding = [0]
+    sched = scheduler(model, expected=lambda: decoding[0], gather_s=5.0)
+
+    def prefill(items: list[int]) -> list[int]:
+        return items
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(sched.run)
+            started = time.perf_counter()
+            assert await sched.call_batched(prefill, 7, cost=20) == 7
+            decoding[0] = 1
+            for i in range(1, 6):
+                assert await sched.step(i) == i * 10
+            took = time.perf_counter() - started
+            tg.cancel_scope.cancel()
+    assert took < 0.5  # a wait of gather_s (5 s) would show
+    assert model.calls == [("batch", [i]) for i in range(1, 6)]
+
+
 async def test_a_step_whose_waiter_is_gone_is_not_run() -> None:
     model = Model()
     sched = scheduler(model)
