@@ -151,12 +151,16 @@ def test_roles_as_processes_answer_through_ask_record_and_replay(
         processes.append(
             spawn("replay", str(trace), "--experts", "--nats", server.url, log=tmp_path / "r.log")
         )
-        processes.append(spawn("fusion", "--nats", server.url, log=tmp_path / "fusion.log"))
+        fusion_log = tmp_path / "fusion.log"
+        processes.append(spawn("fusion", "--nats", server.url, log=fusion_log))
         record_log = tmp_path / "record.log"
         processes.append(
             spawn("record", "--out", str(recorded), "--nats", server.url, log=record_log)
         )
         _wait_for_line(record_log, "recording")
+        # the recorder hears prompts too, so a prompt sent before the fusion agent subscribed
+        # gets no no-responders answer and waits out its timeout: wait for the agent instead
+        _wait_for_line(fusion_log, "fusion_ready")
         answer = _ask_until_served(server.url)
         assert answer.returncode == 0, answer.stderr
         assert answer.stdout.strip()
@@ -171,7 +175,7 @@ def test_roles_as_processes_answer_through_ask_record_and_replay(
 
 def _wait_for_line(log: Path, event: str) -> None:
     """Wait (bounded) until a process has logged ``event``."""
-    for _ in range(300):
+    for _ in range(1200):  # 60 s: a loaded box starts a process slowly
         if log.exists() and f"] {event} " in log.read_text():
             return
         time.sleep(0.05)

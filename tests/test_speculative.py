@@ -337,8 +337,12 @@ async def test_greedy_speculation_answers_as_plain_fusion_in_fewer_round_trips(
     tokens = [final.usage.completion_tokens for final, _ in answers[4]]
     assert waves[0] == [n - 1 for n in tokens]  # plain: a round trip per token after the first
     assert sum(waves[4]) < 0.6 * sum(tokens)  # speculation: well under one per token
-    assert any(accepted < n for _, n, accepted in rounds)  # the experts disagreed: rejections
-    assert any(accepted == n for _, n, accepted in rounds)  # ... and whole drafts went through
+    # whole drafts went through; whether one is also cut here depends on which expert drafts
+    # (the fastest measured prefill, so the box's load picks it): a CI run where it agreed with
+    # the fused choice throughout had no cut. Cuts are asserted where the draft is fixed:
+    # test_a_rejected_draft_continues_from_the_fused_choice and, on a real model through the
+    # bus, test_an_expert_verifies_a_draft_in_one_pass_and_goes_back.
+    assert any(accepted == n for _, n, accepted in rounds)
 
 
 @pytest.mark.anyio
