@@ -17,6 +17,10 @@ $(VENV)/.models: pyproject.toml
 $(VENV)/.test: $(VENV)/.models
 	$(PIP) -e '.[test]'
 	if command -v npm >/dev/null; then cd docs/examples && npm install --silent --no-audit --no-fund; fi
+	# the dashboard's browser test drives Debian's chromium (it skips, saying why, without it)
+	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "make test: chromium could not be installed; the dashboard's browser test will skip"; fi
 	touch $@
 
 demo: $(VENV)/.models  # DEMO_ARGS="--experts 6" or "'another question'" for more
