@@ -419,3 +419,46 @@ async def test_a_prompt_taken_twice_after_a_retry_cancels_the_second_session(
     assert final.session == "first" and final.text == "xxxxxx"
     assert len(asked) == 2  # asked again once, after the first second of silence
     assert [(c.session, c.reason) for c in cancelled] == [("late", "duplicate")]
+
+
+async def test_the_server_killed_mid_answer_and_restarted_costs_seconds_not_a_timeout(
+    tmp_path: Path,
+) -> None:
+    """The one nats-server killed (SIGKILL) mid-answer and started again on its port: the answer
+    in flight finishes or ends with a clear error within seconds, and the next question, once
+    everyone has reconnected, is answered (before: the client waited 60 s, then timed out)."""
+    server = NatsServer().start()
+    procs = Procs(server.url, tmp_path)
+    try:
+        scripted_bus(procs, 2, delay_s=0.3)  # about 6 s for the whole answer
+        async with moe2.connect(server.url, name="faults-client") as client:
+            outcome: str | ErrorCode = ""
+            with anyio.fail_after(30):
+                try:
+                    async for chunk in client.ask(TEXT, step_deadline_s=DEADLINE_S):
+                        if chunk.index == 2:
+                            server.kill()
+                            killed = time.monotonic()
+                            await anyio.sleep(0.5)
+                            server.start()
+                    outcome = "answered"
+                except Moe2Error as exc:
+                    outcome = exc.code
+            ended = time.monotonic() - killed
+            assert outcome in ("answered", ErrorCode.FUSION_LOST, ErrorCode.NO_SLICES), outcome
+            assert ended < 10.0, (outcome, ended)
+            with anyio.fail_after(30):
+                while True:  # the experts' heartbeats bring them back to the fusion agent
+                    try:
+                        final = await client.ask(TEXT, step_deadline_s=DEADLINE_S).collect()
+                        break
+                    except Moe2Error as exc:
+                        assert exc.code in (ErrorCode.NO_EXPERTS, ErrorCode.NO_FUSION_AGENT), exc
+                        await anyio.sleep(0.2)
+            back = time.monotonic() - killed
+        print(f"server killed: {outcome} after {ended:.2f} s, answered again {back:.2f} s later")
+        assert final.text == TEXT
+        assert back < 20.0, back
+    finally:
+        procs.stop()
+        server.stop()
