@@ -27,7 +27,8 @@ from tests.deploy_site import (
     stop_all,
 )
 
-pytestmark = pytest.mark.anyio
+# real processes killed and stopped, about 2 min together: run by .ci/run after make test
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 SETTLE_S = 10.0  # "within seconds": the in-flight answer's outcome, and the next answer
 
 

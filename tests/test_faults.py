@@ -38,7 +38,8 @@ from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import Subjects
 from tests.test_decoding import SETTINGS, plan, slice_of
 
-pytestmark = pytest.mark.anyio
+# real processes killed and stopped, about 2 min together: run by .ci/run after make test
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "Hello from the bus."  # what every scripted expert answers (tests/scripted.py)

@@ -133,6 +133,7 @@ async def stalled_nats_py(url: str, stop: anyio.Event, dropped: list[Exception])
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # real processes, about 15 s: run by .ci/run after make test
 async def test_a_client_that_stops_reading_costs_bounded_memory(
     server: NatsServer, tmp_path: Path
 ) -> None:
