@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _common import machine, markdown_table, quiet_logs
+from _common import machine, markdown_table, quiet_logs, stop_all
 from suite import SUITE_ROWS, suite_row
 
 import moe2
@@ -96,14 +96,7 @@ def experts(url: str, logs: Path, base_backend: str) -> Iterator[None]:
                 )
         yield
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(procs)
 
 
 class StepWaves:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _common import Latency, machine, markdown_table, quiet_logs
+from _common import Latency, machine, markdown_table, quiet_logs, stop_all
 from suite import SUITE_ROWS, suite_row, verdict
 
 import moe2
@@ -81,14 +81,7 @@ def pinned_experts(url: str, backend: str, logs: Path) -> Iterator[list[subproce
                 )
         yield procs
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_all(procs)
 
 
 async def ask(
