@@ -43,7 +43,9 @@ QUESTIONS = (
     "Which gas do plants take in from the air to make their food?",
     "Explain supply and demand in two sentences.",
 )
-STOP = ("\nUser:",)  # a base model (Gemma-3-270M) goes on to write the next turn
+# A base model (Gemma-3-270M) goes on to write the next turn, or, after a blank line, a numbered
+# exercise of its own ("2. Explain the difference…"): the demo's answer is its first paragraph.
+STOP = ("\nUser:", "\n\n")
 
 
 @dataclass(frozen=True, slots=True)
