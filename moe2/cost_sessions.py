@@ -10,6 +10,7 @@ each for the pool's answer length. The trace is
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from moe2.agents.traces.recorder import Recorder
 from moe2.demo import expert_processes, wait_for_experts
 from moe2.pool import Pool, PoolExpert
 from moe2.runtime import wire
+from moe2.runtime.auth import AuthDir
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import Subjects
@@ -76,9 +78,17 @@ async def _record_one(
     logs = Path(tempfile.mkdtemp(prefix="moe2-sessions-"))
     config = FusionConfig(gate=str(pool.gate), experts_per_prompt=pool.experts_per_prompt)
     partial = path.with_suffix(".partial")
-    with NatsServer() as server, expert_processes(server.url, experts, logs) as started:
+    auth = AuthDir(logs / "nats")  # per-role users, as `moe2 demo` runs (docs/security.md)
+    auth.init([e.id for e in experts])
+    with (
+        NatsServer(auth=auth) as server,
+        expert_processes(server.url, experts, logs, auth) as started,
+    ):
         async with anyio.create_task_group() as tg:
-            agent: FusionAgent = await tg.start(serve_fusion, server.url, config)
+            fusion = auth.auth("fusion")
+            agent: FusionAgent = await tg.start(
+                functools.partial(serve_fusion, auth=fusion), server.url, config
+            )
             await wait_for_experts(agent, started, start_timeout_s)
             async with anyio.create_task_group() as recording:
                 subjects = Subjects()  # what the cost side reads: requests, slices, heartbeats
@@ -87,11 +97,11 @@ async def _record_one(
                     f"{subjects.root}.session.>",
                     subjects.members,
                 ]
-                recorder = Recorder(server.url, partial, subjects=wanted)
+                recorder = Recorder(server.url, partial, subjects=wanted, auth=auth.auth("admin"))
                 await recording.start(recorder.run)
                 # every expert's costs, as its heartbeat announces them, before the first Open
                 await _next_heartbeats(agent, [e.id for e in experts])
-                async with moe2.connect(server.url) as client:
+                async with moe2.connect(server.url, auth=auth.auth("client")) as client:
                     for question in questions:
                         answer = client.ask(question, max_tokens=max_tokens)
                         async for _ in answer:

@@ -12,6 +12,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from moe2.runtime.auth import NatsAuth
 from moe2.runtime.connection import close_nats, flush_subscriptions, nats_connection
 from moe2.runtime.trace import TraceRecord, TraceWriter, new_header
 
@@ -29,8 +30,10 @@ class Recorder:
         subjects: Sequence[str] = (">",),
         flush_s: float = 0.2,
         stop: anyio.Event | None = None,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.url = url
+        self.auth = auth  # its credentials (default: MOE2_NATS_*); reading ">" needs admin
         self.out = Path(out)
         self.subjects = list(subjects)
         self.flush_s = flush_s
@@ -50,7 +53,7 @@ class Recorder:
         """Record until ``stop()``, ``duration`` seconds, or cancellation; return the count."""
         started = time.monotonic()
         try:
-            async with nats_connection(self.url, name="moe2-recorder") as nc:
+            async with nats_connection(self.url, name="moe2-recorder", auth=self.auth) as nc:
                 header = new_header(server=self.url, subjects=self.subjects)
                 with TraceWriter(self.out, header, flush_s=self.flush_s) as writer:
                     try:
