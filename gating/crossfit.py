@@ -53,13 +53,9 @@ def crossfit_values(
         perm = np.random.default_rng(config.seed + 1 + k).permutation(rest)
         n_val = max(1, round(len(rest) * share))
         val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        result = fit(_batch(data, x, train, n), _batch(data, x, val, n), config, progress=False)
+        result = fit(Batch.pick(data, x, train), Batch.pick(data, x, val), config, progress=False)
         values[test] = gating_values(result.model, x[test])
     return values
-
-
-def _batch(data: GatingData, x: np.ndarray, idx: np.ndarray, n: int) -> Batch:
-    return Batch.of(x[idx], [data.gold_logprobs[i] for i in idx], n)
 
 
 def run_crossfit(
@@ -77,7 +73,7 @@ def run_crossfit(
     from moe2.gating.store import OutputStore
 
     store = OutputStore(outputs)
-    data = store.to_gating_data()
+    data = store.to_gating_data(options=config.cloze_weight > 0)
     if experts is not None:
         data = data.with_experts(experts)
     arrays = store.score_arrays(data.example_ids, experts=data.expert_ids)

@@ -1,15 +1,31 @@
 """What gating training and evaluation consume: per example and per expert, the log-probabilities
-of the gold target's tokens (teacher forced), and the text the gating network embeds."""
+of the gold target's tokens (teacher forced), and the text the gating network embeds; optionally
+every option's, for training on the options' discrimination (``TrainConfig.cloze_weight``)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from moe2.runtime.errors import ErrorCode, Moe2Error
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """One example's options as cloze evaluation scores them (``ExampleScores.cloze``):
+    ``logprobs[o]`` (N, T_o) per expert and unit, ``lengths[o]`` option o's length in units
+    (tokens, or UTF-8 bytes on a mixed pool), ``answer`` the gold option's index."""
+
+    logprobs: list[np.ndarray]
+    lengths: list[int]
+    answer: int
+
+    def with_experts(self, cols: Sequence[int]) -> OptionScores:
+        return OptionScores([lp[list(cols)] for lp in self.logprobs], self.lengths, self.answer)
 
 
 @dataclass(frozen=True)
@@ -21,6 +37,7 @@ class GatingData:
     texts: list[str]  # embed_text of each example
     gold_logprobs: list[np.ndarray]  # per example (N, T_x) float32
     subjects: list[str]
+    options: list[OptionScores] | None = None  # every option's scores, when asked for
 
     def __post_init__(self) -> None:
         n = len(self.example_ids)
@@ -32,6 +49,11 @@ class GatingData:
             raise _invalid("example ids are not unique")
         for ex_id, lp in zip(self.example_ids, self.gold_logprobs, strict=True):
             _check_logprobs(ex_id, lp, len(self.expert_ids))
+        if self.options is not None:
+            if len(self.options) != n:
+                raise _invalid("options and example_ids differ in length")
+            for ex_id, opts in zip(self.example_ids, self.options, strict=True):
+                _check_options(ex_id, opts, len(self.expert_ids))
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -45,6 +67,7 @@ class GatingData:
             [self.texts[i] for i in pick],
             [self.gold_logprobs[i] for i in pick],
             [self.subjects[i] for i in pick],
+            None if self.options is None else [self.options[i] for i in pick],
         )
 
     def by_ids(self, example_ids: Sequence[str]) -> GatingData:
@@ -62,7 +85,8 @@ class GatingData:
             raise _invalid(f"experts {unknown} are not in the data ({self.expert_ids})")
         cols = [self.expert_ids.index(e) for e in expert_ids]
         lps = [lp[cols] for lp in self.gold_logprobs]
-        return GatingData(list(expert_ids), self.example_ids, self.texts, lps, self.subjects)
+        opts = None if self.options is None else [o.with_experts(cols) for o in self.options]
+        return GatingData(list(expert_ids), self.example_ids, self.texts, lps, self.subjects, opts)
 
     def split(self, seed: int = 0, holdout: float = 0.2) -> tuple[GatingData, GatingData]:
         """(train, held out): a seeded ``holdout`` share of the examples is held out."""
@@ -74,13 +98,17 @@ class GatingData:
         return pad_logprobs(self.gold_logprobs, len(self.expert_ids))
 
     def data_hash(self) -> str:
-        """sha256 over expert ids, example ids, texts and log-probabilities (order matters)."""
+        """sha256 over expert ids, example ids, texts and log-probabilities (order matters); the
+        options too when present (data without them hashes as before they existed)."""
         h = hashlib.sha256()
         for part in (self.expert_ids, self.example_ids, self.texts, self.subjects):
             h.update("\x1f".join(part).encode() + b"\x1e")
         for lp in self.gold_logprobs:
-            h.update(np.asarray(lp.shape, dtype="<i8").tobytes())
-            h.update(np.ascontiguousarray(lp, dtype="<f4").tobytes())
+            _hash_array(h, lp)
+        for opts in self.options or []:
+            h.update(np.asarray([opts.answer, *opts.lengths], dtype="<i8").tobytes())
+            for lp in opts.logprobs:
+                _hash_array(h, lp)
         return h.hexdigest()
 
 
@@ -124,6 +152,39 @@ def pad_logprobs(
         out[i, :, : lp.shape[1]] = lp
         mask[i, : lp.shape[1]] = True
     return out, mask
+
+
+def pad_options(
+    options: Sequence[OptionScores], n_experts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stack examples' options: log-probabilities (E, O_max, N, T_max) float32 zero-padded, the
+    mask of units (E, O_max, T_max), lengths in units (E, O_max) float32 (0 for absent options),
+    the mask of options (E, O_max) and the gold options (E,) int64."""
+    o_max = max((len(x.logprobs) for x in options), default=0)
+    t_max = max((lp.shape[1] for x in options for lp in x.logprobs), default=0)
+    lps = np.zeros((len(options), o_max, n_experts, t_max), dtype=np.float32)
+    units = np.zeros((len(options), o_max, t_max), dtype=bool)
+    lengths = np.zeros((len(options), o_max), dtype=np.float32)
+    for i, x in enumerate(options):
+        for o, lp in enumerate(x.logprobs):
+            lps[i, o, :, : lp.shape[1]] = lp
+            units[i, o, : lp.shape[1]] = True
+            lengths[i, o] = x.lengths[o]
+    present = np.asarray(units.any(axis=2), dtype=bool)
+    answers = np.array([x.answer for x in options], dtype=np.int64)
+    return lps, units, lengths, present, answers
+
+
+def _hash_array(h: Any, lp: np.ndarray) -> None:
+    h.update(np.asarray(lp.shape, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(lp, dtype="<f4").tobytes())
+
+
+def _check_options(ex_id: str, opts: OptionScores, n_experts: int) -> None:
+    if len(opts.logprobs) != len(opts.lengths) or not 0 <= opts.answer < len(opts.logprobs):
+        raise _invalid(f"{ex_id}: options need one length each and the answer among them")
+    for lp in opts.logprobs:
+        _check_logprobs(ex_id, lp, n_experts)
 
 
 def _check_logprobs(ex_id: str, lp: np.ndarray, n_experts: int) -> None:

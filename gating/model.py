@@ -1,4 +1,5 @@
-"""The gating network (Table VI), its training loss (eq. 13) and the training hyper-parameters."""
+"""The gating network (Table VI), its training loss (eq. 13, plus an optional term on the options'
+discrimination) and the training hyper-parameters."""
 
 from __future__ import annotations
 
@@ -39,6 +40,32 @@ def mixture_nll_from_logits(logits: Tensor, logprobs: Tensor, mask: Tensor) -> T
 def per_token_nll(gates: Tensor, logprobs: Tensor, mask: Tensor) -> Tensor:
     """Eq. 13 summed over all examples and tokens, divided by the number of tokens."""
     return token_nll(torch.log(gates), logprobs, mask).sum() / mask.sum().clamp(min=1)
+
+
+def option_scores(log_gates: Tensor, logprobs: Tensor, units: Tensor, lengths: Tensor) -> Tensor:
+    """Per example and option, the length-normalised fused log-likelihood of the option's text
+    (B, O): the torch twin of ``moe2.gating.evaluate.cloze_scores`` (whose argmax is the cloze
+    choice), held equal to it in the tests. ``log_gates`` (B, N); ``logprobs`` (B, O, N, T) per
+    expert and unit; ``units`` (B, O, T) marks real units; ``lengths`` (B, O) in units."""
+    mixed = torch.logsumexp(log_gates[:, None, :, None] + logprobs, dim=2)
+    sums = torch.where(units, mixed, torch.zeros_like(mixed)).sum(dim=2)
+    return sums / lengths.clamp(min=1.0)
+
+
+def cloze_cross_entropy(
+    log_gates: Tensor,
+    logprobs: Tensor,
+    units: Tensor,
+    lengths: Tensor,
+    present: Tensor,
+    answers: Tensor,
+    scale: float = 1.0,
+) -> Tensor:
+    """Per example (B,), ``-log softmax_o(scale * option_scores)[answer]`` over the options
+    ``present`` (B, O): the discriminative term of training (``TrainConfig.cloze_weight``)."""
+    scores = scale * option_scores(log_gates, logprobs, units, lengths)
+    scores = scores.masked_fill(~present, -torch.inf)
+    return -torch.log_softmax(scores, dim=1).gather(1, answers[:, None]).squeeze(1)
 
 
 class GatingMLP(nn.Module):
@@ -102,6 +129,10 @@ class TrainConfig:
     seed: int = 0  # initialisation, shuffling and the split
     holdout: float = 0.2  # share of the examples held out for evaluation only
     validation: float = 0.2  # share for early stopping and the LR schedule (not evaluation)
+    # Discrimination (docs/gating.md §4): loss = eq. 13 + cloze_weight * cross-entropy over the
+    # options of cloze_scale * their length-normalised fused scores; 0 is eq. 13 alone.
+    cloze_weight: float = 0.0
+    cloze_scale: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("hidden", "batch", "grad_accum", "max_epochs", "lr", "clip", "plateau_factor")
@@ -114,13 +145,16 @@ class TrainConfig:
             raise ValueError("validation must lie in (0, 1) and leave examples to train on")
         if min(self.layers, self.plateau_patience, self.early_stop_patience) < 0:
             raise ValueError("layers and patiences must be >= 0")
+        if not self.cloze_weight >= 0.0 or not self.cloze_scale > 0.0:
+            raise ValueError("cloze_weight must be >= 0 and cloze_scale > 0")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """From ``as_dict`` output; unknown keys are ignored (artifacts from a later version)."""
+        """From ``as_dict`` output; unknown keys are ignored (artifacts from a later version),
+        missing ones take their defaults (artifacts from before ``cloze_weight``)."""
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

@@ -37,7 +37,7 @@ from moe2.runtime.errors import ErrorCode, Moe2Error
 from moe2.runtime.trace import TruncatedObject, object_end
 
 if TYPE_CHECKING:
-    from moe2.gating.dataset import GatingData
+    from moe2.gating.dataset import GatingData, OptionScores
 
 STORE_FORMAT: Final = "moe2.gating.outputs"
 STORE_VERSION: Final = 1
@@ -261,8 +261,10 @@ class OutputStore:
         tokenizers = {e.id: e.tokenizer for e in self.meta.experts}
         return len({tokenizers[e] for e in experts}) > 1
 
-    def to_gating_data(self) -> GatingData:
-        """The training data (contract: gating/dataset.py) over every complete example."""
+    def to_gating_data(self, *, options: bool = False) -> GatingData:
+        """The training data (contract: gating/dataset.py) over every complete example;
+        ``options``: with every option's scores as cloze evaluation reads them (for
+        ``TrainConfig.cloze_weight``; they enter the data hash, so leave them out otherwise)."""
         from moe2.gating.dataset import GatingData
 
         chosen = self.complete_examples()
@@ -272,13 +274,14 @@ class OutputStore:
                 f"{self.directory} holds no example answered by every expert "
                 f"({len(self._records)} records, {len(self.failed())} failed)",
             )
-        gold = [self._example_scores(ex).gold.astype(np.float32) for ex in chosen]
+        scores = [self._example_scores(ex) for ex in chosen]
         return GatingData(
             expert_ids=self.expert_ids,
             example_ids=[ex.id for ex in chosen],
             texts=[embed_text(ex) for ex in chosen],
-            gold_logprobs=gold,
+            gold_logprobs=[s.gold.astype(np.float32) for s in scores],
             subjects=[ex.subject for ex in chosen],
+            options=[_option_scores(s) for s in scores] if options else None,
         )
 
     def example(self, example_id: str) -> McExample:
@@ -352,6 +355,14 @@ def example_scores(
         top_ids=top_ids,
         top_logprobs=top_lps,
     )
+
+
+def _option_scores(scores: ExampleScores) -> OptionScores:
+    """Every option's scores and length in units, as ``cloze_scores`` reads them."""
+    from moe2.gating.dataset import OptionScores
+
+    lps = [np.asarray(lp, dtype=np.float32) for lp in scores.cloze]
+    return OptionScores(lps, [scores.length(o) for o in range(len(lps))], scores.answer)
 
 
 def _scored(record: ScoreRecord, fmt: str) -> wire.Scored:

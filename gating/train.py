@@ -25,43 +25,108 @@ from torch import Tensor
 from tqdm import tqdm
 
 from moe2.gating.artifact import ExpertModel, GatingArtifact, expert_records
-from moe2.gating.dataset import GatingData, pad_logprobs, split_three
+from moe2.gating.dataset import GatingData, OptionScores, pad_logprobs, pad_options, split_three
 from moe2.gating.embed import Embedder
 from moe2.gating.model import (
     GatingMLP,
     TrainConfig,
     build_model,
+    cloze_cross_entropy,
     mixture_nll,
     mixture_nll_from_logits,
     per_token_nll,
 )
+from moe2.runtime.errors import ErrorCode, Moe2Error
 
-__all__ = ["Batch", "FitResult", "TrainConfig", "embed_all", "fit", "train_gating"]
+__all__ = ["Batch", "FitResult", "OptionBatch", "TrainConfig", "embed_all", "fit", "train_gating"]
 
 log = structlog.get_logger("moe2.gating.train")
 
 EMBED_BATCH = 64
+NLL_ONLY = TrainConfig()
 CURVES = "curves.png"
 
 
 @dataclass(frozen=True)
+class OptionBatch:
+    """Every option's scores as tensors (``pad_options``): log-probabilities (E, O, N, T), the
+    mask of units (E, O, T), lengths in units (E, O), the mask of options (E, O), answers (E,)."""
+
+    logprobs: Tensor
+    units: Tensor
+    lengths: Tensor
+    present: Tensor
+    answers: Tensor
+
+    @classmethod
+    def of(cls, options: list[OptionScores], n: int) -> OptionBatch:
+        return cls(*(torch.from_numpy(a) for a in pad_options(options, n)))
+
+    def take(self, idx: Tensor) -> OptionBatch:
+        return OptionBatch(
+            self.logprobs[idx],
+            self.units[idx],
+            self.lengths[idx],
+            self.present[idx],
+            self.answers[idx],
+        )
+
+    def cross_entropy(self, log_gates: Tensor, scale: float) -> Tensor:
+        """Per example, the cross-entropy of the gold option (``cloze_cross_entropy``)."""
+        parts = (self.logprobs, self.units, self.lengths, self.present, self.answers)
+        return cloze_cross_entropy(log_gates, *parts, scale=scale)
+
+
+@dataclass(frozen=True)
 class Batch:
-    """Embeddings (E, dim), gold log-probabilities (E, N, T) and their mask (E, T), as tensors."""
+    """Embeddings (E, dim), gold log-probabilities (E, N, T) and their mask (E, T), as tensors;
+    every option's scores too when training on discrimination."""
 
     x: Tensor
     logprobs: Tensor
     mask: Tensor
+    options: OptionBatch | None = None
 
     @classmethod
-    def of(cls, embeddings: np.ndarray, gold_logprobs: list[np.ndarray], n: int) -> Batch:
+    def of(
+        cls,
+        embeddings: np.ndarray,
+        gold_logprobs: list[np.ndarray],
+        n: int,
+        options: list[OptionScores] | None = None,
+    ) -> Batch:
         lp, mask = pad_logprobs(gold_logprobs, n)
-        return cls(torch.from_numpy(embeddings), torch.from_numpy(lp), torch.from_numpy(mask))
+        opts = None if options is None else OptionBatch.of(options, n)
+        return cls(torch.from_numpy(embeddings), torch.from_numpy(lp), torch.from_numpy(mask), opts)
+
+    @classmethod
+    def pick(cls, data: GatingData, x: np.ndarray, idx: np.ndarray) -> Batch:
+        """Examples ``idx`` of ``data`` (their embeddings ``x[idx]``), with their options when
+        ``data`` has them."""
+        options = None if data.options is None else [data.options[i] for i in idx]
+        gold = [data.gold_logprobs[i] for i in idx]
+        return cls.of(x[idx], gold, len(data.expert_ids), options)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def take(self, idx: Tensor) -> Batch:
-        return Batch(self.x[idx], self.logprobs[idx], self.mask[idx])
+        opts = None if self.options is None else self.options.take(idx)
+        return Batch(self.x[idx], self.logprobs[idx], self.mask[idx], opts)
+
+
+def training_losses(logits: Tensor, batch: Batch, config: TrainConfig) -> Tensor:
+    """Per example (B,): eq. 13, plus ``cloze_weight`` times the options' cross-entropy when
+    that weight is positive (at 0 exactly eq. 13, computed as before the term existed)."""
+    losses = mixture_nll_from_logits(logits, batch.logprobs, batch.mask)
+    if config.cloze_weight == 0.0:
+        return losses
+    if batch.options is None:
+        raise ValueError(
+            "cloze_weight > 0 needs every option's scores (to_gating_data(options=True))"
+        )
+    ce = batch.options.cross_entropy(torch.log_softmax(logits, dim=1), config.cloze_scale)
+    return losses + config.cloze_weight * ce
 
 
 @dataclass
@@ -99,7 +164,8 @@ def one_thread() -> Iterator[None]:
 
 
 def fit(train: Batch, val: Batch, config: TrainConfig, *, progress: bool = True) -> FitResult:
-    """Train a fresh ``GatingMLP`` on ``train``, early-stopped on ``val``'s eq. 13 loss."""
+    """Train a fresh ``GatingMLP`` on ``train``, early-stopped on ``val``'s loss (eq. 13, plus
+    the options' cross-entropy when ``config.cloze_weight`` > 0)."""
     with one_thread():
         return _fit(train, val, config, progress)
 
@@ -116,7 +182,7 @@ def _fit(train: Batch, val: Batch, config: TrainConfig, progress: bool) -> FitRe
     bar = tqdm(range(config.max_epochs), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         train_loss = _train_epoch(model, opt, train, config, shuffle)
-        val_loss = validation_loss(model, val)
+        val_loss = validation_loss(model, val, config)
         plateau.step(val_loss)
         lr = float(opt.param_groups[0]["lr"])
         history.append({"epoch": epoch, "train": train_loss, "val": val_loss, "lr": lr})
@@ -159,7 +225,7 @@ def _train_epoch(
     total = 0.0
     for start in range(0, len(data), group):
         part = data.take(order[start : start + group])
-        losses = mixture_nll_from_logits(model(part.x), part.logprobs, part.mask)
+        losses = training_losses(model(part.x), part, config)
         opt.zero_grad(set_to_none=True)
         loss = (losses * accumulation_weights(len(part), config.batch)).sum()
         loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward untyped
@@ -179,11 +245,12 @@ def accumulation_weights(size: int, batch: int) -> Tensor:
     return 1.0 / (sizes * math.ceil(size / batch))
 
 
-def validation_loss(model: GatingMLP, val: Batch) -> float:
-    """Eq. 13 per example, averaged over ``val``, dropout off."""
+def validation_loss(model: GatingMLP, val: Batch, config: TrainConfig | None = None) -> float:
+    """The training loss per example (eq. 13 alone without ``config``), averaged over ``val``,
+    dropout off."""
     model.eval()
     with torch.inference_mode():
-        return float(mixture_nll_from_logits(model(val.x), val.logprobs, val.mask).mean())
+        return float(training_losses(model(val.x), val, config or NLL_ONLY).mean())
 
 
 def loss_report(gates: np.ndarray, val: Batch) -> dict[str, float]:
@@ -213,16 +280,18 @@ def train_gating(
     ignored, a missing one is refused."""
     if identities is not None:
         expert_records(data.expert_ids, identities)  # refuse a missing one before training
+    if config.cloze_weight > 0 and data.options is None:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            "cloze_weight > 0 trains on every option's scores: build the data with "
+            "OutputStore.to_gating_data(options=True)",
+        )
     train_idx, val_idx, held_idx = split_three(
         len(data), config.seed, config.holdout, config.validation
     )
     x = embed_all(embedder, data.texts, progress=progress)
     n = len(data.expert_ids)
-
-    def batch(idx: np.ndarray) -> Batch:
-        return Batch.of(x[idx], [data.gold_logprobs[i] for i in idx], n)
-
-    train, val, held = batch(train_idx), batch(val_idx), batch(held_idx)
+    train, val, held = (Batch.pick(data, x, idx) for idx in (train_idx, val_idx, held_idx))
     log.info(
         "gating_train_start",
         examples=len(data),
@@ -236,7 +305,7 @@ def train_gating(
     artifact.metadata.update(
         data_hash=data.data_hash(),
         config=config.as_dict(),
-        metrics=_metrics(artifact, result, train, val, held),
+        metrics=_metrics(artifact, result, train, val, held, config),
         split={
             "seed": config.seed,
             "holdout": config.holdout,
@@ -254,19 +323,24 @@ def train_gating(
 
 
 def _metrics(
-    artifact: GatingArtifact, result: FitResult, train: Batch, val: Batch, held: Batch
+    artifact: GatingArtifact,
+    result: FitResult,
+    train: Batch,
+    val: Batch,
+    held: Batch,
+    config: TrainConfig,
 ) -> dict[str, Any]:
     """Held-out figures on examples that neither trained the gate nor stopped its training."""
     n = artifact.model.n_experts
     gated = loss_report(artifact.values(held.x.numpy()), held)
     uniform = loss_report(np.full((len(held), n), 1.0 / n), held)
     return {
-        "validation_loss": validation_loss(artifact.model, val),
+        "validation_loss": validation_loss(artifact.model, val, config),
         "heldout_loss": gated["loss"],
         "heldout_nll_per_token": gated["nll_per_token"],
         "heldout_uniform_loss": uniform["loss"],
         "heldout_uniform_nll_per_token": uniform["nll_per_token"],
-        "train_loss": validation_loss(artifact.model, train),
+        "train_loss": validation_loss(artifact.model, train, config),
         "best_epoch": result.best_epoch,
         "epochs": len(result.history),
         "seconds": round(result.seconds, 3),

@@ -22,6 +22,16 @@ T = TypeVar("T")
 NatsUrl = Annotated[str, typer.Option("--nats", help="NATS server URL.", envvar="MOE2_NATS")]
 Outputs = Annotated[Path, typer.Option("--outputs", help="A store from `moe2 gating collect`.")]
 LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error.")]
+ClozeWeight = Annotated[
+    float,
+    typer.Option(
+        help="Weight of the options' discrimination in the loss (docs/gating.md §4): eq. 13 + "
+        "this x cross-entropy over the options' length-normalised fused scores; 0: eq. 13 alone."
+    ),
+]
+ClozeScale = Annotated[
+    float, typer.Option(help="Scale of the option scores in that cross-entropy (1/temperature).")
+]
 Threads = Annotated[
     int | None,
     typer.Option(help="torch threads (a small MLP trains fastest on one; 0: torch's default)."),
@@ -223,6 +233,8 @@ def train(
     experts: Annotated[
         str | None, typer.Option(help="Comma-separated expert ids (default: the store's).")
     ] = None,
+    cloze_weight: ClozeWeight = 0.0,
+    cloze_scale: ClozeScale = 1.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     threads: Threads = 1,
     log_level: LogLevel = "info",
@@ -251,10 +263,12 @@ def train(
         "seed": seed,
         "holdout": holdout,
         "validation": validation,
+        "cloze_weight": cloze_weight,
+        "cloze_scale": cloze_scale,
     }
     with user_errors():
         store = OutputStore(_existing(outputs, "outputs"))
-        data = store.to_gating_data()
+        data = store.to_gating_data(options=cloze_weight > 0)
         if experts:
             data = data.with_experts(_ids(experts))
         config = _config(TrainConfig, {k: v for k, v in given.items() if v is not None})
@@ -373,6 +387,8 @@ def crossval(
     ),
     max_epochs: Annotated[int | None, typer.Option(help="Epochs at most per gate.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the folds and the training.")] = 0,
+    cloze_weight: ClozeWeight = 0.0,
+    cloze_scale: ClozeScale = 1.0,
     out: Annotated[
         Path | None, typer.Option(help="Report path stem (.md and .json are written).")
     ] = None,
@@ -390,7 +406,11 @@ def crossval(
     with user_errors():
         if folds < 2:
             raise Moe2Error(ErrorCode.INVALID_FIELD, f"--folds must be 2 or more, got {folds}")
-        changes: dict[str, Any] = {"seed": seed}
+        changes: dict[str, Any] = {
+            "seed": seed,
+            "cloze_weight": cloze_weight,
+            "cloze_scale": cloze_scale,
+        }
         if max_epochs is not None:
             changes["max_epochs"] = max_epochs
         config = _config(TrainConfig, changes)
