@@ -317,7 +317,8 @@ def train_gating(
         history=result.history,
     )
     artifact.save(out)
-    plot_curves(result.history, out / CURVES, best_epoch=result.best_epoch)
+    loss = "eq. 13 + λ·CE" if config.cloze_weight > 0 else "eq. 13"
+    plot_curves(result.history, out / CURVES, best_epoch=result.best_epoch, loss=loss)
     log.info("gating_trained", out=str(out), **artifact.metadata["metrics"])
     return artifact
 
@@ -347,7 +348,9 @@ def _metrics(
     }
 
 
-def plot_curves(history: list[dict[str, float]], path: Path, *, best_epoch: int) -> None:
+def plot_curves(
+    history: list[dict[str, float]], path: Path, *, best_epoch: int, loss: str = "eq. 13"
+) -> None:
     """Training and validation loss per epoch (and the best epoch) as a PNG; no display needed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -359,7 +362,7 @@ def plot_curves(history: list[dict[str, float]], path: Path, *, best_epoch: int)
     ax.plot(epochs, [h["train"] for h in history], label="train (dropout on)")
     ax.plot(epochs, [h["val"] for h in history], label="validation")
     ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
-    ax.set(xlabel="epoch", ylabel="eq. 13 loss per example", title="gating network training")
+    ax.set(xlabel="epoch", ylabel=f"{loss} loss per example", title="gating network training")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
