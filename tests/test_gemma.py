@@ -201,12 +201,16 @@ def reference_greedy(backend: TransformersBackend, n: int) -> str:
 
 
 @asynccontextmanager
-async def gemma_expert(backend: TransformersBackend, url: str) -> AsyncIterator[wire.Heartbeat]:
-    """A Gemma expert in this process on the default prefix; yields its first heartbeat."""
-    config = ExpertConfig(expert_id="gemma", warmup=False, energy_source="declared")
-    expert_nc, nc = await connect_nats(url, name="gemma"), await connect_nats(url, name="look")
+async def gemma_expert(
+    backend: TransformersBackend, url: str, config: ExpertConfig | None = None
+) -> AsyncIterator[wire.Heartbeat]:
+    """A Gemma expert in this process on the default prefix (``config``: default, id ``gemma``);
+    yields its first heartbeat."""
+    config = config or ExpertConfig(expert_id="gemma", warmup=False, energy_source="declared")
+    expert_nc = await connect_nats(url, name=config.expert_id)
+    nc = await connect_nats(url, name="look")
     try:
-        beats = await nc.subscribe(Subjects(DEFAULT_PREFIX).member("gemma"))
+        beats = await nc.subscribe(Subjects(DEFAULT_PREFIX).member(config.expert_id))
         await nc.flush()
         await nc.flush()  # nats-py 2.16: the first PONG may overtake the SUB (see test_expert.py)
         async with anyio.create_task_group() as tg:

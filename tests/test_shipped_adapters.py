@@ -1,5 +1,8 @@
-"""The LoRA adapters shipped in deploy/experts/adapters: whole, what their record says, and
-trained on the committed clusters (no model load: these are file checks)."""
+"""The LoRA adapters shipped in deploy/experts/adapters (SmolLM2-135M-Instruct) and
+deploy/experts/adapters-gemma (Gemma-3-270M): whole, what their record says, trained on the
+committed clusters, and found by name for the model they were trained on (file checks, no model
+load). The tests marked ``model`` load Gemma-3-270M with each Gemma adapter merged in: it names
+itself in the expert's heartbeat, and it moves the model, towards its own cluster's answers."""
 
 from __future__ import annotations
 
@@ -7,21 +10,34 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe2.agents.expert.adapters import RECORD, is_complete, resolve_adapter, weights_sha256
+from moe2.agents.expert.backends import load_backend
+from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.expert.config import ExpertConfig
+from moe2.agents.expert.lora import encode_example, load_clusters
+from moe2.agents.expert.models import resolve_model
+from moe2.gating.data import McExample
+from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from tests.test_gemma import gemma_expert
 
-ROOT = Path(__file__).resolve().parents[1] / "deploy" / "experts"
-SHIPPED = sorted(p for p in (ROOT / "adapters").glob("cluster-*") if p.is_dir())
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "deploy" / "experts"
+GEMMA_ADAPTERS = ROOT / "adapters-gemma"
+GEMMA_SHIPPED = sorted(p for p in GEMMA_ADAPTERS.glob("cluster-*") if p.is_dir())
+SHIPPED = sorted(p for p in (ROOT / "adapters").glob("cluster-*") if p.is_dir()) + GEMMA_SHIPPED
+GEMMA, GEMMA_NAME = "gemma3-270m", "gemma-3-270m-q4_k_m"
 
 
 def test_at_least_one_adapter_ships() -> None:
     assert SHIPPED, "deploy/experts/adapters holds no adapter"
+    assert [p.name for p in GEMMA_SHIPPED] == ["cluster-0", "cluster-4"]
 
 
-@pytest.mark.parametrize("adapter", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.parametrize("adapter", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
 def test_a_shipped_adapter_is_whole_and_its_record_is_true(adapter: Path) -> None:
     assert is_complete(adapter)
     record = json.loads((adapter / RECORD).read_text())
@@ -35,7 +51,7 @@ def test_a_shipped_adapter_is_whole_and_its_record_is_true(adapter: Path) -> Non
     assert (adapter / "adapter_model.safetensors").stat().st_size < 4_000_000  # fp16, small
 
 
-@pytest.mark.parametrize("adapter", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.parametrize("adapter", SHIPPED, ids=[f"{p.parent.name}/{p.name}" for p in SHIPPED])
 def test_a_shipped_adapter_is_found_by_its_name_for_its_base_model(adapter: Path) -> None:
     base = json.loads((adapter / RECORD).read_text())["base_model"]
     assert resolve_adapter(adapter.name, base) == adapter.resolve()
@@ -61,3 +77,92 @@ def test_a_name_without_an_adapter_for_that_base_model_is_a_clear_error(
         ExpertConfig(expert_id="e", adapter=Path("cluster-1")).adapter
         == (ROOT / "adapters" / "cluster-1").resolve()
     )
+
+
+def test_the_gemma_adapters_have_the_smollm2_recipe_on_the_gemma_base() -> None:
+    for adapter in GEMMA_SHIPPED:
+        record = json.loads((adapter / RECORD).read_text())
+        smollm2 = json.loads((ROOT / "adapters" / adapter.name / RECORD).read_text())
+        assert record["base_model"] == GEMMA_NAME and smollm2["base_model"] != GEMMA_NAME
+        assert record["recipe"] == smollm2["recipe"] and record["examples"] == 256
+        assert record["target_modules"] == smollm2["target_modules"]
+        assert record["example_ids"] == smollm2["example_ids"]  # the same seeded examples
+        assert record["epoch_losses"][-1] < record["epoch_losses"][0]
+
+
+def test_one_name_finds_the_adapter_trained_on_the_model_asked_for() -> None:
+    def served(model: str, name: str) -> Path | None:
+        return ExpertConfig(expert_id="e", model=model, adapter=Path(name)).adapter
+
+    assert served(GEMMA, "cluster-0") == (GEMMA_ADAPTERS / "cluster-0").resolve()
+    assert served("smollm2-135m", "cluster-0") == (ROOT / "adapters" / "cluster-0").resolve()
+    assert served(GEMMA, "cluster-4") == (GEMMA_ADAPTERS / "cluster-4").resolve()
+    with pytest.raises(Moe2Error) as caught:  # no Gemma adapter of cluster 1 ships
+        served(GEMMA, "cluster-1")
+    assert caught.value.code == ErrorCode.INVALID_FIELD
+    assert f"no adapter named 'cluster-1' for {GEMMA_NAME}" in caught.value.message
+    assert "(on SmolLM2-135M-Instruct)" in caught.value.message
+
+
+# --- the Gemma adapters loaded: the base model, and each adapter merged into another load ---
+
+
+@pytest.fixture(scope="module")
+def gemma_base() -> TransformersBackend:
+    backend = load_backend("transformers", resolve_model(GEMMA))
+    assert isinstance(backend, TransformersBackend)
+    return backend
+
+
+@pytest.fixture(scope="module", params=GEMMA_SHIPPED, ids=[p.name for p in GEMMA_SHIPPED])
+def gemma_tuned(request: pytest.FixtureRequest) -> TransformersBackend:
+    backend = load_backend("transformers", resolve_model(GEMMA, adapter=request.param))
+    assert isinstance(backend, TransformersBackend)
+    return backend
+
+
+def answer_logprobs(backend: TransformersBackend, examples: list[McExample]) -> list[np.ndarray]:
+    """Each example's answer in the training format ("B. text<eos>"), scored after its prompt."""
+    scored = []
+    for ex in examples:
+        encoded = encode_example(backend._tokenizer, ex, seq_len=128)
+        prompt, answer = encoded.ids[: encoded.answer_start], encoded.ids[encoded.answer_start :]
+        scored.append(backend.score(prompt, [answer], top_k=0)[0].logprobs)
+    return scored
+
+
+@pytest.mark.model
+def test_a_gemma_adapter_changes_the_model_towards_its_own_clusters_answers(
+    gemma_base: TransformersBackend,
+    gemma_tuned: TransformersBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = gemma_tuned.info.model.split("+lora:")[1].split("@")[0]
+    record = json.loads((GEMMA_ADAPTERS / name / RECORD).read_text())
+    monkeypatch.chdir(REPO)  # clusters.json names its data relative to the repository root
+    data = load_clusters(ROOT)
+    examples = [data.examples[i] for i in record["example_ids"][:3]]  # its own training data
+    base, tuned = answer_logprobs(gemma_base, examples), answer_logprobs(gemma_tuned, examples)
+    assert np.abs(base[0] - tuned[0]).max() > 1e-2  # the same prompt, other log-probs
+    nll_base = -sum(float(b.sum()) for b in base) / sum(len(b) for b in base)
+    nll_tuned = -sum(float(t.sum()) for t in tuned) / sum(len(t) for t in tuned)
+    assert nll_tuned < 0.8 * nll_base, (nll_base, nll_tuned)
+
+
+@pytest.mark.anyio
+@pytest.mark.model
+async def test_a_gemma_adapter_expert_names_base_adapter_and_quantisation(
+    gemma_tuned: TransformersBackend, gemma_base: TransformersBackend, nats_url: str
+) -> None:
+    name = gemma_tuned.info.model.split("+lora:")[1].split("@")[0]
+    adapter = GEMMA_ADAPTERS / name
+    config = ExpertConfig(
+        expert_id="glora", model=GEMMA, adapter=Path(name), warmup=False, energy_source="declared"
+    )
+    assert config.adapter == adapter.resolve()
+    async with gemma_expert(gemma_tuned, nats_url, config) as beat:
+        pass
+    assert isinstance(beat, wire.Heartbeat)
+    assert beat.model == f"{GEMMA_NAME}+lora:{name}@{weights_sha256(adapter)[:8]}"
+    assert beat.quantisation == "Q4_K_M"  # the base file's, the adapter merged into it
+    assert beat.tokenizer == gemma_base.info.tokenizer  # fused by token id with the base
