@@ -7,6 +7,7 @@ itself in the expert's heartbeat, and it moves the model, towards its own cluste
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from moe2.agents.expert.adapters import RECORD, is_complete, resolve_adapter, we
 from moe2.agents.expert.backends import load_backend
 from moe2.agents.expert.backends.transformers_backend import TransformersBackend
 from moe2.agents.expert.config import ExpertConfig
-from moe2.agents.expert.lora import encode_example, load_clusters
+from moe2.agents.expert.lora import encode_example
 from moe2.agents.expert.models import resolve_model
-from moe2.gating.data import McExample
+from moe2.gating.clusters import data_hash
+from moe2.gating.data import McExample, load_examples
 from moe2.runtime import wire
 from moe2.runtime.errors import ErrorCode, Moe2Error
 from tests.test_gemma import gemma_expert
@@ -27,6 +29,9 @@ from tests.test_gemma import gemma_expert
 REPO = Path(__file__).resolve().parents[1]
 ROOT = REPO / "deploy" / "experts"
 GEMMA_ADAPTERS = ROOT / "adapters-gemma"
+# The fine-tuning data: ../shared/data beside the checkout (as clusters.json names it), or wherever
+# MOE2_DATA says (a clone elsewhere, as CI makes).
+SHARED = Path(os.environ.get("MOE2_DATA") or REPO.parent / "shared" / "data")
 GEMMA_SHIPPED = sorted(p for p in GEMMA_ADAPTERS.glob("cluster-*") if p.is_dir())
 SHIPPED = sorted(p for p in (ROOT / "adapters").glob("cluster-*") if p.is_dir()) + GEMMA_SHIPPED
 GEMMA, GEMMA_NAME = "gemma3-270m", "gemma-3-270m-q4_k_m"
@@ -131,17 +136,25 @@ def answer_logprobs(backend: TransformersBackend, examples: list[McExample]) -> 
     return scored
 
 
+def training_examples() -> dict[str, McExample]:
+    """The clustered fine-tuning examples by id, read from ``SHARED``; the test skips without
+    them, and fails if they are not the data the adapters were trained on."""
+    clustering = json.loads((ROOT / "clusters.json").read_text())
+    files = [SHARED / Path(p).relative_to("../shared/data") for p in clustering["data"]]
+    if not all(f.is_file() for f in files):
+        pytest.skip(f"the fine-tuning data is not at {SHARED} (set MOE2_DATA)")
+    assert data_hash(files) == clustering["data_sha256"], "not the data the adapters saw"
+    return {ex.id: ex for f in files for ex in load_examples(f)}
+
+
 @pytest.mark.model
 def test_a_gemma_adapter_changes_the_model_towards_its_own_clusters_answers(
     gemma_base: TransformersBackend,
     gemma_tuned: TransformersBackend,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     name = gemma_tuned.info.model.split("+lora:")[1].split("@")[0]
     record = json.loads((GEMMA_ADAPTERS / name / RECORD).read_text())
-    monkeypatch.chdir(REPO)  # clusters.json names its data relative to the repository root
-    data = load_clusters(ROOT)
-    examples = [data.examples[i] for i in record["example_ids"][:3]]  # its own training data
+    examples = [training_examples()[i] for i in record["example_ids"][:3]]  # its own data
     base, tuned = answer_logprobs(gemma_base, examples), answer_logprobs(gemma_tuned, examples)
     assert np.abs(base[0] - tuned[0]).max() > 1e-2  # the same prompt, other log-probs
     nll_base = -sum(float(b.sum()) for b in base) / sum(len(b) for b in base)
