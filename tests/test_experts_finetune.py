@@ -151,6 +151,13 @@ def test_data_changed_since_clustering_and_unknown_clusters_are_refused(
     out = str(tmp_path / "out")
     result = runner.invoke(app, ["finetune", "--clusters", str(changed), "--out", out])
     assert result.exit_code != 0 and "has changed since it was clustered" in result.output
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    elsewhere = {**record, "data": [str(tmp_path / "nowhere" / "train.jsonl")]}
+    (gone / "clusters.json").write_text(json.dumps(elsewhere))
+    result = runner.invoke(app, ["finetune", "--clusters", str(gone), "--out", out])
+    assert result.exit_code != 0 and "clustered from data that is not here" in result.output
+    assert "nowhere/train.jsonl" in result.output
     result = runner.invoke(
         app, ["finetune", "--clusters", str(clusters), "--out", out, "--clusters-only", "2"]
     )

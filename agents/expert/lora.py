@@ -79,6 +79,14 @@ def load_clusters(directory: Path) -> ClusterData:
         raise Moe2Error(ErrorCode.INVALID_FIELD, f"no {path}: run moe2 experts cluster first")
     record = json.loads(path.read_text())
     files = [Path(p) for p in record["data"]]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise Moe2Error(
+            ErrorCode.INVALID_FIELD,
+            f"{path} was clustered from data that is not here: {', '.join(missing[:3])}"
+            f"{' …' if len(missing) > 3 else ''} (paths relative to where `moe2 experts cluster` "
+            "ran; run from the repository root with the data at ../shared/data)",
+        )
     if data_hash(files) != record["data_sha256"]:
         raise Moe2Error(
             ErrorCode.INVALID_FIELD,
