@@ -30,7 +30,10 @@ NO_RESPONDER_RETRIES = 3
 ALIVE_HEADER = "Moe2-Alive"
 ALIVE_SUFFIX = ".alive"  # the prompt's reply subject ends so: keepalives asked for
 FIRST_MESSAGE_S = 1.0  # no first message in this time: the prompt is asked again
-NOT_STARTED_RETRIES = 8  # ... this many times (a stopped agent in the queue group)
+# ... this many times. With one of two agents of a queue group stopped, each ask reaches it with
+# probability 1/2: 8 retries left 1 question in 512 waiting out its whole timeout; 30, 1 in 2^31.
+# Only a prompt that no agent took is asked again, and a session started twice is cancelled.
+NOT_STARTED_RETRIES = 30
 ALIVE_TIMEOUT_S = 2.5  # once keepalives came: silence this long is fusion_lost
 ANSWER_BUFFER = 256  # messages of one answer queued between the subscription and the reader
 PromptInput = str | Sequence[wire.ChatMessage] | Sequence[dict[str, str]]

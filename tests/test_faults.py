@@ -278,8 +278,11 @@ async def test_a_stopped_fusion_agent_in_the_queue_group_costs_a_retry_not_a_tim
             final, took = await timed_answer(procs.url)
             assert final.text == TEXT
             times.append(took)
-    # the worst: a few retries of 1 s each (each goes to the stopped agent with probability 1/2)
-    assert max(times) < clean_s + 6.0, times
+    # 1 s per retry, and each ask reaches the stopped agent with probability 1/2: most questions
+    # need none or one; 12 retries or more happen to a question once in 4,096 (a bound of 6 failed
+    # a CI run when one question met the stopped agent 8 times running)
+    assert sorted(times)[len(times) // 2] < clean_s + 2.0, times
+    assert max(times) < clean_s + 12.0, times
 
 
 async def test_a_killed_fusion_agent_in_the_queue_group_costs_nothing(procs: Procs) -> None:
