@@ -107,19 +107,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             stream.close()
 
 
-def stop_all(procs: Sequence[subprocess.Popen[bytes]], wait_s: float = 10.0) -> None:
-    """Terminate every process at once, then wait for each (killing one that outlives
-    ``wait_s``), so that their shutdowns overlap."""
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(wait_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
-
-
 def exit_with_parent() -> None:
     """In a helper process: exit as soon as the parent closes our stdin (or dies)."""
 

@@ -64,6 +64,7 @@ from moe2.agents.traces.replay import serve_replay_experts
 from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.errors import Moe2Error
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import NatsServer, free_port
 
 try:
@@ -145,13 +146,7 @@ def fusion_agents(url: str, n: int, sessions: int, tmp: Path) -> Iterator[list[F
                 time.sleep(0.1)
         yield agents
     finally:
-        for agent in agents:
-            agent.proc.terminate()
-        for agent in agents:
-            try:
-                agent.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                agent.proc.kill()
+        stop_processes([agent.proc for agent in agents])
 
 
 def _ready(agent: Fusion) -> bool:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _common import machine, markdown_table, quiet_logs, stop_all
+from _common import machine, markdown_table, quiet_logs
 from suite import SUITE_ROWS, suite_row
 
 import moe2
@@ -50,6 +50,7 @@ from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
 from moe2.runtime.errors import Moe2Error
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import NatsServer
 from moe2.runtime.subjects import Subjects
 
@@ -96,7 +97,7 @@ def experts(url: str, logs: Path, base_backend: str) -> Iterator[None]:
                 )
         yield
     finally:
-        stop_all(procs)
+        stop_processes(procs)
 
 
 class StepWaves:

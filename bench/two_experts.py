@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _common import Latency, machine, markdown_table, quiet_logs, stop_all
+from _common import Latency, machine, markdown_table, quiet_logs
 from suite import SUITE_ROWS, suite_row, verdict
 
 import moe2
 from moe2.agents.fusion.agent import FusionAgent
 from moe2.agents.fusion.config import FusionConfig
 from moe2.runtime.connection import nats_connection
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import NatsServer
 
 PREFIX = "benchtwo"
@@ -81,7 +82,7 @@ def pinned_experts(url: str, backend: str, logs: Path) -> Iterator[list[subproce
                 )
         yield procs
     finally:
-        stop_all(procs)
+        stop_processes(procs)
 
 
 async def ask(

@@ -35,6 +35,7 @@ from moe2.runtime.auth import AuthDir
 from moe2.runtime.client import Client
 from moe2.runtime.connection import flush_subscriptions
 from moe2.runtime.errors import ErrorCode, Moe2Error, error_code
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import NatsServer
 from moe2.runtime.wire import ChatMessage
 from moe2.selection.costs import Budgets
@@ -180,14 +181,7 @@ def expert_processes(
             started.append(ExpertProcess(expert.id, proc, log))
         yield started
     finally:
-        for p in started:
-            p.process.terminate()
-        for p in started:
-            try:
-                p.process.wait(10)
-            except subprocess.TimeoutExpired:
-                p.process.kill()
-                p.process.wait(5)
+        stop_processes([p.process for p in started])
 
 
 def _auth_line(auth: AuthDir) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import anyio
@@ -43,3 +44,17 @@ async def until_signalled(main: Callable[[], Awaitable[T]]) -> T | None:
     if failed:
         raise failed[0]
     return result[0] if result else None
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[bytes]], wait_s: float = 10.0) -> None:
+    """Terminate every process still running at once, then wait for each (killing one that
+    outlives ``wait_s``), so that their shutdowns overlap."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)

@@ -192,15 +192,3 @@ async def first_answer(client: moe2.Client, limit_s: float = 30.0) -> wire.Final
             if time.monotonic() > deadline:
                 raise
             await anyio.sleep(0.3)
-
-
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)

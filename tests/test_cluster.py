@@ -17,6 +17,7 @@ import moe2
 from moe2.runtime.client import Answer
 from moe2.runtime.connection import close_nats, connect_nats
 from moe2.runtime.errors import ErrorCode, Moe2Error
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import NatsServer, free_port
 from tests.deploy_site import (
     Site,
@@ -24,7 +25,6 @@ from tests.deploy_site import (
     fusion_process,
     local_site,
     scripted_expert,
-    stop_all,
 )
 
 # real processes killed and stopped, about 2 min together: run by .ci/run after make test
@@ -69,7 +69,7 @@ async def test_killing_the_server_of_fusion_and_client_mid_answer(tmp_path: Path
                 await close_nats(nc)
             fusion_node = node_of(site, "moe2-fusion")
         finally:
-            stop_all(procs)
+            stop_processes(procs)
         logs = (tmp_path / "fusion.log").read_text()
     print(f"in flight: {outcome!r} {in_flight_s:.2f}s after the kill; new: {new!r} {new_s:.2f}s")
     assert after.text == "Hello from the bus."

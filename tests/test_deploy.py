@@ -17,6 +17,7 @@ import pytest
 
 import moe2
 from moe2.runtime.auth import ENV
+from moe2.runtime.lifecycle import stop_processes
 from moe2.runtime.server import nats_server_binary
 from tests.deploy_site import (
     HUBS,
@@ -28,7 +29,6 @@ from tests.deploy_site import (
     scripted_expert,
     shipped,
     spawn,
-    stop_all,
 )
 
 CONFIGS = [f"{h}.conf" for h in HUBS] + ["edge.conf"]
@@ -112,7 +112,7 @@ async def test_a_session_crosses_a_leaf_node(tmp_path: Path) -> None:
                     final = await first_answer(client)
             leafz = site.monitor(site.edge_ports.http, "leafz")
         finally:
-            stop_all(procs)
+            stop_processes(procs)
         logs = (tmp_path / "fusion.log").read_text() + (tmp_path / "expert.log").read_text()
     assert final.text == "Hello from the bus.", logs
     assert final.experts == ["a"]
@@ -226,7 +226,7 @@ async def test_a_smollm2_expert_on_the_leaf_answers_a_client_on_the_hub(tmp_path
                     answer = client.ask("What is the capital of France?", max_tokens=12)
                     final = await answer.collect()
         finally:
-            stop_all(procs)
+            stop_processes(procs)
         logs = (tmp_path / "fusion.log").read_text() + (tmp_path / "expert.log").read_text()
     assert final.experts == ["b"], logs
     assert "Paris" in final.text, final.text
