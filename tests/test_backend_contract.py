@@ -411,14 +411,22 @@ def test_a_batch_of_sessions_decodes_as_each_alone(
     for i, got in rows.items():
         expected = alone[i][: len(got)]
         assert len(got) >= 4
-        top = np.argsort(-expected, axis=1)[:, :K]
-        np.testing.assert_allclose(
-            np.take_along_axis(np.stack(got), top, axis=1),
-            np.take_along_axis(expected, top, axis=1),
-            atol=tolerance.self_atol,
-        )
+        assert_decoded_as_alone(got, expected, tolerance.self_atol)
         if tolerance.self_argmax:
             assert np.stack(got).argmax(axis=1).tolist() == expected.argmax(axis=1).tolist()
+
+
+def assert_decoded_as_alone(
+    got: list[npt.NDArray[np.float32]], alone: npt.NDArray[np.float32], atol: float
+) -> None:
+    """A session's slices in a batch (dense rows, one per step) equal its own step-by-step
+    decoding ``alone`` on the top K of each step, within ``atol``."""
+    top = np.argsort(-alone, axis=1)[:, :K]
+    np.testing.assert_allclose(
+        np.take_along_axis(np.stack(got), top, axis=1),
+        np.take_along_axis(alone, top, axis=1),
+        atol=atol,
+    )
 
 
 _JOINS = {0: 0, 1: 0, 2: 0, 3: 3}  # the turn at which each session is opened
@@ -508,12 +516,7 @@ def test_a_session_released_mid_batch_leaves_the_others_unchanged(
             rows[i].append(_dense(top, vocab))
     for i in rows:
         backend.release(f"r{i}")
-        best = np.argsort(-alone[i], axis=1)[:, :K]
-        np.testing.assert_allclose(
-            np.take_along_axis(np.stack(rows[i]), best, axis=1),
-            np.take_along_axis(alone[i], best, axis=1),
-            atol=TOLERANCES[name].self_atol,
-        )
+        assert_decoded_as_alone(rows[i], alone[i], TOLERANCES[name].self_atol)
 
 
 def test_two_batches_taking_turns_decode_as_each_alone(
@@ -533,9 +536,4 @@ def test_two_batches_taking_turns_decode_as_each_alone(
                 rows[i].append(_dense(top, vocab))
     for i, got in rows.items():
         backend.release(f"t{i}")
-        best = np.argsort(-alone[i], axis=1)[:, :K]
-        np.testing.assert_allclose(
-            np.take_along_axis(np.stack(got), best, axis=1),
-            np.take_along_axis(alone[i], best, axis=1),
-            atol=TOLERANCES[name].self_atol,
-        )
+        assert_decoded_as_alone(got, alone[i], TOLERANCES[name].self_atol)
