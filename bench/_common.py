@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 
+from moe2.agents.traces.replay import serve_replay_experts
 from moe2.runtime.logs import configure_logging
 from moe2.runtime.server import nats_server_binary
 
@@ -115,3 +121,27 @@ def exit_with_parent() -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+async def serve_replay(url: str, trace: Path, delay_s: float, prefix: str) -> None:
+    """In a helper process: replay experts of ``trace`` under ``prefix`` (each step batched,
+    ``delay_s`` a batch); prints READY once they serve, then serves until killed."""
+    async with anyio.create_task_group() as tg:
+        serving = partial(
+            serve_replay_experts, url, trace, delay_s=delay_s, per_batch=True, prefix=prefix
+        )
+        await tg.start(serving)
+        print(READY, flush=True)
+
+
+def run_and_report(
+    args: Any, run_bench: Callable[[Any], dict[str, Any]], render: Callable[[dict[str, Any]], str]
+) -> int:
+    """A bench's main after its options: run it (SIGTERM still runs its cleanup), print the
+    table, and write the results as JSON where ``--json`` says."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    result = run_bench(args)
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0

@@ -23,19 +23,24 @@ to the last slice: prefills count against the batched runs.
 from __future__ import annotations
 
 import argparse
-import json
-import signal
 import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from _common import READY, exit_with_parent, helper_process, machine, markdown_table, quiet_logs
+from _common import (
+    exit_with_parent,
+    helper_process,
+    machine,
+    markdown_table,
+    quiet_logs,
+    run_and_report,
+    serve_replay,
+)
 
 import moe2
 from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
@@ -43,7 +48,6 @@ from moe2.agents.expert.backends import Backend, DecodeRequest, load_backend
 from moe2.agents.expert.models import resolve_model
 from moe2.agents.fusion.agent import FusionAgent
 from moe2.agents.fusion.config import FusionConfig
-from moe2.agents.traces.replay import serve_replay_experts
 from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.connection import nats_connection
@@ -238,15 +242,6 @@ def _add(total: list[float], count: float, seconds: float) -> None:
 
 
 # --- replay experts at 20 ms per batch, through the fusion agent ----------------------------------
-
-
-async def serve(url: str, trace: Path, delay_s: float) -> None:
-    async with anyio.create_task_group() as tg:
-        serving = partial(
-            serve_replay_experts, url, trace, delay_s=delay_s, per_batch=True, prefix=REPLAY.prefix
-        )
-        await tg.start(serving)
-        print(READY, flush=True)
 
 
 async def replay_rates(
@@ -452,14 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         exit_with_parent()
         url, trace = args.serve
-        anyio.run(serve, url, Path(trace), args.batch_ms / 1000)
+        anyio.run(serve_replay, url, Path(trace), args.batch_ms / 1000, REPLAY.prefix)
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the cleanup on TERM too
-    result = run_bench(args)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    return 0
+    return run_and_report(args, run_bench, render)
 
 
 if __name__ == "__main__":

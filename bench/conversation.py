@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from _common import machine, markdown_table, quiet_logs
+from _common import machine, markdown_table, quiet_logs, run_and_report
 
 import moe2
 from moe2.agents.expert.agent import ExpertAgent, ExpertConfig
@@ -276,12 +275,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     quiet_logs()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the cleanup on TERM too
-    result = run_bench(args)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    return 0
+    return run_and_report(args, run_bench, render)
 
 
 if __name__ == "__main__":

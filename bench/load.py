@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,23 +42,22 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack, ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
 from _common import (
-    READY,
     Latency,
     exit_with_parent,
     helper_process,
     machine,
     markdown_table,
     quiet_logs,
+    run_and_report,
+    serve_replay,
 )
 
 import moe2
-from moe2.agents.traces.replay import serve_replay_experts
 from moe2.agents.traces.synthetic import synthetic_trace
 from moe2.runtime import wire
 from moe2.runtime.errors import Moe2Error
@@ -154,15 +151,6 @@ def _ready(agent: Fusion) -> bool:
         return metric(agent.port, "moe2_fusion_members_live") >= len(EXPERTS)
     except OSError:
         return False
-
-
-async def serve(url: str, trace: Path, batch_s: float) -> None:
-    async with anyio.create_task_group() as tg:
-        serving = partial(
-            serve_replay_experts, url, trace, delay_s=batch_s, per_batch=True, prefix=PREFIX
-        )
-        await tg.start(serving)
-        print(READY, flush=True)
 
 
 # --- the load ---------------------------------------------------------------------------------
@@ -458,14 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve:
         exit_with_parent()
         url, trace = args.serve
-        anyio.run(serve, url, Path(trace), args.batch_ms / 1000)
+        anyio.run(serve_replay, url, Path(trace), args.batch_ms / 1000, PREFIX)
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the cleanup on TERM too
-    result = run_bench(args)
-    print(render(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    return 0
+    return run_and_report(args, run_bench, render)
 
 
 if __name__ == "__main__":
